@@ -1,0 +1,90 @@
+"""`rayembed` command line: train | embed | serve | eval | run | prepare.
+
+    rayembed train jobs/train.yaml max_steps=10
+    rayembed embed --model M --input PATH --output PATH [key=value ...]
+    rayembed serve --model M
+    rayembed eval --model M
+    rayembed run jobs/smoke.yaml train.max_steps=3     # every section of the spec, in order
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rayembed.config import CONFIGS, JOBS, build, load_spec
+
+
+def _flags(args: argparse.Namespace) -> list[str]:
+    """Named flags (--model, --input, --output) as overrides, so the two spellings mix."""
+    return [f"{k}={v}" for k in ("model", "input", "output") if (v := getattr(args, k, None)) is not None]
+
+
+def run_job(job: str, values: dict[str, Any]) -> dict[str, Any]:
+    cfg = build(CONFIGS[job], values)
+    if job == "train":
+        from rayembed.train import train
+
+        return train(cfg)
+    if job == "eval":
+        from rayembed.evaluate import evaluate
+
+        return evaluate(cfg)
+    if job == "embed":
+        from rayembed.embed import embed
+
+        return embed(cfg)
+    from rayembed.serve import run
+
+    url = run(cfg, blocking=True)
+    return {"url": url}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rayembed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for job in (*JOBS, "run"):
+        p = sub.add_parser(job)
+        p.add_argument("spec", nargs="?", help="YAML job spec (jobs/*.yaml)")
+        p.add_argument("overrides", nargs="*", help="key=value settings (section.key=value for run)")
+        if job != "run":
+            p.add_argument("--model")
+        if job == "embed":
+            p.add_argument("--input")
+            p.add_argument("--output")
+    prep = sub.add_parser("prepare", help="write a training JSONL from SNLI or a BEIR qrels split")
+    prep.add_argument("kind", choices=["snli", "beir"])
+    prep.add_argument("source")
+    prep.add_argument("output")
+    prep.add_argument("--split", default="dev")
+    prep.add_argument("--limit", type=int)
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "prepare":
+            from rayembed.data import prepare
+
+            print(json.dumps({"rows": prepare(args.kind, args.source, args.output, args.split, args.limit)}))
+            return 0
+        spec_path = args.spec
+        overrides = list(args.overrides)
+        if spec_path and "=" in spec_path:  # no spec, only overrides
+            overrides.insert(0, spec_path)
+            spec_path = None
+        job = None if args.command == "run" else args.command
+        spec = load_spec(spec_path, overrides + _flags(args), job=job)
+        jobs = [j for j in JOBS if j in spec] if job is None else [job]
+        if not jobs:
+            raise ValueError("the spec has no job sections")
+        for name in jobs:
+            print(json.dumps({name: run_job(name, spec.get(name, {}))}, indent=2, default=str))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rayembed {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

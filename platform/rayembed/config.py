@@ -1,0 +1,240 @@
+"""One `@dataclass` per job, loaded from a YAML spec and overridden by `key=value` on the CLI.
+
+A spec holds one section per job (`train`, `eval`, `embed`, `serve`); `rayembed run spec.yaml`
+runs the sections present in that order. Overrides name the section (`train.max_steps=3`), or
+not when the command runs one job (`rayembed train spec.yaml max_steps=3`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+JOBS = ("train", "eval", "embed", "serve")
+SHARED_DATA = str(Path(__file__).resolve().parents[3] / "shared" / "data")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    """JSONL/Parquet file or folder (local or s3://). Contrastive: query/positive[/negative] columns;
+    distill: a text column."""
+    output_dir: str
+    """Run folder: the final model goes to <output_dir>/model (sentence-transformers layout)."""
+    model: str = "default"
+    """Model to start from: a local folder or 'default' (bundled all-MiniLM-L6-v2)."""
+    storage_path: str | None = None
+    """Ray Train storage for checkpoints (local folder or s3://); default: <output_dir>/checkpoints."""
+    run_name: str = "rayembed-train"
+    """Run name under storage_path; rerunning with the same name resumes from its latest checkpoint."""
+    num_workers: int = 2
+    """Ray Train workers (one GPU each when use_gpu)."""
+    use_gpu: bool = False
+    """Run on GPUs (nccl); otherwise CPU workers (gloo)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1, 2 or 3."""
+    precision: str = "fp32"
+    """Training precision: fp32, bf16 or fp16 (fp16 only on GPU)."""
+    loss: str = "infonce"
+    """Loss name from rayembed.losses.LOSSES: infonce or distill."""
+    scale: float = 20.0
+    """InfoNCE logit scale (1 / temperature)."""
+    teacher: str | None = None
+    """Teacher model for loss=distill."""
+    distill_alignment: str = "cosine"
+    """Distillation alignment term: cosine or mse."""
+    kl_weight: float = 1.0
+    """Weight of the similarity-matrix KL term in distillation."""
+    temperature: float = 0.05
+    """Temperature of the similarity-matrix KL term."""
+    matryoshka_dims: list[int] = field(default_factory=list)
+    """Train every prefix width in this list (empty: full width only)."""
+    matryoshka_weights: list[float] | None = None
+    """Weights of the Matryoshka widths (default 1 each)."""
+    query_column: str = "query"
+    """Contrastive: query text column."""
+    positive_column: str = "positive"
+    """Contrastive: positive document column."""
+    negative_column: str | None = None
+    """Contrastive: optional hard-negative column."""
+    text_column: str = "text"
+    """Distillation: text column."""
+    batch_size: int = 32
+    """Rows per worker per step; negatives are gathered across workers (global batch = workers x this)."""
+    max_length: int | None = None
+    """Token limit for training (default: the model's max_seq_length)."""
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    epochs: int = 1
+    """Passes over the data."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total."""
+    checkpoint_every: int = 50
+    """Report a checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept by Ray Train."""
+    max_failures: int = 0
+    """Worker failures Ray Train recovers from (restarting from the latest checkpoint)."""
+    seed: int = 0
+    """Random seed."""
+
+    def __post_init__(self) -> None:
+        from rayembed.losses import LOSSES
+
+        _check(self.zero_stage in (1, 2, 3), f"zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        _check(self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision}")
+        _check(self.precision != "fp16" or self.use_gpu, "fp16 needs use_gpu=true; use bf16 or fp32 on CPU")
+        _check(self.loss in LOSSES, f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
+        _check(self.loss != "distill" or bool(self.teacher), "loss=distill needs a teacher model")
+        _check(self.num_workers >= 1 and self.batch_size >= 1, "num_workers and batch_size must be >= 1")
+        _check(self.epochs >= 1 and self.checkpoint_every >= 1, "epochs and checkpoint_every must be >= 1")
+        _check(all(k > 0 for k in self.matryoshka_dims), "matryoshka_dims must be positive")
+        _check(
+            self.matryoshka_weights is None or len(self.matryoshka_weights) == len(self.matryoshka_dims),
+            "matryoshka_weights must have one weight per dim",
+        )
+        if self.storage_path is None:
+            self.storage_path = str(Path(self.output_dir).expanduser().resolve() / "checkpoints")
+
+
+@dataclass
+class EmbedConfig:
+    input: str
+    """Input JSONL/Parquet file or folder, local or s3://."""
+    output: str
+    """Output Parquet folder, local or s3://."""
+    model: str = "default"
+    """Model folder or 'default'."""
+    text_column: str = "text"
+    """Column with the text to embed."""
+    title_column: str | None = None
+    """Optional title column, prepended to the text (BEIR style: title + ' ' + text)."""
+    id_column: str = "id"
+    """Column with a unique id per row; copied to the output."""
+    dim: int | None = None
+    """Matryoshka output width (default: full)."""
+    precision: str = "float32"
+    """Output precision: float32, int8 or binary."""
+    batch_size: int = 64
+    """Rows per model call."""
+    max_tokens: int | None = 16384
+    """Cap on padded tokens per model call (length-bucketed batches)."""
+    num_actors: int | None = None
+    """Embedding actors (default: one per 2 CPUs, or one per GPU)."""
+    use_gpu: bool | None = None
+    """One embedding actor per GPU (default: when the cluster has GPUs)."""
+    s3_endpoint_url: str | None = None
+    """Endpoint of an S3-compatible store (default: AWS, or $AWS_ENDPOINT_URL)."""
+
+    def __post_init__(self) -> None:
+        _check(self.precision in ("float32", "int8", "binary"), f"precision must be float32|int8|binary, got {self.precision!r}")
+        _check(self.dim is None or self.dim > 0, "dim must be positive")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    model: str = "default"
+    """Model folder or 'default'."""
+    beir_dir: str | None = f"{SHARED_DATA}/scifact"
+    """BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); null to skip."""
+    split: str = "test"
+    """qrels split."""
+    sts_file: str | None = f"{SHARED_DATA}/stsbenchmark/stsbenchmark/sts-test.csv"
+    """STS Benchmark CSV; null to skip."""
+    max_queries: int | None = None
+    """Evaluate at most this many queries (subset for quick runs)."""
+    max_docs: int | None = None
+    """Keep every judged document plus distractors up to this many (subset for quick runs)."""
+    dims: list[int] = field(default_factory=list)
+    """Also evaluate these Matryoshka widths."""
+    batch_size: int = 64
+    """Rows per model call."""
+    output: str | None = None
+    """Write the metrics JSON here."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.beir_dir or self.sts_file), "eval needs beir_dir or sts_file")
+
+
+@dataclass
+class ServeConfig:
+    model: str = "default"
+    """Model folder or 'default'."""
+    model_name: str | None = None
+    """Name clients pass as `model` (default: the model's own name)."""
+    host: str = "127.0.0.1"
+    """HTTP bind address."""
+    port: int = 8000
+    """HTTP port."""
+    max_batch_size: int = 64
+    """Requests merged into one model call by @serve.batch."""
+    batch_wait_timeout_s: float = 0.01
+    """How long a batch waits to fill."""
+    max_inputs_per_request: int = 2048
+    """Inputs allowed in one request (more: 400)."""
+    min_replicas: int = 1
+    """Autoscaling lower bound."""
+    max_replicas: int = 2
+    """Autoscaling upper bound."""
+    target_ongoing_requests: float = 8
+    """Autoscaling target of in-flight requests per replica."""
+    num_cpus: float = 1
+    """CPUs per replica."""
+    num_gpus: float = 0
+    """GPUs per replica."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.min_replicas <= self.max_replicas, "need 1 <= min_replicas <= max_replicas")
+        _check(self.max_batch_size >= 1 and self.max_inputs_per_request >= 1, "batch limits must be >= 1")
+
+
+CONFIGS: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig, "embed": EmbedConfig, "serve": ServeConfig}
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+def load_spec(path: str | Path | None, overrides: list[str] = (), job: str | None = None) -> dict[str, Any]:  # type: ignore[assignment]
+    """Read a YAML spec and apply `key=value` overrides (values parsed as YAML)."""
+    spec: dict[str, Any] = {}
+    if path is not None:
+        spec = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(spec, dict) or not set(spec) <= set(JOBS):
+            raise ValueError(f"{path}: a spec maps job names {JOBS} to settings, got keys {list(spec)}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value")
+        section, _, name = key.rpartition(".")
+        section = section or job or ""
+        if section not in JOBS:
+            raise ValueError(f"override {item!r}: prefix it with a job name, one of {JOBS}")
+        spec.setdefault(section, {})[name] = yaml.safe_load(value)
+    return spec
+
+
+def build(cls: type[T], values: dict[str, Any] | None) -> T:
+    """Instantiate a job dataclass, rejecting unknown keys with the list of known ones."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as e:  # missing required field
+        raise ValueError(f"{cls.__name__}: {e}") from None

@@ -1,0 +1,90 @@
+"""Readers for the public evaluation/training sets (BEIR, STS Benchmark, SNLI) and a JSONL writer.
+
+The data itself stays where it is (../shared/data); `rayembed prepare` writes derived training files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def load_beir(folder: str | Path, split: str = "test") -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+    """(corpus id -> 'title text', query id -> text, qrels query id -> {doc id: grade}) of a BEIR folder."""
+    root = Path(folder)
+    if not (root / "corpus.jsonl").is_file():
+        raise FileNotFoundError(f"{root} is not a BEIR folder (corpus.jsonl missing)")
+    corpus = {str(d["_id"]): f"{d.get('title', '')} {d['text']}".strip() for d in read_jsonl(root / "corpus.jsonl")}
+    queries = {str(q["_id"]): q["text"] for q in read_jsonl(root / "queries.jsonl")}
+    qrels: dict[str, dict[str, int]] = defaultdict(dict)
+    with open(root / "qrels" / f"{split}.tsv", encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            qrels[row["query-id"]][row["corpus-id"]] = int(row["score"])
+    return corpus, {q: queries[q] for q in qrels}, dict(qrels)
+
+
+def load_sts(path: str | Path) -> tuple[list[str], list[str], list[float]]:
+    """STS Benchmark CSV (tab-separated: genre, file, year, id, score, sentence1, sentence2)."""
+    s1, s2, scores = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 7:
+                scores.append(float(parts[4]))
+                s1.append(parts[5])
+                s2.append(parts[6])
+    if not scores:
+        raise ValueError(f"{path}: no STS rows found")
+    return s1, s2, scores
+
+
+def snli_triples(folder: str | Path, split: str = "dev") -> Iterator[dict[str, str]]:
+    """(premise, entailed hypothesis, contradicting hypothesis) triples from e-SNLI's s1/s2/labels files."""
+    root = Path(folder)
+    by_premise: dict[str, dict[str, str]] = defaultdict(dict)
+    with (
+        open(root / f"s1.{split}", encoding="utf-8") as f1,
+        open(root / f"s2.{split}", encoding="utf-8") as f2,
+        open(root / f"labels.{split}", encoding="utf-8") as fl,
+    ):
+        for a, b, label in zip(f1, f2, fl, strict=True):
+            by_premise[a.strip()].setdefault(label.strip(), b.strip())
+    for premise, hyps in by_premise.items():
+        if "entailment" in hyps and "contradiction" in hyps:
+            yield {"query": premise, "positive": hyps["entailment"], "negative": hyps["contradiction"]}
+
+
+def prepare(kind: str, source: str, output: str, split: str = "dev", limit: int | None = None) -> int:
+    """Write a training JSONL: kind 'snli' (query/positive/negative) or 'beir' (query/positive from qrels)."""
+    if kind == "snli":
+        rows: Iterable[dict[str, str]] = snli_triples(source, split)
+    elif kind == "beir":
+        corpus, queries, qrels = load_beir(source, split)
+        rows = ({"query": queries[q], "positive": corpus[d]} for q, docs in qrels.items() for d in docs if d in corpus)
+    else:
+        raise ValueError(f"unknown prepare kind {kind!r}: use snli or beir")
+    return write_jsonl(output, (r for i, r in enumerate(rows) if limit is None or i < limit))

