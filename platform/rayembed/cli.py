@@ -1,10 +1,11 @@
-"""`rayembed` command line: train | embed | serve | eval | run | prepare.
+"""`rayembed` command line: prepare | train | eval | embed | serve | run.
 
-    rayembed train jobs/train.yaml max_steps=10
-    rayembed embed --model M --input PATH --output PATH [key=value ...]
-    rayembed serve --model M
-    rayembed eval --model M
-    rayembed run jobs/smoke.yaml train.max_steps=3     # every section of the spec, in order
+rayembed train jobs/train.yaml max_steps=10
+rayembed embed --model M --input PATH --output PATH [key=value ...]
+rayembed serve --model M
+rayembed eval --model M
+rayembed prepare kind=snli source=../shared/data/snli-esnli output=runs/snli.jsonl
+rayembed run jobs/smoke.yaml train.max_steps=3     # every section of the spec, in order
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def _flags(args: argparse.Namespace) -> list[str]:
 
 def run_job(job: str, values: dict[str, Any]) -> dict[str, Any]:
     cfg = build(CONFIGS[job], values)
+    if job == "prepare":
+        from rayembed.data import prepare
+
+        return {"output": cfg.output, "rows": prepare(cfg.kind, cfg.source, cfg.output, cfg.split, cfg.limit)}
     if job == "train":
         from rayembed.train import train
 
@@ -43,31 +48,22 @@ def run_job(job: str, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rayembed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="rayembed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for job in (*JOBS, "run"):
         p = sub.add_parser(job)
         p.add_argument("spec", nargs="?", help="YAML job spec (jobs/*.yaml)")
         p.add_argument("overrides", nargs="*", help="key=value settings (section.key=value for run)")
-        if job != "run":
+        if job not in ("run", "prepare"):
             p.add_argument("--model")
         if job == "embed":
             p.add_argument("--input")
             p.add_argument("--output")
-    prep = sub.add_parser("prepare", help="write a training JSONL from SNLI or a BEIR qrels split")
-    prep.add_argument("kind", choices=["snli", "beir"])
-    prep.add_argument("source")
-    prep.add_argument("output")
-    prep.add_argument("--split", default="dev")
-    prep.add_argument("--limit", type=int)
     args = parser.parse_args(argv)
 
     try:
-        if args.command == "prepare":
-            from rayembed.data import prepare
-
-            print(json.dumps({"rows": prepare(args.kind, args.source, args.output, args.split, args.limit)}))
-            return 0
         spec_path = args.spec
         overrides = list(args.overrides)
         if spec_path and "=" in spec_path:  # no spec, only overrides

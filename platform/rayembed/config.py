@@ -15,8 +15,26 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
-JOBS = ("train", "eval", "embed", "serve")
+JOBS = ("prepare", "train", "eval", "embed", "serve")
 SHARED_DATA = str(Path(__file__).resolve().parents[3] / "shared" / "data")
+
+
+@dataclass
+class PrepareConfig:
+    kind: str
+    """'snli' (query/positive/negative triples from e-SNLI) or 'beir' (query/positive pairs from qrels)."""
+    source: str
+    """Source folder: e-SNLI s1/s2/labels files, or a BEIR folder."""
+    output: str
+    """JSONL file to write."""
+    split: str = "dev"
+    """Source split (snli: dev|test; beir: a qrels split)."""
+    limit: int | None = None
+    """Write at most this many rows."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("snli", "beir"), f"prepare kind must be snli or beir, got {self.kind!r}")
+        _check(self.limit is None or self.limit >= 1, "limit must be >= 1")
 
 
 @dataclass
@@ -25,7 +43,7 @@ class TrainConfig:
     """JSONL/Parquet file or folder (local or s3://). Contrastive: query/positive[/negative] columns;
     distill: a text column."""
     output_dir: str
-    """Run folder: the final model goes to <output_dir>/model (sentence-transformers layout)."""
+    """Run folder, local or s3://: the final model goes to <output_dir>/model (sentence-transformers layout)."""
     model: str = "default"
     """Model to start from: a local folder or 'default' (bundled all-MiniLM-L6-v2)."""
     storage_path: str | None = None
@@ -93,7 +111,10 @@ class TrainConfig:
         from rayembed.losses import LOSSES
 
         _check(self.zero_stage in (1, 2, 3), f"zero_stage must be 1, 2 or 3, got {self.zero_stage}")
-        _check(self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision}")
+        _check(
+            self.precision in ("fp32", "bf16", "fp16"),
+            f"precision must be fp32|bf16|fp16, got {self.precision}",
+        )
         _check(self.precision != "fp16" or self.use_gpu, "fp16 needs use_gpu=true; use bf16 or fp32 on CPU")
         _check(self.loss in LOSSES, f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
         _check(self.loss != "distill" or bool(self.teacher), "loss=distill needs a teacher model")
@@ -104,8 +125,9 @@ class TrainConfig:
             self.matryoshka_weights is None or len(self.matryoshka_weights) == len(self.matryoshka_dims),
             "matryoshka_weights must have one weight per dim",
         )
-        if self.storage_path is None:
-            self.storage_path = str(Path(self.output_dir).expanduser().resolve() / "checkpoints")
+        # Ray Train workers run in their own folders: local paths must be absolute.
+        self.data, self.output_dir = local_abspath(self.data), local_abspath(self.output_dir)
+        self.storage_path = local_abspath(self.storage_path or f"{self.output_dir.rstrip('/')}/checkpoints")
 
 
 @dataclass
@@ -136,9 +158,15 @@ class EmbedConfig:
     """One embedding actor per GPU (default: when the cluster has GPUs)."""
     s3_endpoint_url: str | None = None
     """Endpoint of an S3-compatible store (default: AWS, or $AWS_ENDPOINT_URL)."""
+    overwrite: bool = False
+    """Replace an existing, non-empty output folder (otherwise the job refuses to write into it)."""
 
     def __post_init__(self) -> None:
-        _check(self.precision in ("float32", "int8", "binary"), f"precision must be float32|int8|binary, got {self.precision!r}")
+        self.input, self.output = local_abspath(self.input), local_abspath(self.output)
+        _check(
+            self.precision in ("float32", "int8", "binary"),
+            f"precision must be float32|int8|binary, got {self.precision!r}",
+        )
         _check(self.dim is None or self.dim > 0, "dim must be positive")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
 
@@ -200,7 +228,18 @@ class ServeConfig:
         _check(self.max_batch_size >= 1 and self.max_inputs_per_request >= 1, "batch limits must be >= 1")
 
 
-CONFIGS: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig, "embed": EmbedConfig, "serve": ServeConfig}
+CONFIGS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "embed": EmbedConfig,
+    "serve": ServeConfig,
+}
+
+
+def local_abspath(path: str) -> str:
+    """Absolute form of a local path; URIs (s3://...) unchanged."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def _check(ok: bool, msg: str) -> None:

@@ -33,12 +33,16 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def load_beir(folder: str | Path, split: str = "test") -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+def load_beir(
+    folder: str | Path, split: str = "test"
+) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
     """(corpus id -> 'title text', query id -> text, qrels query id -> {doc id: grade}) of a BEIR folder."""
     root = Path(folder)
     if not (root / "corpus.jsonl").is_file():
         raise FileNotFoundError(f"{root} is not a BEIR folder (corpus.jsonl missing)")
-    corpus = {str(d["_id"]): f"{d.get('title', '')} {d['text']}".strip() for d in read_jsonl(root / "corpus.jsonl")}
+    corpus = {
+        str(d["_id"]): f"{d.get('title', '')} {d['text']}".strip() for d in read_jsonl(root / "corpus.jsonl")
+    }
     queries = {str(q["_id"]): q["text"] for q in read_jsonl(root / "queries.jsonl")}
     qrels: dict[str, dict[str, int]] = defaultdict(dict)
     with open(root / "qrels" / f"{split}.tsv", encoding="utf-8") as f:
@@ -84,7 +88,12 @@ def prepare(kind: str, source: str, output: str, split: str = "dev", limit: int 
         rows: Iterable[dict[str, str]] = snli_triples(source, split)
     elif kind == "beir":
         corpus, queries, qrels = load_beir(source, split)
-        rows = ({"query": queries[q], "positive": corpus[d]} for q, docs in qrels.items() for d in docs if d in corpus)
+        rows = (
+            {"query": queries[q], "positive": corpus[d]}
+            for q, docs in qrels.items()
+            for d in docs
+            if d in corpus
+        )
     else:
         raise ValueError(f"unknown prepare kind {kind!r}: use snli or beir")
     return write_jsonl(output, (r for i, r in enumerate(rows) if limit is None or i < limit))

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayembed.config import EmbedConfig
+from rayembed.io import strip_scheme
 from rayembed.model import Embedder
 
 ARROW_TYPES = {"float32": pa.float32(), "int8": pa.int8(), "binary": pa.uint8()}
@@ -27,7 +28,8 @@ def output_schema(model_name: str, dim: int, precision: str, id_type: pa.DataTyp
         "rayembed.normalized": "true",
     }
     return pa.schema(
-        [pa.field("id", id_type), pa.field("embedding", pa.list_(ARROW_TYPES[precision], width))], metadata=meta
+        [pa.field("id", id_type), pa.field("embedding", pa.list_(ARROW_TYPES[precision], width))],
+        metadata=meta,
     )
 
 
@@ -48,7 +50,10 @@ class EmbedBatch:
         texts = batch.column(self.cfg.text_column).to_pylist()
         if self.cfg.title_column:
             titles = batch.column(self.cfg.title_column).to_pylist()
-            texts = [f"{h or ''} {t}".strip() if isinstance(t, str) else t for h, t in zip(titles, texts, strict=True)]
+            texts = [
+                f"{h or ''} {t}".strip() if isinstance(t, str) else t
+                for h, t in zip(titles, texts, strict=True)
+            ]
         return texts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -60,7 +65,9 @@ class EmbedBatch:
                 f"first id {ids[bad[0]].as_py()!r}"
             )
         c = self.cfg
-        emb = self.embedder.encode(texts, dim=c.dim, precision=c.precision, batch_size=c.batch_size, max_tokens=c.max_tokens)
+        emb = self.embedder.encode(
+            texts, dim=c.dim, precision=c.precision, batch_size=c.batch_size, max_tokens=c.max_tokens
+        )
         schema = output_schema(self.embedder.name, self.dim, c.precision, ids.type)
         flat = pa.array(np.ascontiguousarray(emb).reshape(-1), type=ARROW_TYPES[c.precision])
         column = pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
@@ -78,7 +85,8 @@ def plan_actors(cfg: EmbedConfig) -> tuple[int, float, float]:
         if not gpus:
             raise ValueError("use_gpu=true but the Ray cluster has no GPUs")
         return cfg.num_actors or gpus, 1.0, 1.0
-    cpus = max(1, int(resources.get("CPU", 1)))
+    # One CPU stays free for read/write tasks; otherwise a small cluster deadlocks (actors hold every CPU).
+    cpus = max(1, int(resources.get("CPU", 1)) - 1)
     actors = cfg.num_actors or max(1, cpus // 2)
     return actors, float(max(1, cpus // actors)), 0.0
 
@@ -90,10 +98,12 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from rayembed.io import ensure_ray, filesystem, read_dataset, require_columns, strip_scheme
+    from rayembed.io import ensure_ray, filesystem, read_dataset, require_columns
     from rayembed.model import resolve_model_path
 
     resolve_model_path(cfg.model)
+    fs = filesystem(cfg.output, cfg.s3_endpoint_url)
+    prepare_output(cfg.output, fs, cfg.overwrite)
     ensure_ray()
     start = time.time()
     ds = read_dataset(cfg.input, cfg.s3_endpoint_url)
@@ -109,16 +119,35 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         num_cpus=cpus,
         num_gpus=gpus,
     )
-    fs = filesystem(cfg.output, cfg.s3_endpoint_url)
     out.write_parquet(strip_scheme(cfg.output) if fs else cfg.output, filesystem=fs)
-    return {"output": cfg.output, "rows": count_rows(cfg.output, cfg.s3_endpoint_url), "seconds": time.time() - start}
+    return {
+        "output": cfg.output,
+        "rows": count_rows(cfg.output, cfg.s3_endpoint_url),
+        "seconds": time.time() - start,
+    }
+
+
+def prepare_output(path: str, fs: Any, overwrite: bool) -> None:
+    """Refuse to mix a new run into an existing output folder, unless asked to replace it."""
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    target = strip_scheme(path)
+    found = fs.get_file_info(pafs.FileSelector(target, allow_not_found=True))
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"output {path} already holds {len(found)} file(s); pass overwrite=true to replace them"
+        )
+    fs.delete_dir_contents(target)
 
 
 def count_rows(path: str, endpoint_url: str | None = None) -> int:
     """Rows in a Parquet folder, from the footers only."""
     import pyarrow.dataset as pads
 
-    from rayembed.io import filesystem, strip_scheme
+    from rayembed.io import filesystem
 
     fs = filesystem(path, endpoint_url)
     return pads.dataset(strip_scheme(path) if fs else path, format="parquet", filesystem=fs).count_rows()

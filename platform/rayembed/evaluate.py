@@ -26,7 +26,9 @@ def recall_at_k(ranked: list[str], rels: dict[str, int], k: int = 100) -> float:
     return len(relevant & set(ranked[:k])) / len(relevant) if relevant else 0.0
 
 
-def retrieval_metrics(q_emb: np.ndarray, d_emb: np.ndarray, qids: list[str], dids: list[str], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
+def retrieval_metrics(
+    q_emb: np.ndarray, d_emb: np.ndarray, qids: list[str], dids: list[str], qrels: dict[str, dict[str, int]]
+) -> dict[str, float]:
     """Exact dot-product search (embeddings are unit length) and the mean metrics."""
     scores = q_emb @ d_emb.T
     k = min(100, len(dids))
@@ -40,7 +42,13 @@ def retrieval_metrics(q_emb: np.ndarray, d_emb: np.ndarray, qids: list[str], did
     return {"ndcg@10": float(np.mean(ndcg)), "recall@100": float(np.mean(recall))}
 
 
-def subset(corpus: dict[str, str], queries: dict[str, str], qrels: dict[str, dict[str, int]], max_queries: int | None, max_docs: int | None) -> tuple[dict[str, str], dict[str, str]]:
+def subset(
+    corpus: dict[str, str],
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    max_queries: int | None,
+    max_docs: int | None,
+) -> tuple[dict[str, str], dict[str, str]]:
     """Keep the first `max_queries` queries, their judged docs, and distractors up to `max_docs`."""
     qids = sorted(queries)[:max_queries] if max_queries else sorted(queries)
     judged = {d for q in qids for d in qrels[q] if d in corpus}
@@ -66,7 +74,9 @@ def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
         report["beir"] = {"set": Path(cfg.beir_dir).name, "queries": len(qids), "docs": len(dids)}
         for dim in dims:
             key = str(dim or model.dim)
-            report["beir"][key] = retrieval_metrics(postprocess(q, dim), postprocess(d, dim), qids, dids, qrels)
+            report["beir"][key] = retrieval_metrics(
+                postprocess(q, dim), postprocess(d, dim), qids, dids, qrels
+            )
     if cfg.sts_file:
         s1, s2, gold = load_sts(cfg.sts_file)
         a, b = model.encode(s1, batch_size=cfg.batch_size), model.encode(s2, batch_size=cfg.batch_size)

@@ -49,6 +49,15 @@ def filesystem(path: str, endpoint_url: str | None = None) -> pafs.FileSystem | 
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+def upload_dir(local: str | os.PathLike[str], uri: str, endpoint_url: str | None = None) -> None:
+    """Copy a local folder to a local path or s3:// URI (replacing what is there)."""
+    fs = filesystem(uri, endpoint_url) or pafs.LocalFileSystem()
+    target = strip_scheme(uri)
+    fs.create_dir(target, recursive=True)
+    fs.delete_dir_contents(target, missing_dir_ok=True)
+    pafs.copy_files(str(local), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 def strip_scheme(path: str) -> str:
     return path[len("s3://") :] if is_s3(path) else path
 
@@ -78,7 +87,8 @@ def read_dataset(path: str, endpoint_url: str | None = None, **kw: Any) -> ray.d
     target = strip_scheme(path) if fs is not None else os.path.abspath(path)
     if fmt == "parquet":
         return ray.data.read_parquet(target, filesystem=fs, **kw)
-    return ray.data.read_json(target, filesystem=fs, lines=True, **kw)
+    # pyarrow's JSON-lines reader keeps id strings as strings (the pandas one would make "4983" an int).
+    return ray.data.read_json(target, filesystem=fs, **kw)
 
 
 def require_columns(ds: ray.data.Dataset, columns: list[str], what: str) -> None:

@@ -70,12 +70,17 @@ CONTRASTIVE = {"infonce"}
 
 
 def matryoshka(
-    loss: Callable[..., Tensor], dims: Sequence[int], weights: Sequence[float] | None, *embs: Tensor | None, **kw: int
+    loss: Callable[..., Tensor],
+    dims: Sequence[int],
+    weights: Sequence[float] | None,
+    *embs: Tensor | None,
+    **kw: int,
 ) -> Tensor:
     """sum_k w_k * loss(x[:, :k] for x in embs). Empty `dims` means the full width only."""
     if not dims:
         return loss(*embs, **kw)
     ws = weights or [1.0] * len(dims)
     return sum(  # type: ignore[return-value]
-        w * loss(*(None if e is None else e[:, :k] for e in embs), **kw) for k, w in zip(dims, ws, strict=True)
+        w * loss(*(None if e is None else e[:, :k] for e in embs), **kw)
+        for k, w in zip(dims, ws, strict=True)
     )

@@ -145,7 +145,12 @@ class Embedder(nn.Module):
         ]
         if self.normalize:
             modules.append(
-                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+                {
+                    "idx": 2,
+                    "name": "2",
+                    "path": "2_Normalize",
+                    "type": "sentence_transformers.models.Normalize",
+                }
             )
             (out / "2_Normalize").mkdir(exist_ok=True)
         (out / "1_Pooling").mkdir(exist_ok=True)
@@ -158,8 +163,12 @@ class Embedder(nn.Module):
         }
         _write_json(out / "modules.json", modules)
         _write_json(out / "1_Pooling" / "config.json", pool)
-        _write_json(out / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
-        _write_json(out / "config_sentence_transformers.json", {"similarity_fn_name": "cosine", "prompts": {}})
+        _write_json(
+            out / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False}
+        )
+        _write_json(
+            out / "config_sentence_transformers.json", {"similarity_fn_name": "cosine", "prompts": {}}
+        )
         _write_json(out / "rayembed.json", {"name": self.name, "dim": self.dim, "pooling": self.pooling})
         return out
 
@@ -180,7 +189,9 @@ class Embedder(nn.Module):
             )
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: torch.Tensor
+    ) -> torch.Tensor:
         """Pooled (and, if configured, unit-length) embeddings of a tokenized batch."""
         kw = {k: v for k, v in kw.items() if k == "token_type_ids"}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
@@ -228,7 +239,9 @@ class Embedder(nn.Module):
         return postprocess(out, dim, precision)
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+def length_batches(
+    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None
+) -> list[np.ndarray]:
     """Indices grouped into batches of similar length: <= batch_size rows and <= max_tokens padded tokens."""
     order = np.argsort(np.asarray(lengths), kind="stable")[::-1]  # longest first: OOM shows up at once
     batches: list[np.ndarray] = []

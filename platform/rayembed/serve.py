@@ -62,7 +62,12 @@ def parse_request(body: bytes, model_name: str, dim: int, max_inputs: int) -> Em
         if not t.strip():
             raise APIError(400, f"input[{i}] is empty", param="input")
     if req.model not in (None, model_name):
-        raise APIError(404, f"model {req.model!r} not found; this endpoint serves {model_name!r}", "model", "model_not_found")
+        raise APIError(
+            404,
+            f"model {req.model!r} not found; this endpoint serves {model_name!r}",
+            "model",
+            "model_not_found",
+        )
     if req.dimensions is not None and req.dimensions > dim:
         raise APIError(400, f"dimensions must be <= {dim}", param="dimensions")
     if req.precision == "binary" and (req.dimensions or dim) % 8:
@@ -109,12 +114,19 @@ class EmbeddingService:
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
         try:
-            req = parse_request(await request.body(), self.model_name, self.embedder.dim, self.cfg.max_inputs_per_request)
+            req = parse_request(
+                await request.body(), self.model_name, self.embedder.dim, self.cfg.max_inputs_per_request
+            )
         except APIError as e:
             return e.response()
         texts = [req.input] if isinstance(req.input, str) else req.input
         emb = await self.encode_batch((texts, req.dimensions, req.precision))
-        tokens = sum(len(ids) for ids in self.embedder.tokenizer(texts, truncation=True, max_length=self.embedder.max_length)["input_ids"])
+        tokens = sum(
+            len(ids)
+            for ids in self.embedder.tokenizer(texts, truncation=True, max_length=self.embedder.max_length)[
+                "input_ids"
+            ]
+        )
         data = [
             {"object": "embedding", "index": i, "embedding": format_embedding(v, req.encoding_format)}
             for i, v in enumerate(emb)
@@ -124,7 +136,10 @@ class EmbeddingService:
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "rayembed"}]}
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "owned_by": "rayembed"}],
+        }
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

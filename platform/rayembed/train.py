@@ -19,6 +19,7 @@ import torch
 
 from rayembed.config import TrainConfig
 from rayembed.dist import all_have, gather_with_grad
+from rayembed.io import is_s3, upload_dir
 from rayembed.losses import CONTRASTIVE, LOSSES, matryoshka
 from rayembed.model import Embedder
 
@@ -54,10 +55,14 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 def build_loss(cfg: TrainConfig) -> torch.nn.Module:
     if cfg.loss == "infonce":
         return LOSSES["infonce"](scale=cfg.scale)
-    return LOSSES[cfg.loss](alignment=cfg.distill_alignment, kl_weight=cfg.kl_weight, temperature=cfg.temperature)
+    return LOSSES[cfg.loss](
+        alignment=cfg.distill_alignment, kl_weight=cfg.kl_weight, temperature=cfg.temperature
+    )
 
 
-def compute_loss(engine: Any, teacher: Embedder | None, batch: dict[str, Any], cfg: TrainConfig) -> torch.Tensor:
+def compute_loss(
+    engine: Any, teacher: Embedder | None, batch: dict[str, Any], cfg: TrainConfig
+) -> torch.Tensor:
     """One step's loss; contrastive documents (and hard negatives) are gathered from all workers."""
     model: Embedder = engine.module
     loss_fn = build_loss(cfg)
@@ -99,8 +104,12 @@ def train_loop(config: dict[str, Any]) -> None:
     model = Embedder.load(cfg.model, device=str(device))
     model.max_length = cfg.max_length or model.max_length
     model.train()
-    teacher = Embedder.load(cfg.teacher, device=str(device)) if cfg.loss == "distill" and cfg.teacher else None
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
+    teacher = (
+        Embedder.load(cfg.teacher, device=str(device)) if cfg.loss == "distill" and cfg.teacher else None
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg)
+    )
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -108,6 +117,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
         state.update({k: int(client[k]) for k in state})
+    resumed_from = state["step"]
 
     shard = ray.train.get_dataset_shard("train")
     max_steps = cfg.max_steps or 10**12
@@ -128,19 +138,21 @@ def train_loop(config: dict[str, Any]) -> None:
             state["step"] += 1
             state["batch_in_epoch"] += 1
             if state["step"] % cfg.checkpoint_every == 0:
-                _save_and_report(engine, state, {"loss": loss_value})
+                _save_and_report(engine, state, {"loss": loss_value, "resumed_from": resumed_from})
                 saved = state["step"]
             else:
-                ray.train.report({"loss": loss_value, **state})
+                ray.train.report({"loss": loss_value, "resumed_from": resumed_from, **state})
         else:
             break
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
     if saved != state["step"] or state["step"] == 0:
-        _save_and_report(engine, state, {"loss": loss_value})
+        _save_and_report(engine, state, {"loss": loss_value, "resumed_from": resumed_from})
 
 
-def export_checkpoint(checkpoint_dir: str | Path, base_model: str, output_dir: str | Path, max_length: int | None) -> Path:
+def export_checkpoint(
+    checkpoint_dir: str | Path, base_model: str, output_dir: str, max_length: int | None, run_name: str = ""
+) -> str:
     """Consolidate a ZeRO checkpoint (any stage) to fp32 and save it in the sentence-transformers layout."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -149,12 +161,19 @@ def export_checkpoint(checkpoint_dir: str | Path, base_model: str, output_dir: s
     model = Embedder.load(base_model, device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "position_ids" not in k]:
-        raise RuntimeError(f"checkpoint does not match {base_model}: missing={missing} unexpected={unexpected}")
+        raise RuntimeError(
+            f"checkpoint does not match {base_model}: missing={missing} unexpected={unexpected}"
+        )
     model.max_length = max_length or model.max_length
+    model.name = f"{model.name}-{run_name}" if run_name else model.name
+    if is_s3(str(output_dir)):
+        with tempfile.TemporaryDirectory() as tmp:
+            upload_dir(model.save(tmp), str(output_dir))
+        return str(output_dir)
     out = Path(output_dir)
     if out.exists():
         shutil.rmtree(out)
-    return model.save(out)
+    return str(model.save(out))
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -180,7 +199,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_loop,
         train_loop_config=dataclasses.asdict(cfg),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -194,5 +215,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     result = trainer.fit()
     assert result.checkpoint is not None
     with result.checkpoint.as_directory() as d:
-        out = export_checkpoint(d, cfg.model, Path(cfg.output_dir) / "model", cfg.max_length)
-    return {"output_dir": str(out), "checkpoint": result.checkpoint.path, **(result.metrics or {})}
+        out = export_checkpoint(
+            d, cfg.model, f"{cfg.output_dir.rstrip('/')}/model", cfg.max_length, cfg.run_name
+        )
+    return {"output_dir": out, "checkpoint": result.checkpoint.path, **(result.metrics or {})}

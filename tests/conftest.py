@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny random BERT built once per session, a local Ray cluster, and a real
+S3-compatible server (moto) on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before Ray starts, so its workers inherit them: credentials for the loopback S3 server, and a quiet Ray.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def build_tiny(path: Path, seed: int = 0, name: str = "tiny-bert") -> Path:
+    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved in the sentence-transformers layout."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from rayembed.model import Embedder, default_model_path
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    return Embedder(BertModel(cfg, add_pooling_layer=False), tok, max_length=64, name=name).save(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray cluster for the session: 4 logical CPUs (2 train workers + Ray Data tasks)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on loopback with an empty bucket `rayembed`."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="rayembed")
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def snli_triples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 real SNLI (premise, entailment, contradiction) triples as JSONL."""
+    from rayembed.data import prepare
+
+    path = tmp_path_factory.mktemp("data") / "snli.jsonl"
+    prepare("snli", str(DATA / "snli-esnli"), str(path), split="dev", limit=200)
+    return path
+
+
+@pytest.fixture(scope="session")
+def scifact_docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 300 real SciFact documents (ids are strings)."""
+    from rayembed.data import read_jsonl, write_jsonl
+
+    path = tmp_path_factory.mktemp("data") / "scifact300.jsonl"
+    rows = read_jsonl(DATA / "scifact" / "corpus.jsonl")
+    write_jsonl(path, (r for i, r in enumerate(rows) if i < 300))
+    return path

@@ -1,0 +1,49 @@
+"""Negatives gathered across workers give the same gradients as one full batch on one process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rayembed.dist import all_have, gather_with_grad
+from rayembed.losses import InfoNCE
+
+B, D = 3, 8
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2 * B, D, generator=g), torch.randn(2 * B, D, generator=g)
+
+
+def _worker(rank: int, port: int, out: dict[int, torch.Tensor]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    q_all, d_all = _data()
+    q = q_all[rank * B : (rank + 1) * B].clone().requires_grad_()
+    d = d_all[rank * B : (rank + 1) * B].clone().requires_grad_()
+    docs, offset = gather_with_grad(d)
+    loss = InfoNCE(scale=10.0)(q, docs, offset=offset)
+    # Data-parallel convention: each worker's loss is its local mean; gradients are averaged over workers.
+    (loss / 2).backward()
+    out[rank] = torch.cat([q.grad, d.grad])  # type: ignore[list-item]
+    assert all_have(rank == 0) is False and all_have(True) is True
+    dist.destroy_process_group()
+
+
+def test_gathered_gradients_equal_full_batch() -> None:
+    from conftest import free_port
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
+        grads = dict(out)
+    q_all, d_all = _data()
+    q, d = q_all.clone().requires_grad_(), d_all.clone().requires_grad_()
+    InfoNCE(scale=10.0)(q, d).backward()
+    for rank in (0, 1):
+        rows = slice(rank * B, (rank + 1) * B)
+        torch.testing.assert_close(grads[rank], torch.cat([q.grad[rows], d.grad[rows]]))  # type: ignore[index]

@@ -1,0 +1,97 @@
+"""The shared model package: one encode function, sentence-transformers layout, postprocessing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rayembed.model import Embedder, length_batches, postprocess, resolve_model_path
+
+TEXTS = [
+    "A man is playing a guitar on stage.",
+    "Vitamin D deficiency is associated with an increased risk of tuberculosis.",
+    "short",
+    "Ray Data streams batches of documents through a pool of embedding actors " * 8,
+]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Embedder:
+    return Embedder.load("default", device="cpu")
+
+
+def test_default_model_is_bundled_minilm(minilm: Embedder) -> None:
+    assert minilm.name == "all-MiniLM-L6-v2"
+    assert minilm.dim == 384 and minilm.pooling == "mean" and minilm.normalize
+    assert minilm.max_length == 256
+
+
+def test_saved_model_matches_sentence_transformers(minilm: Embedder, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    saved = minilm.save(tmp_path / "minilm")
+    ours = Embedder.load(saved, device="cpu").encode(TEXTS, batch_size=2)
+    theirs = SentenceTransformer(str(saved), device="cpu").encode(TEXTS, batch_size=2)
+    assert ours.shape == theirs.shape == (len(TEXTS), 384)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # ... and the bundled original folder too (it is what `default` loads).
+    original = SentenceTransformer(str(resolve_model_path("default")), device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(minilm.encode(TEXTS), original, atol=1e-5)
+
+
+def test_encode_order_and_batching_do_not_change_vectors(minilm: Embedder) -> None:
+    one_by_one = np.stack([minilm.encode([t])[0] for t in TEXTS])
+    batched = minilm.encode(TEXTS, batch_size=3, max_tokens=64)
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+
+
+def test_matryoshka_truncation_renormalises(minilm: Embedder) -> None:
+    full = minilm.encode(TEXTS)
+    small = minilm.encode(TEXTS, dim=64)
+    assert small.shape == (len(TEXTS), 64)
+    expected = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    np.testing.assert_allclose(small, expected, atol=1e-6)
+
+
+def test_postprocess_int8_and_binary() -> None:
+    emb = np.array([[0.6, -0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    np.testing.assert_array_equal(postprocess(emb, precision="int8"), [[76, -102, 0, 0, 0, 0, 0, 0]])
+    # sign bits 1,0,0,... -> 0b10000000
+    np.testing.assert_array_equal(postprocess(emb, precision="binary"), [[128]])
+    np.testing.assert_allclose(postprocess(emb, dim=2), [[0.6, -0.8]], rtol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        postprocess(emb, dim=4, precision="binary")
+    with pytest.raises(ValueError, match="dim must be in"):
+        postprocess(emb, dim=9)
+
+
+def test_length_batches_cap_rows_and_tokens() -> None:
+    lengths = [10, 200, 30, 200, 5, 50]
+    batches = length_batches(lengths, batch_size=4, max_tokens=400)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        assert len(b) <= 4 and len(b) * max(lengths[i] for i in b) <= 400
+    assert sorted(int(i) for i in batches[0]) == [1, 3]  # the two longest first
+
+
+def test_bad_input_gets_clear_errors(minilm: Embedder, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="input 1 is empty"):
+        minilm.encode(["ok", "  "])
+    with pytest.raises(ValueError, match="input 0 is NoneType"):
+        minilm.encode([None])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="not a single string"):
+        minilm.encode("a string")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="precision"):
+        minilm.encode(["x"], precision="fp8")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Embedder.load(tmp_path / "no-such-model")
+
+
+def test_tiny_model_roundtrip(tiny_model: Path) -> None:
+    m = Embedder.load(tiny_model, device="cpu")
+    assert m.dim == 32 and m.name == "tiny-bert" and m.max_length == 64
+    again = Embedder.load(m.save(tiny_model.parent / "tiny-copy"), device="cpu")
+    np.testing.assert_array_equal(m.encode(TEXTS), again.encode(TEXTS))

@@ -1,0 +1,115 @@
+"""Train job end to end: Ray Train, 2 CPU workers, real DeepSpeed ZeRO (gloo), real SNLI rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rayembed.config import TrainConfig
+from rayembed.model import Embedder
+from rayembed.train import train
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+PROBE = [
+    "A dog runs across the field.",
+    "Two people are talking in a cafe.",
+    "The cell membrane is permeable.",
+]
+ST_FILES = ["model.safetensors", "config.json", "modules.json", "1_Pooling/config.json", "tokenizer.json"]
+
+
+def _changed(base: Path, trained: Path) -> float:
+    a = Embedder.load(base, device="cpu").encode(PROBE)
+    b = Embedder.load(trained, device="cpu").encode(PROBE)
+    return float(np.abs(a - b).max())
+
+
+def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Path, tmp_path: Path) -> None:
+    def cfg(max_steps: int) -> TrainConfig:
+        return TrainConfig(
+            data=str(snli_triples),
+            output_dir=str(tmp_path / "run"),
+            model=str(tiny_model),
+            num_workers=2,
+            zero_stage=2,
+            negative_column="negative",
+            matryoshka_dims=[32, 16],
+            batch_size=8,
+            lr=1e-3,
+            max_steps=max_steps,
+            checkpoint_every=1,
+        )
+
+    first = train(cfg(2))
+    assert first["step"] == 2 and first["resumed_from"] == 0 and np.isfinite(first["loss"])
+    ckpt = Path(first["checkpoint"])
+    assert (ckpt / "latest").read_text().strip() == "ds"
+    for name in (
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ):
+        assert (ckpt / "ds" / name).is_file(), name  # one optimizer partition per worker: ZeRO-2 sharding
+    model_dir = Path(first["output_dir"])
+    assert all((model_dir / f).is_file() for f in ST_FILES)
+    assert _changed(tiny_model, model_dir) > 1e-4
+
+    # Same run name and storage: the rerun resumes at step 2 and trains only steps 3-4.
+    second = train(cfg(4))
+    assert second["resumed_from"] == 2 and second["step"] == 4
+    assert Path(second["checkpoint"]) != ckpt
+    kept = sorted((tmp_path / "run" / "checkpoints" / "rayembed-train").glob("checkpoint_*"))
+    assert len(kept) == 2  # keep_checkpoints
+
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(second["output_dir"], device="cpu").encode(PROBE)
+    np.testing.assert_allclose(Embedder.load(second["output_dir"], device="cpu").encode(PROBE), st, atol=1e-5)
+
+
+def test_distill_zero3(tiny_model: Path, snli_triples: Path, tmp_path: Path) -> None:
+    from conftest import build_tiny
+
+    student = build_tiny(tmp_path / "student", seed=1, name="student")
+    result = train(
+        TrainConfig(
+            data=str(snli_triples),
+            output_dir=str(tmp_path / "distill"),
+            model=str(student),
+            teacher=str(tiny_model),
+            loss="distill",
+            text_column="query",
+            num_workers=2,
+            zero_stage=3,
+            batch_size=8,
+            lr=1e-3,
+            max_steps=2,
+            checkpoint_every=2,
+        )
+    )
+    ckpt = Path(result["checkpoint"]) / "ds"
+    for rank in (0, 1):  # ZeRO-3: parameters too are partitioned per worker
+        assert (ckpt / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
+        assert (ckpt / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+    assert result["step"] == 2
+    assert _changed(student, Path(result["output_dir"])) > 1e-4
+
+
+def test_missing_column_and_unknown_model_fail_fast(
+    tiny_model: Path, snli_triples: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['nope'\]"):
+        train(
+            TrainConfig(
+                data=str(snli_triples),
+                output_dir=str(tmp_path),
+                model=str(tiny_model),
+                negative_column="nope",
+            )
+        )
+    with pytest.raises(FileNotFoundError, match="not found"):
+        train(TrainConfig(data=str(snli_triples), output_dir=str(tmp_path), model=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="zero_stage"):
+        TrainConfig(data="x", output_dir="y", zero_stage=4)
