@@ -23,8 +23,7 @@ def _flags(args: argparse.Namespace) -> list[str]:
     return [f"{k}={v}" for k in ("model", "input", "output") if (v := getattr(args, k, None)) is not None]
 
 
-def run_job(job: str, values: dict[str, Any]) -> dict[str, Any]:
-    cfg = build(CONFIGS[job], values)
+def run_job(job: str, cfg: Any) -> dict[str, Any]:
     if job == "prepare":
         from rayembed.data import prepare
 
@@ -47,35 +46,42 @@ def run_job(job: str, values: dict[str, Any]) -> dict[str, Any]:
     return {"url": url}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="rayembed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True)
     for job in (*JOBS, "run"):
-        p = sub.add_parser(job)
-        p.add_argument("spec", nargs="?", help="YAML job spec (jobs/*.yaml)")
-        p.add_argument("overrides", nargs="*", help="key=value settings (section.key=value for run)")
+        s = sub.add_parser(job)
+        s.add_argument("spec", nargs="?", help="YAML job spec (jobs/*.yaml)")
+        s.add_argument("overrides", nargs="*", help="key=value settings (section.key=value for run)")
         if job not in ("run", "prepare"):
-            p.add_argument("--model")
+            s.add_argument("--model")
         if job == "embed":
-            p.add_argument("--input")
-            p.add_argument("--output")
-    args = parser.parse_args(argv)
+            s.add_argument("--input")
+            s.add_argument("--output")
+    return p
 
+
+def plan(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The (job, config) pairs a command line asks for, validated, in run order."""
+    spec_path, overrides = args.spec, list(args.overrides)
+    if spec_path and "=" in spec_path:  # no spec, only overrides
+        overrides.insert(0, spec_path)
+        spec_path = None
+    job = None if args.command == "run" else args.command
+    spec = load_spec(spec_path, overrides + _flags(args), job=job)
+    jobs = [j for j in JOBS if j in spec] if job is None else [job]
+    if not jobs:
+        raise ValueError("the spec has no job sections")
+    return [(name, build(CONFIGS[name], spec.get(name, {}))) for name in jobs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
-        spec_path = args.spec
-        overrides = list(args.overrides)
-        if spec_path and "=" in spec_path:  # no spec, only overrides
-            overrides.insert(0, spec_path)
-            spec_path = None
-        job = None if args.command == "run" else args.command
-        spec = load_spec(spec_path, overrides + _flags(args), job=job)
-        jobs = [j for j in JOBS if j in spec] if job is None else [job]
-        if not jobs:
-            raise ValueError("the spec has no job sections")
-        for name in jobs:
-            print(json.dumps({name: run_job(name, spec.get(name, {}))}, indent=2, default=str))
+        for name, cfg in plan(args):
+            print(json.dumps({name: run_job(name, cfg)}, indent=2, default=str))
     except (ValueError, FileNotFoundError) as e:
         print(f"rayembed {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -104,7 +104,7 @@ class Embedder(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.backbone = backbone
+        self.backbone: Any = backbone  # an HF PreTrainedModel (save_pretrained, config)
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.normalize = normalize

@@ -4,7 +4,7 @@ Transport stays thin: requests are parsed and checked here, `@serve.batch` merge
 replica calls `Embedder.encode` (grouped by dim and precision) exactly like the batch job does.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI must see real types through Serve's ingress wrapper.
 
 import asyncio
 import base64
@@ -91,8 +91,8 @@ class EmbeddingService:
         self.cfg = ServeConfig(**config)
         self.embedder = Embedder.load(self.cfg.model, device="cuda" if self.cfg.num_gpus else "cpu")
         self.model_name = self.cfg.model_name or self.embedder.name
-        self.encode_batch.set_max_batch_size(self.cfg.max_batch_size)
-        self.encode_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.encode_batch.set_max_batch_size(self.cfg.max_batch_size)  # type: ignore[attr-defined]
+        self.encode_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
     async def encode_batch(self, items: list[tuple[list[str], int | None, str]]) -> list[np.ndarray]:
@@ -148,7 +148,7 @@ class EmbeddingService:
 
 def build_app(cfg: ServeConfig) -> serve.Application:
     """The Serve application for `cfg` (also usable from a RayService import path)."""
-    deployment = EmbeddingService.options(
+    deployment = EmbeddingService.options(  # type: ignore[attr-defined]
         autoscaling_config={
             "min_replicas": cfg.min_replicas,
             "max_replicas": cfg.max_replicas,

@@ -131,6 +131,7 @@ def train_loop(config: dict[str, Any]) -> None:
             batch = next(it, None)
             if not all_have(batch is not None, device):
                 break
+            assert batch is not None
             loss = compute_loss(engine, teacher, batch, cfg)
             engine.backward(loss)
             engine.step()

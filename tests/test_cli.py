@@ -1,0 +1,53 @@
+"""The `rayembed` command line: jobs from specs and flags, clear errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA
+from rayembed.cli import main
+
+
+def test_prepare_from_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "snli.jsonl"
+    assert main(["prepare", "kind=snli", f"source={DATA / 'snli-esnli'}", f"output={out}", "limit=5"]) == 0
+    assert json.loads(capsys.readouterr().out)["prepare"]["rows"] == 5
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and set(rows[0]) == {"query", "positive", "negative"}
+
+
+def test_beir_prepare_uses_qrels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pairs.jsonl"
+    argv = ["prepare", "kind=beir", f"source={DATA / 'scifact'}", f"output={out}", "split=train"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["prepare"]["rows"] == len(out.read_text().splitlines()) > 500
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["embed", "--model", "/no/such/model", "--input", "in.jsonl", "--output", "o"], "not found"),
+        (["train", "data=x", "output_dir=y", "bogus=1"], "unknown setting"),
+        (["run", "jobs/does-not-exist.yaml"], "No such file"),
+        (["prepare", "kind=csv", "source=x", "output=y"], "kind must be"),
+        (["eval", "beir_dir=null", "sts_file=null"], "needs beir_dir or sts_file"),
+    ],
+)
+def test_errors_exit_2_with_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rayembed {argv[0]}: error:") and message in err
+
+
+def test_console_script_installed() -> None:
+    exe = Path(sys.executable).parent / "rayembed"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
+    for job in ("prepare", "train", "eval", "embed", "serve", "run"):
+        assert job in out

@@ -1,0 +1,88 @@
+"""cluster/ manifests agree with each other, the Dockerfile, pyproject and jobs/ (no cluster needed)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayembed.cli import parser, plan
+from rayembed.config import ServeConfig, build, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+IMAGE = "ghcr.io/rayembed/rayembed:0.1.0"
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _find(obj: Any, key: str) -> list[Any]:
+    if isinstance(obj, dict):
+        return [v for k, v in obj.items() if k == key] + [x for v in obj.values() for x in _find(v, key)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _find(v, key)]
+    return []
+
+
+def _ray_pin() -> str:
+    return re.search(r'"ray\[[^\]]*\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)  # type: ignore[union-attr]
+
+
+def test_kinds_present() -> None:
+    kinds = {d["kind"] for p in KUBERAY for d in _docs(p)}
+    assert kinds == {"RayCluster", "RayJob", "RayService"}
+
+
+def test_one_image_and_one_ray_version_everywhere() -> None:
+    images = {img for p in KUBERAY for d in _docs(p) for img in _find(d, "image")}
+    images.add(yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())["docker"]["image"])
+    assert images == {IMAGE}
+    versions = {v for p in KUBERAY for d in _docs(p) for v in _find(d, "rayVersion")}
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"ARG BASE=rayproject/ray:([\d.]+)-", dockerfile).group(1)  # type: ignore[union-attr]
+    assert versions == {base} == {_ray_pin()}
+    assert f"-t {IMAGE}" in dockerfile
+
+
+def test_dockerfile_ships_package_and_specs() -> None:
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert "torch==2.13.0" in text
+    for line in ("COPY platform/ platform/", "COPY jobs/ jobs/", "COPY pyproject.toml"):
+        assert line in text
+
+
+def test_rayjob_entrypoints_are_valid_commands() -> None:
+    entrypoints = [d["spec"]["entrypoint"] for p in KUBERAY for d in _docs(p) if d["kind"] == "RayJob"]
+    assert len(entrypoints) >= 2
+    for ep in entrypoints:
+        argv = shlex.split(ep)
+        assert argv[0] == "rayembed", ep
+        spec = ROOT / argv[2]
+        assert argv[2].startswith("jobs/") and spec.is_file(), ep
+        assert argv[1] in load_spec(spec), f"{ep}: {argv[2]} has no {argv[1]} section"
+        [(job, cfg)] = plan(parser().parse_args([argv[1], str(spec), *argv[3:]]))
+        assert job == argv[1] and cfg is not None
+
+
+def test_rayservice_matches_serve_app() -> None:
+    [service] = [d for p in KUBERAY for d in _docs(p) if d["kind"] == "RayService"]
+    apps = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    [app] = apps
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    cfg = build(ServeConfig, app["args"])
+    assert cfg.max_replicas > cfg.min_replicas  # autoscaled
+    assert set(app["args"]) <= set(load_spec(ROOT / "jobs" / "serve.yaml")["serve"])
+
+
+def test_launcher_config() -> None:
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+    assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])

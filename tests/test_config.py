@@ -1,0 +1,96 @@
+"""Job configs: YAML specs + key=value overrides, checked in __post_init__; every jobs/*.yaml parses."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+
+from rayembed.cli import parser, plan
+from rayembed.config import CONFIGS, JOBS, EmbedConfig, TrainConfig, build, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "jobs").glob("*.yaml"))
+
+
+def test_there_is_a_spec_per_job() -> None:
+    sections = {job for path in SPECS for job in load_spec(path)}
+    assert sections == set(JOBS)
+    assert {"smoke.yaml", "train.yaml", "distill.yaml", "embed.yaml", "serve.yaml", "eval.yaml"} <= {
+        p.name for p in SPECS
+    }
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_spec_builds(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # specs use paths relative to the repo root, as the README runs them
+    planned = plan(parser().parse_args(["run", str(path)]))
+    assert [job for job, _ in planned] == [j for j in JOBS if j in load_spec(path)]
+    produced = set()
+    for job, cfg in planned:
+        assert isinstance(cfg, CONFIGS[job])
+        if job == "prepare":
+            assert Path(cfg.source).is_dir(), cfg.source
+            produced.add(str(Path(cfg.output).resolve()))
+        if job == "train":  # data comes from the spec's prepare step or exists already
+            assert cfg.data in produced or Path(cfg.data).exists(), cfg.data
+        if job == "eval":
+            assert cfg.beir_dir is None or Path(cfg.beir_dir).is_dir()
+            assert cfg.sts_file is None or Path(cfg.sts_file).is_file()
+        if job == "embed" and "://" not in cfg.input:
+            assert Path(cfg.input).exists(), cfg.input
+
+
+def test_overrides_are_yaml_values() -> None:
+    spec = load_spec(
+        ROOT / "jobs" / "smoke.yaml", ["train.max_steps=3", "train.matryoshka_dims=[64, 32]", "eval.dims=[]"]
+    )
+    cfg = build(TrainConfig, spec["train"])
+    assert cfg.max_steps == 3 and cfg.matryoshka_dims == [64, 32]
+    assert load_spec(None, ["dim=128", "precision=int8"], job="embed")["embed"] == {
+        "dim": 128,
+        "precision": "int8",
+    }
+
+
+def test_cli_flags_mix_with_overrides() -> None:
+    args = parser().parse_args(
+        ["embed", "--model", "default", "--input", "in.jsonl", "--output", "out", "dim=64"]
+    )
+    [(job, cfg)] = plan(args)
+    assert job == "embed" and isinstance(cfg, EmbedConfig)
+    assert cfg.dim == 64 and cfg.input.endswith("in.jsonl") and Path(cfg.input).is_absolute()
+
+
+@pytest.mark.parametrize(
+    ("job", "values", "message"),
+    [
+        ("train", {"data": "x", "output_dir": "y", "bogus": 1}, r"unknown setting\(s\) \['bogus'\]"),
+        ("train", {"output_dir": "y"}, "missing 1 required positional argument: 'data'"),
+        ("train", {"data": "x", "output_dir": "y", "loss": "distill"}, "needs a teacher"),
+        ("train", {"data": "x", "output_dir": "y", "precision": "fp16"}, "fp16 needs use_gpu"),
+        ("embed", {"input": "x", "output": "y", "precision": "fp8"}, "precision must be"),
+        ("serve", {"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+        ("prepare", {"kind": "csv", "source": "x", "output": "y"}, "kind must be"),
+    ],
+)
+def test_bad_settings_are_refused(job: str, values: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build(CONFIGS[job], values)
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(ValueError, match="not key=value"):
+        load_spec(None, ["max_steps"], job="train")
+    with pytest.raises(ValueError, match="prefix it with a job name"):
+        load_spec(None, ["max_steps=3"])
+
+
+def test_every_field_is_documented() -> None:
+    for cls in CONFIGS.values():
+        source = inspect.getsource(cls)
+        for f in dataclasses.fields(cls):
+            after = source.split(f"\n    {f.name}:", 1)[1].split("\n", 2)[1].strip()
+            assert after.startswith('"""'), f"{cls.__name__}.{f.name} has no docstring"
