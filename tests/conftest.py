@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from rayembed.config import SHARED_DATA
+
 # Before Ray starts, so its workers inherit them: credentials for the loopback S3 server, and a quiet Ray.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -17,7 +19,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(SHARED_DATA)
 
 
 def build_tiny(path: Path, seed: int = 0, name: str = "tiny-bert") -> Path:
@@ -46,13 +48,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """One local Ray cluster for the session: 4 logical CPUs (2 train workers + Ray Data tasks)."""
+def _ray_shutdown_at_end() -> Iterator[None]:
+    yield
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_shutdown_at_end: None) -> None:
+    """A local Ray cluster shared by the tests: 4 logical CPUs (2 train workers + Ray Data tasks).
+
+    Started on first use; a test that needs another cluster (multi-node) shuts it down, and the next
+    test that asks for this one starts it again.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
 
 
 def free_port() -> int:

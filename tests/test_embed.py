@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -47,8 +48,22 @@ def test_embed_local_jsonl(tiny_model: Path, scifact_docs: Path, tmp_path: Path)
     got = np.stack([by_id[r["_id"]] for r in rows])
     np.testing.assert_allclose(got, Embedder.load(tiny_model, device="cpu").encode(_texts(rows)), atol=1e-5)
 
-    with pytest.raises(ValueError, match="overwrite=true"):
-        embed(cfg)
+    assert summary["truncated"] > 0 and summary["rejected"] == 0  # tiny model: max_length 64
+    assert table.column("truncated").to_pylist().count(True) == summary["truncated"]
+    summary_file = json.loads((out / "_summary.json").read_text())
+    assert (
+        summary_file["rows"] == 300 and summary_file["tokens"] > 0 and 0 <= summary_file["padding_ratio"] < 1
+    )
+
+    # A rerun finds every fragment committed: nothing is redone, nothing duplicated.
+    files = sorted(p.name for p in out.glob("*.parquet"))
+    again = embed(cfg)
+    assert again["fragments_skipped"] == again["fragments"] == 1 and again["run_rows"] == 0
+    assert sorted(p.name for p in out.glob("*.parquet")) == files and again["rows"] == 300
+    # Other settings into the same folder are refused; overwrite=true starts over.
+    with pytest.raises(ValueError, match="other settings.*'dim': \\(32, 16\\)"):
+        embed(dataclasses.replace(cfg, dim=16))
+    assert embed(dataclasses.replace(cfg, dim=16, overwrite=True))["rows"] == 300
 
 
 def test_embed_s3_parquet_binary(tiny_model: Path, scifact_docs: Path, s3_endpoint: str) -> None:
@@ -57,9 +72,9 @@ def test_embed_s3_parquet_binary(tiny_model: Path, scifact_docs: Path, s3_endpoi
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     rows = _rows(scifact_docs)
     table = pa.Table.from_pylist([{"doc_id": i, "body": r["text"]} for i, r in enumerate(rows)])
-    for part in range(2):
+    for part in range(2):  # 2 files x 3 row groups of 50 -> fragments of >= 100 rows: 2 per file
         with fs.open(f"rayembed/lake/part-{part}.parquet", "wb") as f:
-            pq.write_table(table.slice(part * 150, 150), f)
+            pq.write_table(table.slice(part * 150, 150), f, row_group_size=50)
     summary = embed(
         EmbedConfig(
             input="s3://rayembed/lake/",
@@ -69,10 +84,12 @@ def test_embed_s3_parquet_binary(tiny_model: Path, scifact_docs: Path, s3_endpoi
             text_column="body",
             dim=16,
             precision="binary",
+            fragment_rows=100,
             s3_endpoint_url=s3_endpoint,
         )
     )
-    assert summary["rows"] == 300
+    assert summary["rows"] == 300 and summary["fragments"] == 4
+    fs.invalidate_cache()  # s3fs caches listings
     files = fs.glob("rayembed/emb/*.parquet")
     assert files
     out = pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in files])
@@ -87,19 +104,51 @@ def test_embed_s3_parquet_binary(tiny_model: Path, scifact_docs: Path, s3_endpoi
     assert row0 == first[0].tolist()
 
 
+def test_bad_rows_are_rejected_and_counted(tiny_model: Path, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    rows = [
+        {"id": "a", "text": "fine", "lang": "en"},
+        {"id": "b", "text": None, "lang": "en"},
+        {"id": "c", "text": "   ", "lang": "de"},
+        {"id": "d", "text": "word " * 500, "lang": "de"},
+        {"id": "e", "text": "also fine", "lang": None},
+    ]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    cfg = EmbedConfig(
+        input=str(src),
+        output=str(out),
+        model=str(tiny_model),
+        passthrough_columns=["lang"],
+        partition_by="lang",
+    )
+    summary = embed(cfg)
+    assert summary["rows_in"] == 5 and summary["rows"] == 3 and summary["truncated"] == 1
+    assert summary["rejected_by_reason"] == {"empty": 1, "null": 1}
+    rejects = pq.read_table(next((out / "_rejects").glob("*.parquet")))
+    assert sorted(zip(rejects["id"].to_pylist(), rejects["reason"].to_pylist(), strict=True)) == [
+        ("b", "null"),
+        ("c", "empty"),
+    ]
+    got = pads.dataset(out, format="parquet", partitioning="hive").to_table()
+    assert sorted(got["id"].to_pylist()) == ["a", "d", "e"]
+    assert {p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("_")} == {
+        "lang=en",
+        "lang=de",
+        "lang=__null__",
+    }
+    assert dict(zip(got["id"].to_pylist(), got["truncated"].to_pylist(), strict=True))["d"] is True
+
+
 def test_bad_input_is_refused_with_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
     src = tmp_path / "docs.jsonl"
-    src.write_text(
-        "\n".join(json.dumps(r) for r in [{"id": "a", "text": "fine"}, {"id": "b", "text": None}]) + "\n"
-    )
+    src.write_text(json.dumps({"id": "a", "text": "fine"}) + "\n")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['body'\]"):
         embed(
             EmbedConfig(
                 input=str(src), output=str(tmp_path / "o1"), model=str(tiny_model), text_column="body"
             )
         )
-    with pytest.raises(Exception, match="null/empty/non-string 'text', first id 'b'"):
-        embed(EmbedConfig(input=str(src), output=str(tmp_path / "o2"), model=str(tiny_model)))
     with pytest.raises(FileNotFoundError, match="not found"):
         embed(EmbedConfig(input=str(src), output=str(tmp_path / "o3"), model=str(tmp_path / "nope")))
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -108,3 +157,7 @@ def test_bad_input_is_refused_with_a_clear_error(tiny_model: Path, tmp_path: Pat
                 input=str(tmp_path / "missing.jsonl"), output=str(tmp_path / "o4"), model=str(tiny_model)
             )
         )
+    with pytest.raises(ValueError, match="holds files but no _manifest.json"):
+        (tmp_path / "o5").mkdir()
+        (tmp_path / "o5" / "old.parquet").write_bytes(b"x")
+        embed(EmbedConfig(input=str(src), output=str(tmp_path / "o5"), model=str(tiny_model)))

@@ -8,6 +8,7 @@ not when the command runs one job (`rayembed train spec.yaml max_steps=3`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,7 +17,26 @@ import yaml
 
 T = TypeVar("T")
 JOBS = ("prepare", "train", "eval", "embed", "serve")
-SHARED_DATA = str(Path(__file__).resolve().parents[3] / "shared" / "data")
+
+
+def shared_data_dir() -> str:
+    """Where the public data sets live: $RAYEMBED_DATA, else the first `shared/data` found beside the
+    checkout, the working folder, or /work (this machine's layout)."""
+    if os.environ.get("RAYEMBED_DATA"):
+        return os.environ["RAYEMBED_DATA"]
+    here = Path(__file__).resolve().parents[3]
+    for candidate in (
+        here / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+        Path("/work/shared/data"),
+    ):
+        if candidate.is_dir():
+            return str(candidate)
+    return str(here / "shared" / "data")
+
+
+SHARED_DATA = shared_data_dir()
+os.environ.setdefault("RAYEMBED_DATA", SHARED_DATA)  # specs say ${RAYEMBED_DATA}/scifact etc.
 
 
 @dataclass
@@ -135,7 +155,7 @@ class EmbedConfig:
     input: str
     """Input JSONL/Parquet file or folder, local or s3://."""
     output: str
-    """Output Parquet folder, local or s3://."""
+    """Output folder (Parquet + _manifest.json, _committed/, _rejects/, _summary.json), local or s3://."""
     model: str = "default"
     """Model folder or 'default'."""
     text_column: str = "text"
@@ -144,31 +164,58 @@ class EmbedConfig:
     """Optional title column, prepended to the text (BEIR style: title + ' ' + text)."""
     id_column: str = "id"
     """Column with a unique id per row; copied to the output."""
+    passthrough_columns: list[str] = field(default_factory=list)
+    """Input columns copied unchanged to the output."""
+    partition_by: str | None = None
+    """Write hive-style subfolders <column>=<value>/ by this input column."""
     dim: int | None = None
     """Matryoshka output width (default: full)."""
     precision: str = "float32"
     """Output precision: float32, int8 or binary."""
     batch_size: int = 64
-    """Rows per model call."""
+    """Most rows per model call."""
     max_tokens: int | None = 16384
-    """Cap on padded tokens per model call (length-bucketed batches)."""
+    """Most padded tokens per model call (length-bucketed batches)."""
+    chunk_rows: int = 4096
+    """Rows read, sorted by length and embedded together (the length-bucketing window)."""
+    fragment_rows: int = 100_000
+    """Parquet row groups are grouped into fragments of at least this many rows (units of exactly-once work)."""
     num_actors: int | None = None
-    """Embedding actors (default: one per 2 CPUs, or one per GPU)."""
+    """Embedding actors (default: one per GPU, or CPUs / threads_per_actor)."""
+    threads_per_actor: int | None = None
+    """Torch threads (and CPUs reserved) per CPU actor (default: up to 4, no more than the smallest node)."""
     use_gpu: bool | None = None
     """One embedding actor per GPU (default: when the cluster has GPUs)."""
+    gpu_dtype: str = "float16"
+    """Model dtype on GPU actors: float16, bfloat16 or float32 (CPU actors always run float32)."""
     s3_endpoint_url: str | None = None
     """Endpoint of an S3-compatible store (default: AWS, or $AWS_ENDPOINT_URL)."""
     overwrite: bool = False
-    """Replace an existing, non-empty output folder (otherwise the job refuses to write into it)."""
+    """Delete what the output folder holds first (otherwise a rerun resumes; other settings are refused)."""
+    progress: bool = True
+    """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        self.input, self.output = local_abspath(self.input), local_abspath(self.output)
+        self.input, self.output = (
+            local_abspath(self.input).rstrip("/"),
+            local_abspath(self.output).rstrip("/"),
+        )
         _check(
             self.precision in ("float32", "int8", "binary"),
             f"precision must be float32|int8|binary, got {self.precision!r}",
         )
+        _check(
+            self.gpu_dtype in ("float16", "bfloat16", "float32"),
+            f"gpu_dtype must be float16|bfloat16|float32, got {self.gpu_dtype!r}",
+        )
         _check(self.dim is None or self.dim > 0, "dim must be positive")
-        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(
+            min(self.batch_size, self.chunk_rows, self.fragment_rows) >= 1,
+            "batch_size, chunk_rows, fragment_rows must be >= 1",
+        )
+        _check(
+            bool(self.output) and self.input != self.output, "output must be a folder other than the input"
+        )
 
 
 @dataclass
@@ -237,6 +284,17 @@ CONFIGS: dict[str, type] = {
 }
 
 
+def _expand(value: Any) -> Any:
+    """Expand ${VAR} in every string of a spec."""
+    if isinstance(value, str):
+        return os.path.expandvars(value)
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
 def local_abspath(path: str) -> str:
     """Absolute form of a local path; URIs (s3://...) unchanged."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
@@ -251,7 +309,7 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), job: str | Non
     """Read a YAML spec and apply `key=value` overrides (values parsed as YAML)."""
     spec: dict[str, Any] = {}
     if path is not None:
-        spec = yaml.safe_load(Path(path).read_text()) or {}
+        spec = _expand(yaml.safe_load(Path(path).read_text()) or {})
         if not isinstance(spec, dict) or not set(spec) <= set(JOBS):
             raise ValueError(f"{path}: a spec maps job names {JOBS} to settings, got keys {list(spec)}")
     for item in overrides:
@@ -262,7 +320,7 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), job: str | Non
         section = section or job or ""
         if section not in JOBS:
             raise ValueError(f"override {item!r}: prefix it with a job name, one of {JOBS}")
-        spec.setdefault(section, {})[name] = yaml.safe_load(value)
+        spec.setdefault(section, {})[name] = _expand(yaml.safe_load(value))
     return spec
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -208,35 +209,65 @@ class Embedder(nn.Module):
         feats = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
         return self(**feats)
 
+    def tokenize_ids(self, texts: Sequence[str]) -> Tokens:
+        """Validate and tokenize (truncating to max_length) without padding: the CPU half of `encode`."""
+        texts = validate_texts(texts)
+        if not texts:
+            return Tokens([], [])
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        over = [bool(e.overflowing) for e in enc.encodings] if enc.encodings else [False] * len(texts)
+        return Tokens(enc["input_ids"], over)
+
     @torch.inference_mode()
     def encode(
         self,
-        texts: Sequence[str],
+        texts: Sequence[str] | Tokens,
         dim: int | None = None,
         precision: str = "float32",
         batch_size: int = 64,
         max_tokens: int | None = None,
+        stats: dict[str, int] | None = None,
     ) -> np.ndarray:
-        """Embed `texts` -> array [n, dim] (float32, int8 or packed uint8 for binary).
+        """Embed `texts` (or their `tokenize_ids`) -> array [n, dim] (float32, int8 or packed uint8 for binary).
 
         Texts are sorted by token length and cut into batches of at most `batch_size` rows and,
         if given, `max_tokens` padded tokens, so padding is small; the output keeps input order.
+        `stats`, if given, accumulates `tokens` and `padded_tokens`.
         """
-        texts = validate_texts(texts)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return postprocess(out, dim, precision)
+        ids = (texts if isinstance(texts, Tokens) else self.tokenize_ids(texts)).ids
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
         was_training = self.training
         self.eval()
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        pad_id = self.tokenizer.pad_token_id or 0
         for idx in length_batches([len(x) for x in ids], batch_size, max_tokens):
-            feats = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
-            feats = {k: v.to(self.device) for k, v in feats.items()}
-            out[idx] = self(**feats).cpu().numpy()
+            input_ids, mask = pad_batch([ids[i] for i in idx], pad_id)
+            out[idx] = self(input_ids.to(self.device), mask.to(self.device)).cpu().numpy()
+            if stats is not None:
+                stats["tokens"] = stats.get("tokens", 0) + int(mask.sum())
+                stats["padded_tokens"] = stats.get("padded_tokens", 0) + mask.numel()
         self.train(was_training)
         return postprocess(out, dim, precision)
+
+
+@dataclass
+class Tokens:
+    """Token ids of a list of texts, unpadded, and which of them were cut at max_length."""
+
+    ids: list[list[int]]
+    truncated: list[bool]
+
+
+def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token ids to the longest row: (input_ids, attention_mask)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        mask[row, : len(x)] = 1
+    return input_ids, mask
 
 
 def length_batches(
