@@ -79,7 +79,9 @@ def test_rayservice_matches_serve_app() -> None:
     assert callable(getattr(importlib.import_module(module), attr))
     cfg = build(ServeConfig, app["args"])
     assert cfg.max_replicas > cfg.min_replicas  # autoscaled
-    assert set(app["args"]) <= set(load_spec(ROOT / "jobs" / "serve.yaml")["serve"])
+    assert cfg.api_keys_file and any(
+        m["mountPath"] == str(Path(cfg.api_keys_file).parent) for m in _find(service, "volumeMounts")[0]
+    )
 
 
 def test_launcher_config() -> None:

@@ -16,24 +16,36 @@ import pytest
 from rayembed.config import ServeConfig
 from rayembed.model import Embedder
 
-pytestmark = pytest.mark.usefixtures("ray_local")
 TEXTS = ["The quick brown fox.", "Embeddings map text to vectors.", "Ray Serve batches requests."]
 
 
+KEY = "sk-test-123"
+
+
 @pytest.fixture(scope="module")
-def endpoint(tiny_model: Path) -> Iterator[str]:
+def endpoint(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import ray
     from ray import serve
 
     from conftest import free_port
     from rayembed.serve import run
 
-    url = run(ServeConfig(model=str(tiny_model), port=free_port(), max_inputs_per_request=8), blocking=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    keys = tmp_path_factory.mktemp("auth") / "api-keys"
+    keys.write_text(f"# rayembed keys\n{KEY}\n")
+    cfg = ServeConfig(
+        model=str(tiny_model), port=free_port(), max_inputs_per_request=8, max_body_bytes=4096,
+        truncate=False, api_keys_file=str(keys), max_queued_inputs=64,
+    )  # fmt: skip
+    url = run(cfg, blocking=False)
     yield url
     serve.shutdown()
 
 
-def _post(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+def _post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -42,7 +54,7 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 def test_openai_client_matches_encode(endpoint: str, tiny_model: Path) -> None:
-    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key=KEY)
     local = Embedder.load(tiny_model, device="cpu")
     resp = client.embeddings.create(model="tiny-bert", input=TEXTS, encoding_format="float")
     assert [d.index for d in resp.data] == [0, 1, 2] and resp.model == "tiny-bert"
@@ -57,7 +69,7 @@ def test_openai_client_matches_encode(endpoint: str, tiny_model: Path) -> None:
 def test_base64_int8_extension(endpoint: str, tiny_model: Path) -> None:
     body = {"input": TEXTS, "model": "tiny-bert", "encoding_format": "base64", "precision": "int8"}
     status, resp = _post(f"{endpoint}/v1/embeddings", json.dumps(body).encode())
-    assert status == 200
+    assert status == 200, resp
     got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype=np.int8) for d in resp["data"]])
     np.testing.assert_array_equal(
         got, Embedder.load(tiny_model, device="cpu").encode(TEXTS, precision="int8")
@@ -76,6 +88,9 @@ def test_base64_int8_extension(endpoint: str, tiny_model: Path) -> None:
         (b'{"input": "x", "model": "tiny-bert", "encoding_format": "hex"}', 400, "encoding_format"),
         (json.dumps({"input": ["x"] * 9, "model": "tiny-bert"}).encode(), 400, "too many inputs: 9 > 8"),
         (b'{"input": "x", "model": "gpt-embed"}', 404, "not found"),
+        (b'{"input": "x", "model": "tiny-bert", "prompt_name": "query"}', 400, "unknown prompt_name"),
+        (json.dumps({"input": "word " * 100, "model": "tiny-bert"}).encode(), 400, "longer than 64 tokens"),
+        (json.dumps({"input": ["x" * 1000] * 5, "model": "tiny-bert"}).encode(), 413, "exceeds 4096"),
     ],
 )
 def test_bad_bodies_get_openai_style_errors(endpoint: str, body: bytes, status: int, message: str) -> None:
@@ -84,8 +99,73 @@ def test_bad_bodies_get_openai_style_errors(endpoint: str, body: bytes, status: 
     assert message in resp["error"]["message"] and resp["error"]["type"] == "invalid_request_error"
 
 
+def test_auth(endpoint: str) -> None:
+    body = b'{"input": "x"}'
+    assert _post(f"{endpoint}/v1/embeddings", body, key=None)[0] == 401
+    status, resp = _post(f"{endpoint}/v1/embeddings", body, key="sk-wrong")
+    assert status == 401 and resp["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{endpoint}/v1", api_key="nope", max_retries=0).embeddings.create(
+            model="tiny-bert", input="x"
+        )
+    with urllib.request.urlopen(f"{endpoint}/healthz", timeout=10) as r:  # health stays open
+        assert r.status == 200
+
+
+def test_same_vector_alone_in_a_batch_and_from_the_batch_job(
+    endpoint: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    from rayembed.config import EmbedConfig
+    from rayembed.embed import embed
+
+    text = "Consistency: one encode function behind every path."
+    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key=KEY)
+    alone = np.array(
+        client.embeddings.create(model="tiny-bert", input=text, encoding_format="float").data[0].embedding
+    )
+    batch = client.embeddings.create(
+        model="tiny-bert", input=["a much longer neighbour " * 5, text, "b"], encoding_format="float"
+    )
+    src = tmp_path / "one.jsonl"
+    src.write_text(json.dumps({"id": 1, "text": text}) + "\n" + json.dumps({"id": 2, "text": "other"}) + "\n")
+    embed(
+        EmbedConfig(
+            input=str(src),
+            output=str(tmp_path / "out"),
+            model=str(tiny_model),
+            num_actors=1,
+            threads_per_actor=1,
+            progress=False,
+        )
+    )
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(tmp_path / "out", format="parquet").to_table().to_pylist()
+    job = np.array(next(r["embedding"] for r in table if r["id"] == 1))
+    np.testing.assert_allclose(batch.data[1].embedding, alone, atol=1e-6)
+    np.testing.assert_allclose(job, alone, atol=1e-6)
+
+
+def test_metrics_and_readiness(endpoint: str) -> None:
+    _post(f"{endpoint}/v1/embeddings", b'{"input": ["m1", "m2"]}')
+    with urllib.request.urlopen(f"{endpoint}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for name in (
+        "rayembed_requests_total",
+        "rayembed_inputs_total",
+        "rayembed_tokens_total",
+        "rayembed_batch_inputs_bucket",
+        "rayembed_request_latency_seconds_bucket",
+        "rayembed_rejections_total",
+    ):
+        assert name in text, name
+    assert 'rayembed_requests_total{status="200"}' in text
+    with urllib.request.urlopen(f"{endpoint}/readyz", timeout=10) as r:
+        assert json.loads(r.read())["ready"] is True
+
+
 def test_openai_client_raises_on_unknown_model(endpoint: str) -> None:
-    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="nope", input="x")
 

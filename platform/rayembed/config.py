@@ -172,6 +172,8 @@ class EmbedConfig:
     """Matryoshka output width (default: full)."""
     precision: str = "float32"
     """Output precision: float32, int8 or binary."""
+    prompt_name: str | None = None
+    """One of the model's prompts (e.g. 'document') to prefix every text with."""
     batch_size: int = 64
     """Most rows per model call."""
     max_tokens: int | None = 16384
@@ -253,26 +255,58 @@ class ServeConfig:
     """HTTP bind address."""
     port: int = 8000
     """HTTP port."""
-    max_batch_size: int = 64
-    """Requests merged into one model call by @serve.batch."""
-    batch_wait_timeout_s: float = 0.01
-    """How long a batch waits to fill."""
+    max_batch_tokens: int = 16384
+    """Token budget of one model call: inputs of concurrent requests are merged up to this many tokens."""
+    max_batch_inputs: int = 256
+    """Most inputs in one model call."""
+    batch_wait_timeout_s: float = 0.005
+    """How long a batch waits for more requests to join."""
     max_inputs_per_request: int = 2048
     """Inputs allowed in one request (more: 400)."""
+    max_body_bytes: int = 8 << 20
+    """Largest request body (more: 413)."""
+    truncate: bool = True
+    """Inputs longer than the model's max length: truncate (true) or refuse with 400 (false)."""
+    api_keys_file: str | None = None
+    """File of accepted API keys, one per line (also $RAYEMBED_API_KEYS, comma-separated); none: open."""
+    max_queued_inputs: int = 16384
+    """Inputs waiting in one replica's batcher before requests get 429."""
+    max_ongoing_requests: int = 64
+    """Requests one replica works on at once (Ray Serve)."""
+    max_queued_requests: int = 256
+    """Requests waiting for a replica before Serve answers 503 (-1: unbounded)."""
     min_replicas: int = 1
     """Autoscaling lower bound."""
     max_replicas: int = 2
     """Autoscaling upper bound."""
     target_ongoing_requests: float = 8
     """Autoscaling target of in-flight requests per replica."""
+    upscale_delay_s: float = 10.0
+    """How long load must stay high before a replica is added."""
+    downscale_delay_s: float = 60.0
+    """How long load must stay low before a replica is removed."""
+    look_back_period_s: float = 30.0
+    """Window over which ongoing requests are averaged for autoscaling."""
     num_cpus: float = 1
     """CPUs per replica."""
     num_gpus: float = 0
     """GPUs per replica."""
+    torch_threads: int | None = None
+    """Torch threads per replica (default: torch's choice)."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.min_replicas <= self.max_replicas, "need 1 <= min_replicas <= max_replicas")
-        _check(self.max_batch_size >= 1 and self.max_inputs_per_request >= 1, "batch limits must be >= 1")
+        _check(
+            min(
+                self.max_batch_tokens, self.max_batch_inputs, self.max_inputs_per_request, self.max_body_bytes
+            )
+            >= 1,
+            "batch and request limits must be >= 1",
+        )
+        _check(
+            self.max_queued_inputs >= self.max_inputs_per_request,
+            "max_queued_inputs must hold one full request",
+        )
 
 
 CONFIGS: dict[str, type] = {

@@ -146,7 +146,7 @@ class EmbedFragments:
             }
         )
         keep = table.take(good_idx)
-        tokens = self.embedder.tokenize_ids([texts[i] for i in good])
+        tokens = self.embedder.tokenize_ids([texts[i] for i in good], c.prompt_name)
         return keep, rejects, tokens
 
     def process(self, frag: Fragment) -> dict[str, Any]:
@@ -261,8 +261,10 @@ def plan_actors(cfg: EmbedConfig, fragments: int) -> tuple[int, float, float, in
             raise ValueError("use_gpu=true but the Ray cluster has no GPUs")
         return min(cfg.num_actors or gpus, fragments), 1.0, 1.0, cfg.threads_per_actor or 4
     node_cpus = [int(r.get("CPU", 0)) for r in nodes if r.get("CPU", 0) >= 1] or [1]
-    threads = cfg.threads_per_actor or min(4, min(node_cpus))  # an actor must fit on the smallest node
-    actors = cfg.num_actors or max(1, sum(n // threads for n in node_cpus))
+    free = int(ray.available_resources().get("CPU", 0))  # other jobs (e.g. Serve replicas) may hold some
+    # An actor must fit on the smallest node and in what is free now.
+    threads = cfg.threads_per_actor or max(1, min(4, min(node_cpus), free or 1))
+    actors = cfg.num_actors or max(1, min(sum(n // threads for n in node_cpus), free // threads))
     return max(1, min(actors, fragments)), float(threads), 0.0, threads
 
 
@@ -286,6 +288,7 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
         "normalized": model.normalize,
         "max_length": model.max_length,
         "text": [cfg.title_column, cfg.text_column],
+        "prompt": model.with_prompt([""], cfg.prompt_name)[0],
         "id_column": cfg.id_column,
     }
     meta = {

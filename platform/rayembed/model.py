@@ -101,6 +101,7 @@ class Embedder(nn.Module):
         normalize: bool = True,
         max_length: int = 256,
         name: str = "",
+        prompts: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -111,6 +112,7 @@ class Embedder(nn.Module):
         self.normalize = normalize
         self.max_length = max_length
         self.name = name
+        self.prompts = dict(prompts or {})  # prompt name -> prefix (sentence-transformers `prompts`)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -130,7 +132,8 @@ class Embedder(nn.Module):
         name = _read_json(path / "rayembed.json").get("name") or (
             "all-MiniLM-L6-v2" if path == default_model_path() else path.name
         )
-        model = cls(backbone, tokenizer, pooling, normalize, max_length, name)
+        prompts = _read_json(path / "config_sentence_transformers.json").get("prompts") or {}
+        model = cls(backbone, tokenizer, pooling, normalize, max_length, name, prompts)
         model.eval()
         return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -168,7 +171,8 @@ class Embedder(nn.Module):
             out / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False}
         )
         _write_json(
-            out / "config_sentence_transformers.json", {"similarity_fn_name": "cosine", "prompts": {}}
+            out / "config_sentence_transformers.json",
+            {"similarity_fn_name": "cosine", "prompts": self.prompts},
         )
         _write_json(out / "rayembed.json", {"name": self.name, "dim": self.dim, "pooling": self.pooling})
         return out
@@ -209,9 +213,19 @@ class Embedder(nn.Module):
         feats = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
         return self(**feats)
 
-    def tokenize_ids(self, texts: Sequence[str]) -> Tokens:
+    def with_prompt(self, texts: Sequence[str], prompt_name: str | None) -> list[str]:
+        """Prefix texts with a named prompt of the model (e.g. 'query'); None: unchanged."""
+        if prompt_name is None:
+            return list(texts)
+        if prompt_name not in self.prompts:
+            raise ValueError(
+                f"unknown prompt_name {prompt_name!r}; this model has {sorted(self.prompts) or 'none'}"
+            )
+        return [self.prompts[prompt_name] + t for t in texts]
+
+    def tokenize_ids(self, texts: Sequence[str], prompt_name: str | None = None) -> Tokens:
         """Validate and tokenize (truncating to max_length) without padding: the CPU half of `encode`."""
-        texts = validate_texts(texts)
+        texts = self.with_prompt(validate_texts(texts), prompt_name)
         if not texts:
             return Tokens([], [])
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
@@ -227,16 +241,18 @@ class Embedder(nn.Module):
         batch_size: int = 64,
         max_tokens: int | None = None,
         stats: dict[str, int] | None = None,
+        prompt_name: str | None = None,
     ) -> np.ndarray:
         """Embed `texts` (or their `tokenize_ids`) -> array [n, dim] (float32, int8 or packed uint8 for binary).
 
         Texts are sorted by token length and cut into batches of at most `batch_size` rows and,
         if given, `max_tokens` padded tokens, so padding is small; the output keeps input order.
-        `stats`, if given, accumulates `tokens` and `padded_tokens`.
+        `stats`, if given, accumulates `tokens` and `padded_tokens`; `prompt_name` picks one of the
+        model's prompts (e.g. 'query') to prefix.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        ids = (texts if isinstance(texts, Tokens) else self.tokenize_ids(texts)).ids
+        ids = (texts if isinstance(texts, Tokens) else self.tokenize_ids(texts, prompt_name)).ids
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         was_training = self.training
         self.eval()

@@ -1,149 +1,147 @@
 """Serve job: an OpenAI-compatible `/v1/embeddings` endpoint on Ray Serve.
 
-Transport stays thin: requests are parsed and checked here, `@serve.batch` merges them, and the
-replica calls `Embedder.encode` (grouped by dim and precision) exactly like the batch job does.
+Transport stays thin: the handler checks auth and the body (api.py), tokenizes in a thread, and awaits
+the replica's `TokenBatcher` (batcher.py), which merges inputs of concurrent requests into
+`Embedder.encode` calls by a token budget; each request's rows are then postprocessed (dim, precision)
+exactly as the batch job does. Replicas autoscale on ongoing requests; `max_ongoing_requests` and
+`max_queued_requests` bound the queues so overload answers 503/429 at once.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types through Serve's ingress wrapper.
-
 import asyncio
-import base64
 import dataclasses
-from collections import defaultdict
-from typing import Any, Literal
+import time
+from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from rayembed.api import APIError, Limits, check_auth, load_api_keys, parse_request, response_body
+from rayembed.batcher import Overloaded, TokenBatcher
 from rayembed.config import ServeConfig
-from rayembed.model import Embedder
-
-
-class EmbeddingRequest(BaseModel):
-    """The OpenAI embeddings body, plus `precision` (int8 | binary) as an extension."""
-
-    model_config = ConfigDict(extra="ignore")
-    input: str | list[str]
-    model: str | None = None
-    dimensions: int | None = Field(default=None, gt=0)
-    encoding_format: Literal["float", "base64"] = "float"
-    precision: Literal["float32", "int8", "binary"] = "float32"
-    user: str | None = None
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-def parse_request(body: bytes, model_name: str, dim: int, max_inputs: int) -> EmbeddingRequest:
-    """Validate a request body; raise APIError with an OpenAI-style message."""
-    try:
-        req = EmbeddingRequest.model_validate_json(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise APIError(400, f"invalid request: {where}: {first['msg']}", param=where) from None
-    texts = [req.input] if isinstance(req.input, str) else req.input
-    if not texts:
-        raise APIError(400, "input must not be empty", param="input")
-    if len(texts) > max_inputs:
-        raise APIError(400, f"too many inputs: {len(texts)} > {max_inputs}", param="input")
-    for i, t in enumerate(texts):
-        if not t.strip():
-            raise APIError(400, f"input[{i}] is empty", param="input")
-    if req.model not in (None, model_name):
-        raise APIError(
-            404,
-            f"model {req.model!r} not found; this endpoint serves {model_name!r}",
-            "model",
-            "model_not_found",
-        )
-    if req.dimensions is not None and req.dimensions > dim:
-        raise APIError(400, f"dimensions must be <= {dim}", param="dimensions")
-    if req.precision == "binary" and (req.dimensions or dim) % 8:
-        raise APIError(400, "binary precision needs dimensions divisible by 8", param="dimensions")
-    return req
-
-
-def format_embedding(vec: np.ndarray, encoding_format: str) -> list[float] | list[int] | str:
-    if encoding_format == "base64":
-        return base64.b64encode(np.ascontiguousarray(vec).tobytes()).decode()
-    return vec.tolist()
-
+from rayembed.model import Embedder, Tokens, postprocess
 
 app = FastAPI(title="rayembed", description="OpenAI-compatible embeddings on Ray Serve")
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+class Metrics:
+    """Prometheus metrics of one replica (scraped at /metrics)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("rayembed_requests", "Requests by HTTP status", ["status"], registry=r)
+        self.inputs = Counter("rayembed_inputs", "Inputs embedded", registry=r)
+        self.tokens = Counter("rayembed_tokens", "Tokens embedded", registry=r)
+        self.rejections = Counter(
+            "rayembed_rejections", "Requests refused, by reason", ["reason"], registry=r
+        )
+        self.latency = Histogram("rayembed_request_latency_seconds", "Request latency", registry=r)
+        buckets = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+        self.batch_inputs = Histogram(
+            "rayembed_batch_inputs", "Inputs per model call", buckets=buckets, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "rayembed_batch_tokens",
+            "Tokens per model call",
+            buckets=tuple(64 * b for b in buckets),
+            registry=r,
+        )
+
+    def on_batch(self, inputs: int, tokens: int) -> None:
+        self.batch_inputs.observe(inputs)
+        self.batch_tokens.observe(tokens)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
 
 
 @serve.deployment
 @serve.ingress(app)
 class EmbeddingService:
     def __init__(self, config: dict[str, Any]) -> None:
-        self.cfg = ServeConfig(**config)
-        self.embedder = Embedder.load(self.cfg.model, device="cuda" if self.cfg.num_gpus else "cpu")
-        self.model_name = self.cfg.model_name or self.embedder.name
-        self.encode_batch.set_max_batch_size(self.cfg.max_batch_size)  # type: ignore[attr-defined]
-        self.encode_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        import torch
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
-    async def encode_batch(self, items: list[tuple[list[str], int | None, str]]) -> list[np.ndarray]:
-        """Merge queued requests; one `Embedder.encode` call per (dim, precision) group."""
-        groups: dict[tuple[int | None, str], list[int]] = defaultdict(list)
-        for i, (_, dim, precision) in enumerate(items):
-            groups[(dim, precision)].append(i)
-        results: list[np.ndarray] = [np.empty(0)] * len(items)
-        for (dim, precision), members in groups.items():
-            texts = [t for i in members for t in items[i][0]]
-            emb = await asyncio.to_thread(self.embedder.encode, texts, dim, precision)
-            start = 0
-            for i in members:
-                n = len(items[i][0])
-                results[i] = emb[start : start + n]
-                start += n
-        return results
+        self.cfg = c = ServeConfig(**config)
+        if c.torch_threads:
+            torch.set_num_threads(c.torch_threads)
+        self.embedder = Embedder.load(c.model, device="cuda" if c.num_gpus else "cpu")
+        self.model_name = c.model_name or self.embedder.name
+        self.limits = Limits(
+            c.max_inputs_per_request, c.max_body_bytes, self.embedder.dim, tuple(self.embedder.prompts)
+        )
+        self.keys = load_api_keys(c.api_keys_file)
+        self.metrics = Metrics()
+        self.batcher = TokenBatcher(
+            self._encode, self.embedder.dim, c.max_batch_tokens, c.max_batch_inputs, c.batch_wait_timeout_s,
+            c.max_queued_inputs, self.metrics.on_batch,
+        )  # fmt: skip
+
+    def _encode(self, ids: list[list[int]]) -> Any:
+        c = self.cfg
+        return self.embedder.encode(
+            Tokens(ids, []), batch_size=c.max_batch_inputs, max_tokens=c.max_batch_tokens
+        )
+
+    async def handle(self, request: Request) -> dict[str, Any]:
+        check_auth(request.headers.get("authorization"), self.keys)
+        req = parse_request(await request.body(), self.model_name, self.limits)
+        tokens = await asyncio.to_thread(self.embedder.tokenize_ids, req.texts, req.prompt_name)
+        if not self.cfg.truncate and any(tokens.truncated):
+            i = tokens.truncated.index(True)
+            raise APIError(
+                400, f"input[{i}] is longer than {self.embedder.max_length} tokens", "input", "input_too_long"
+            )
+        try:
+            emb = await self.batcher.embed(tokens.ids)
+        except Overloaded as e:
+            raise APIError(429, f"server busy: {e}; retry later", code="overloaded") from None
+        n = sum(len(x) for x in tokens.ids)
+        self.metrics.inputs.inc(len(tokens.ids))
+        self.metrics.tokens.inc(n)
+        vectors = postprocess(emb, req.dimensions, req.precision)
+        return response_body(vectors, req.encoding_format, self.model_name, n)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
+        start = time.perf_counter()
         try:
-            req = parse_request(
-                await request.body(), self.model_name, self.embedder.dim, self.cfg.max_inputs_per_request
-            )
+            body, status = await self.handle(request), 200
         except APIError as e:
-            return e.response()
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        emb = await self.encode_batch((texts, req.dimensions, req.precision))
-        tokens = sum(
-            len(ids)
-            for ids in self.embedder.tokenizer(texts, truncation=True, max_length=self.embedder.max_length)[
-                "input_ids"
-            ]
-        )
-        data = [
-            {"object": "embedding", "index": i, "embedding": format_embedding(v, req.encoding_format)}
-            for i, v in enumerate(emb)
-        ]
-        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return JSONResponse({"object": "list", "data": data, "model": self.model_name, "usage": usage})
+            body, status = e.body(), e.status
+            self.metrics.rejections.labels(reason=e.code or str(e.status)).inc()
+        self.metrics.requests.labels(status=str(status)).inc()
+        self.metrics.latency.observe(time.perf_counter() - start)
+        return JSONResponse(body, status_code=status)
 
     @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": self.model_name, "object": "model", "owned_by": "rayembed"}],
-        }
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            check_auth(request.headers.get("authorization"), self.keys)
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        data = [{"id": self.model_name, "object": "model", "owned_by": "rayembed"}]
+        return JSONResponse({"object": "list", "data": data})
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        ready = self.batcher.queued < self.cfg.max_queued_inputs
+        return JSONResponse(
+            {"ready": ready, "queued_inputs": self.batcher.queued}, status_code=200 if ready else 503
+        )
+
+    @app.get("/metrics")
+    async def metrics_endpoint(self) -> Response:
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:
@@ -153,7 +151,12 @@ def build_app(cfg: ServeConfig) -> serve.Application:
             "min_replicas": cfg.min_replicas,
             "max_replicas": cfg.max_replicas,
             "target_ongoing_requests": cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s,
+            "downscale_delay_s": cfg.downscale_delay_s,
+            "look_back_period_s": cfg.look_back_period_s,
         },
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     )
     return deployment.bind(dataclasses.asdict(cfg))
@@ -172,6 +175,7 @@ def run(cfg: ServeConfig, blocking: bool = True) -> str:
     from rayembed.model import resolve_model_path
 
     resolve_model_path(cfg.model)
+    load_api_keys(cfg.api_keys_file)  # a missing keys file fails here, not in every replica
     ensure_ray(cfg.num_cpus * cfg.max_replicas + 1)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name="rayembed", route_prefix="/", blocking=blocking)

@@ -1,0 +1,126 @@
+"""Dynamic batching by a token budget, fair across requests (asyncio; no Ray here).
+
+Requests queue their token ids; one loop takes inputs round-robin across the waiting requests (one
+input from each in turn) until the batch holds `max_batch_tokens` tokens or `max_batch_inputs` inputs,
+runs the model once in a worker thread, and hands every request its rows as soon as all of them are
+done. So a 2,000-input request and many 1-input requests share each model call instead of queueing
+behind each other, and the queue is bounded: beyond `max_queued_inputs` a request is refused at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Overloaded(Exception):
+    """The queue is full; the caller should answer 429."""
+
+
+@dataclass
+class _Job:
+    ids: list[list[int]]
+    future: asyncio.Future[np.ndarray]
+    out: np.ndarray
+    next: int = 0
+    done: int = 0
+    failed: bool = False
+
+
+class TokenBatcher:
+    def __init__(
+        self,
+        encode: Callable[[list[list[int]]], np.ndarray],
+        dim: int,
+        max_batch_tokens: int = 16384,
+        max_batch_inputs: int = 256,
+        wait_s: float = 0.005,
+        max_queued_inputs: int = 16384,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.encode, self.dim = encode, dim
+        self.max_batch_tokens, self.max_batch_inputs = max_batch_tokens, max_batch_inputs
+        self.wait_s, self.max_queued_inputs = wait_s, max_queued_inputs
+        self.on_batch = on_batch
+        self.jobs: deque[_Job] = deque()
+        self.queued = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def embed(self, ids: list[list[int]]) -> np.ndarray:
+        """Float32 embeddings [len(ids), dim] of one request's token ids."""
+        if self.queued + len(ids) > self.max_queued_inputs:
+            raise Overloaded(f"{self.queued} inputs queued; limit {self.max_queued_inputs}")
+        loop = asyncio.get_running_loop()
+        job = _Job(ids, loop.create_future(), np.empty((len(ids), self.dim), np.float32))
+        self.jobs.append(job)
+        self.queued += len(ids)
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._loop())
+        assert self._wake is not None
+        self._wake.set()
+        return await job.future
+
+    def take(self) -> list[tuple[_Job, int]]:
+        """The next batch: inputs round-robin across requests within the token and input budgets."""
+        batch: list[tuple[_Job, int]] = []
+        tokens = 0
+        while True:
+            progressed = False
+            for job in self.jobs:
+                if job.next >= len(job.ids) or job.failed or job.future.cancelled():
+                    continue
+                n = len(job.ids[job.next])
+                if batch and (tokens + n > self.max_batch_tokens or len(batch) >= self.max_batch_inputs):
+                    return self._prune(batch)
+                batch.append((job, job.next))
+                job.next += 1
+                tokens += n
+                progressed = True
+            if not progressed:
+                return self._prune(batch)
+
+    def _prune(self, batch: list[tuple[_Job, int]]) -> list[tuple[_Job, int]]:
+        """Drop fully scheduled requests, and failed or abandoned ones with their unscheduled inputs."""
+        keep: deque[_Job] = deque()
+        for job in self.jobs:
+            if job.failed or job.future.cancelled():
+                self.queued -= len(job.ids) - job.next
+                job.next = len(job.ids)
+            elif job.next < len(job.ids):
+                keep.append(job)
+        self.jobs = keep
+        return batch
+
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            if self.wait_s:
+                await asyncio.sleep(self.wait_s)  # let concurrent requests join this batch
+            batch = self.take()
+            if not batch:
+                self._wake.clear()
+                continue
+            ids = [job.ids[i] for job, i in batch]
+            self.queued -= len(batch)
+            try:
+                emb = await asyncio.to_thread(self.encode, ids)
+            except Exception as e:  # every request in this batch fails; the others go on
+                for job, _ in batch:
+                    job.failed = True
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                continue
+            if self.on_batch:
+                self.on_batch(len(ids), sum(len(x) for x in ids))
+            for (job, i), vec in zip(batch, emb, strict=True):
+                job.out[i] = vec
+                job.done += 1
+                if job.done == len(job.ids) and not job.future.done():
+                    job.future.set_result(job.out)

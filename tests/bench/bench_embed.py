@@ -1,0 +1,113 @@
+"""Batch-embedding throughput on one machine, in one run (not a timed test; prints JSON).
+
+    .venv/bin/python tests/bench/bench_embed.py [--scifact 2000] [--snli 4000] [--batch-size 32]
+
+(a) the `rayembed embed` pipeline end to end (local Ray already up; includes actor start, model load,
+    reading JSONL, writing and committing Parquet), (b) a bare loop calling `Embedder.encode` on the same
+    texts in the same chunks, (c) `SentenceTransformer.encode` with the same model and batch size.
+Corpus: SciFact documents (title + abstract, long) mixed with SNLI sentences (short).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rayembed.config import SHARED_DATA, EmbedConfig
+from rayembed.data import read_jsonl
+from rayembed.model import Embedder, resolve_model_path
+
+
+def corpus(n_scifact: int, n_snli: int) -> list[dict[str, str]]:
+    docs = read_jsonl(Path(SHARED_DATA) / "scifact" / "corpus.jsonl")
+    rows = [
+        {"id": f"d{d['_id']}", "text": f"{d['title']} {d['text']}".strip()}
+        for _, d in zip(range(n_scifact), docs, strict=False)
+    ]
+    lines = (Path(SHARED_DATA) / "snli-esnli" / "s2.dev").read_text().splitlines()
+    rows += [{"id": f"s{i}", "text": t} for i, t in enumerate(lines[:n_snli]) if t.strip()]
+    rng = np.random.default_rng(0)
+    return [rows[i] for i in rng.permutation(len(rows))]  # lengths mixed throughout, as in a real lake
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scifact", type=int, default=2000)
+    ap.add_argument("--snli", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--files", type=int, default=4)
+    args = ap.parse_args()
+
+    import ray
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from rayembed.embed import embed
+
+    rows = corpus(args.scifact, args.snli)
+    texts = [r["text"] for r in rows]
+    cfg_kw = {"batch_size": args.batch_size}
+    chunk = EmbedConfig(input="x", output="y").chunk_rows
+    results: dict[str, object] = {
+        "docs": len(texts),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lake = Path(tmp) / "lake"
+        lake.mkdir()
+        per = -(-len(rows) // args.files)
+        for f in range(args.files):
+            (lake / f"part-{f}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in rows[f * per : (f + 1) * per])
+            )
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        t = time.perf_counter()
+        summary = embed(EmbedConfig(input=str(lake), output=f"{tmp}/out", progress=False, **cfg_kw))
+        a = time.perf_counter() - t
+        ray.shutdown()
+        assert summary["rows"] == len(texts), summary
+        results["pipeline"] = {
+            "seconds": round(a, 2),
+            "docs_per_s": round(len(texts) / a, 1),
+            "padding_ratio": summary["padding_ratio"],
+            "tokens": summary["tokens"],
+        }
+
+    model = Embedder.load("default", device="cpu")
+    t = time.perf_counter()
+    mine = np.concatenate(
+        [
+            model.encode(
+                texts[i : i + chunk],
+                batch_size=args.batch_size,
+                max_tokens=EmbedConfig(input="x", output="y").max_tokens,
+            )
+            for i in range(0, len(texts), chunk)
+        ]
+    )
+    b = time.perf_counter() - t
+    results["encode_loop"] = {"seconds": round(b, 2), "docs_per_s": round(len(texts) / b, 1)}
+
+    st = SentenceTransformer(str(resolve_model_path("default")), device="cpu")
+    t = time.perf_counter()
+    theirs = st.encode(texts, batch_size=args.batch_size)
+    c = time.perf_counter() - t
+    results["sentence_transformers"] = {"seconds": round(c, 2), "docs_per_s": round(len(texts) / c, 1)}
+
+    results["max_abs_diff_vs_st"] = float(np.abs(mine - theirs).max())
+    results["ratio_pipeline_vs_encode_loop"] = round(b / a, 3)
+    results["ratio_pipeline_vs_sentence_transformers"] = round(c / a, 3)
+    results["ratio_encode_loop_vs_sentence_transformers"] = round(c / b, 3)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Load test of the endpoint vs a plain FastAPI + sentence-transformers server (not a timed test; prints JSON).
+
+    .venv/bin/python tests/bench/bench_serve.py [--requests 200] [--concurrency 1 8 32 64]
+
+Both servers run the bundled all-MiniLM-L6-v2 on this machine's CPUs, one after the other, on loopback.
+A bounded asyncio client (aiohttp) sends a fixed number of requests at each concurrency; each request
+carries 1-4 real SNLI sentences. Reported: req/s, inputs/s, p50/p99 latency (ms), errors by status.
+A last run at 2x the highest concurrency against rayembed with small queue bounds checks that overload
+only ever answers 429/503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from rayembed.config import SHARED_DATA
+
+
+def payloads(n: int) -> list[bytes]:
+    lines = [s for s in (Path(SHARED_DATA) / "snli-esnli" / "s2.dev").read_text().splitlines() if s.strip()]
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(1, 5))
+        out.append(
+            json.dumps(
+                {
+                    "input": [lines[int(i)] for i in rng.integers(0, len(lines), k)],
+                    "model": "all-MiniLM-L6-v2",
+                }
+            ).encode()
+        )
+    return out
+
+
+async def load(url: str, bodies: list[bytes], concurrency: int) -> dict[str, object]:
+    import aiohttp
+
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    inputs = 0
+    queue = list(bodies)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal inputs
+        while queue:
+            body = queue.pop()
+            t = time.perf_counter()
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                await r.read()
+                codes[r.status] = codes.get(r.status, 0) + 1
+                if r.status == 200:
+                    latencies.append(time.perf_counter() - t)
+                    inputs += len(json.loads(body)["input"])
+
+    start = time.perf_counter()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
+        await asyncio.gather(*(worker(s) for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {
+        "concurrency": concurrency,
+        "req_per_s": round(len(latencies) / wall, 1),
+        "inputs_per_s": round(inputs / wall, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "errors": {str(k): v for k, v in codes.items() if k != 200},
+    }
+
+
+def wait_up(url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+BASELINE = """
+import sys
+import uvicorn
+from fastapi import FastAPI, Request
+from sentence_transformers import SentenceTransformer
+from rayembed.model import resolve_model_path
+model = SentenceTransformer(str(resolve_model_path("default")), device="cpu")
+app = FastAPI()
+@app.get("/healthz")
+def health(): return {"status": "ok"}
+@app.post("/v1/embeddings")
+async def embeddings(request: Request):
+    body = await request.json()
+    texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    vecs = model.encode(texts, batch_size=32)
+    return {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vecs)]}
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error")
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    args = ap.parse_args()
+    bodies = payloads(args.requests)
+    report: dict[str, object] = {"cpus": os.cpu_count(), "requests_per_level": args.requests}
+
+    import ray
+    from ray import serve
+
+    from rayembed.config import ServeConfig
+    from rayembed.serve import run
+
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    threads = os.cpu_count() or 1
+    cfg = ServeConfig(
+        port=8411,
+        min_replicas=1,
+        max_replicas=1,
+        torch_threads=threads,
+        max_ongoing_requests=256,
+        max_queued_requests=-1,
+    )
+    base = run(cfg, blocking=False)
+    wait_up(f"{base}/healthz")
+    asyncio.run(load(f"{base}/v1/embeddings", bodies[:16], 4))  # warm-up
+    report["rayembed"] = [asyncio.run(load(f"{base}/v1/embeddings", bodies, c)) for c in args.concurrency]
+    serve.shutdown()
+    # Overload: small bounds, 2x the highest concurrency; only 429/503 may appear as errors.
+    tight = ServeConfig(
+        port=8412,
+        min_replicas=1,
+        max_replicas=1,
+        torch_threads=threads,
+        max_ongoing_requests=8,
+        max_queued_requests=8,
+        max_queued_inputs=2048,
+    )
+    base = run(tight, blocking=False)
+    wait_up(f"{base}/healthz")
+    report["rayembed_overload"] = asyncio.run(
+        load(f"{base}/v1/embeddings", bodies, 2 * max(args.concurrency))
+    )
+    serve.shutdown()
+    ray.shutdown()
+
+    proc = subprocess.Popen([sys.executable, "-c", BASELINE, "8413"])
+    try:
+        wait_up("http://127.0.0.1:8413/healthz")
+        asyncio.run(load("http://127.0.0.1:8413/v1/embeddings", bodies[:16], 4))
+        report["fastapi_sentence_transformers"] = [
+            asyncio.run(load("http://127.0.0.1:8413/v1/embeddings", bodies, c)) for c in args.concurrency
+        ]
+    finally:
+        proc.terminate()
+        proc.wait()
+    report["throughput_ratio"] = {
+        str(a["concurrency"]): round(a["req_per_s"] / b["req_per_s"], 2)  # type: ignore[index,operator]
+        for a, b in zip(report["rayembed"], report["fastapi_sentence_transformers"], strict=True)  # type: ignore[call-overload]
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

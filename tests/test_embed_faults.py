@@ -1,0 +1,132 @@
+"""Embed on a 3-node local Ray cluster survives a killed actor and a lost node: 0 lost, 0 duplicated ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import DATA
+from rayembed.config import EmbedConfig
+from rayembed.embed import embed
+
+FILES, ROWS = 8, 100
+
+
+@pytest.fixture
+def cluster() -> Iterator[Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this test needs its own multi-node cluster
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(num_cpus=2)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> tuple[Path, set[str]]:
+    """8 JSONL files x 100 real SciFact documents, ids unique across files."""
+    from rayembed.data import read_jsonl
+
+    docs = [d for _, d in zip(range(ROWS), read_jsonl(DATA / "scifact" / "corpus.jsonl"), strict=False)]
+    ids = set()
+    root = tmp_path / "lake"
+    root.mkdir()
+    for f in range(FILES):
+        rows = [{"id": f"{f}-{d['_id']}", "text": d["text"]} for d in docs]
+        ids.update(r["id"] for r in rows)
+        (root / f"part-{f:02d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, ids
+
+
+def _embedding_actors() -> list[dict[str, Any]]:
+    import ray._private.state as state
+
+    return [
+        a for a in state.actors().values() if a["State"] == "ALIVE" and "MapWorker" in a["ActorClassName"]
+    ]
+
+
+def _run_with_fault(cfg: EmbedConfig, fault: Callable[[], None]) -> None:
+    """Run the job in a thread; inject `fault` once the first fragment is committed; rerun if the job failed."""
+    errors: list[BaseException] = []
+    job = threading.Thread(target=lambda: _capture(errors, cfg))
+    job.start()
+    committed = Path(cfg.output) / "_committed"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (committed.is_dir() and any(committed.glob("*.json"))):
+        time.sleep(0.2)
+    assert len(list(committed.glob("*.json"))) < FILES, "the job finished before the fault could be injected"
+    fault()
+    job.join(timeout=400)
+    assert not job.is_alive()
+    if errors:  # the run may fail; the rerun must finish the rest exactly once
+        embed(cfg)
+
+
+def _capture(errors: list[BaseException], cfg: EmbedConfig) -> None:
+    try:
+        embed(cfg)
+    except BaseException as e:  # noqa: BLE001
+        errors.append(e)
+
+
+def _assert_exactly_once(out: Path, ids: set[str]) -> None:
+    got = pads.dataset(out, format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+    assert len(got) == len(ids) and set(got) == ids  # 0 lost, 0 duplicated
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows"] == len(ids) and summary["fragments"] == FILES
+
+
+def _cfg(model: Path, lake: Path, out: Path) -> EmbedConfig:
+    # Small chunks so a fragment takes a while: the fault lands mid-run.
+    return EmbedConfig(
+        input=str(lake),
+        output=str(out),
+        model=str(model),
+        chunk_rows=10,
+        batch_size=4,
+        threads_per_actor=1,
+        progress=False,
+    )
+
+
+def test_killed_actor(cluster: Any, tiny_model: Path, lake: tuple[Path, set[str]], tmp_path: Path) -> None:
+    root, ids = lake
+    cfg = _cfg(tiny_model, root, tmp_path / "out")
+
+    def kill_actor() -> None:
+        victim = _embedding_actors()[0]
+        os.kill(victim["Pid"], signal.SIGKILL)
+
+    _run_with_fault(cfg, kill_actor)
+    _assert_exactly_once(Path(cfg.output), ids)
+
+
+def test_lost_worker_node(
+    cluster: Any, tiny_model: Path, lake: tuple[Path, set[str]], tmp_path: Path
+) -> None:
+    root, ids = lake
+    cfg = _cfg(tiny_model, root, tmp_path / "out")
+
+    def kill_node() -> None:
+        busy = {a["Address"]["NodeID"] for a in _embedding_actors()}
+        node = next(n for n in cluster.worker_nodes if n.node_id in busy)
+        cluster.remove_node(node, allow_graceful=False)
+
+    _run_with_fault(cfg, kill_node)
+    _assert_exactly_once(Path(cfg.output), ids)

@@ -1,0 +1,70 @@
+"""Autoscaling on a local Ray cluster: a second replica comes up under load and goes away after."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from rayembed.config import ServeConfig
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_replica_added_under_load_and_removed_after(tiny_model: Path) -> None:
+    from ray import serve
+
+    from conftest import free_port
+    from rayembed.serve import run
+
+    cfg = ServeConfig(
+        model=str(tiny_model), port=free_port(), min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+        upscale_delay_s=0.5, downscale_delay_s=1.0, look_back_period_s=2.0, batch_wait_timeout_s=0.05,
+    )  # fmt: skip
+    url = run(cfg, blocking=False)
+
+    def running() -> int:
+        app = serve.status().applications["rayembed"]
+        return int(app.deployments["EmbeddingService"].replica_states.get("RUNNING", 0))
+
+    body = json.dumps({"input": ["load " * 40] * 32}).encode()
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            req = urllib.request.Request(
+                f"{url}/v1/embeddings", data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=60) as r:
+                codes.append(r.status)
+
+    try:
+        assert running() == 1
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            assert _wait_for(lambda: running() == 2, 90), "no second replica under load"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert codes and set(codes) == {200}
+        assert _wait_for(lambda: running() == 1, 90), "the extra replica was not removed after the load"
+    finally:
+        serve.shutdown()
