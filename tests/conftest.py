@@ -4,9 +4,11 @@ S3-compatible server (moto) on loopback."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,9 +71,35 @@ def ray_local(_ray_shutdown_at_end: None) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A bindable loopback port outside the OS ephemeral range (where Ray's many outgoing
+    connections take their source ports, so a port picked there can be gone a moment later)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
+
+
+def start_endpoint(**settings: Any) -> str:
+    """Deploy the Serve app on a free port (retrying on another port if the proxy cannot bind)."""
+    from ray import serve
+
+    from rayembed.config import ServeConfig
+    from rayembed.serve import run
+
+    for attempt in range(3):
+        try:
+            return run(ServeConfig(port=free_port(), **settings), blocking=False)
+        except Exception:
+            serve.shutdown()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="session")

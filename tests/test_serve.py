@@ -13,7 +13,6 @@ import numpy as np
 import openai
 import pytest
 
-from rayembed.config import ServeConfig
 from rayembed.model import Embedder
 
 TEXTS = ["The quick brown fox.", "Embeddings map text to vectors.", "Ray Serve batches requests."]
@@ -27,18 +26,16 @@ def endpoint(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     import ray
     from ray import serve
 
-    from conftest import free_port
-    from rayembed.serve import run
+    from conftest import start_endpoint
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     keys = tmp_path_factory.mktemp("auth") / "api-keys"
     keys.write_text(f"# rayembed keys\n{KEY}\n")
-    cfg = ServeConfig(
-        model=str(tiny_model), port=free_port(), max_inputs_per_request=8, max_body_bytes=4096,
+    url = start_endpoint(
+        model=str(tiny_model), max_inputs_per_request=8, max_body_bytes=4096,
         truncate=False, api_keys_file=str(keys), max_queued_inputs=64,
     )  # fmt: skip
-    url = run(cfg, blocking=False)
     yield url
     serve.shutdown()
 

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from rayembed.config import ServeConfig
-
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
@@ -28,14 +26,12 @@ def _wait_for(cond: Callable[[], bool], timeout: float) -> bool:
 def test_replica_added_under_load_and_removed_after(tiny_model: Path) -> None:
     from ray import serve
 
-    from conftest import free_port
-    from rayembed.serve import run
+    from conftest import start_endpoint
 
-    cfg = ServeConfig(
-        model=str(tiny_model), port=free_port(), min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+    url = start_endpoint(
+        model=str(tiny_model), min_replicas=1, max_replicas=2, target_ongoing_requests=1,
         upscale_delay_s=0.5, downscale_delay_s=1.0, look_back_period_s=2.0, batch_wait_timeout_s=0.05,
     )  # fmt: skip
-    url = run(cfg, blocking=False)
 
     def running() -> int:
         app = serve.status().applications["rayembed"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from rayembed.config import TrainConfig
 from rayembed.model import Embedder
@@ -64,6 +65,18 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
         p for p in (tmp_path / "run" / "checkpoints" / "rayembed-train").glob("checkpoint_*") if p.is_dir()
     ]
     assert len(kept) == 2  # keep_checkpoints
+
+    # Soup of the run's two kept DeepSpeed checkpoints (ZeRO shards consolidated per checkpoint).
+    from rayembed.config import MergeConfig
+    from rayembed.merge import merge, state_of
+
+    soup = merge(
+        MergeConfig(models=[str(p) for p in kept], base=str(tiny_model), output=str(tmp_path / "soup"))
+    )
+    states = [state_of(str(p), Embedder.load(tiny_model, device="cpu")) for p in kept]
+    merged = Embedder.load(soup["output"], device="cpu").state_dict()
+    for k, v in states[0].items():
+        torch.testing.assert_close(merged[k], (v + states[1][k]) / 2)
 
     from sentence_transformers import SentenceTransformer
 

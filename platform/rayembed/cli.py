@@ -1,4 +1,4 @@
-"""`rayembed` command line: prepare | train | eval | embed | serve | run.
+"""`rayembed` command line: prepare | train | merge | eval | embed | serve | run.
 
 rayembed train jobs/train.yaml max_steps=10
 rayembed embed --model M --input PATH --output PATH [key=value ...]
@@ -32,6 +32,10 @@ def run_job(job: str, cfg: Any) -> dict[str, Any]:
         from rayembed.train import train
 
         return train(cfg)
+    if job == "merge":
+        from rayembed.merge import merge
+
+        return merge(cfg)
     if job == "eval":
         from rayembed.evaluate import evaluate
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
-JOBS = ("prepare", "train", "eval", "embed", "serve")
+JOBS = ("prepare", "train", "merge", "eval", "embed", "serve")
 
 
 def shared_data_dir() -> str:
@@ -221,6 +221,31 @@ class EmbedConfig:
 
 
 @dataclass
+class MergeConfig:
+    models: list[str]
+    """Models to average: sentence-transformers folders, or DeepSpeed checkpoint folders of a run."""
+    output: str
+    """Folder for the merged model (sentence-transformers layout)."""
+    weights: list[float] | None = None
+    """One weight per model (default: uniform soup)."""
+    base: str | None = None
+    """Architecture and tokenizer (default: the first model; needed when merging DeepSpeed checkpoints)."""
+    name: str | None = None
+    """Name of the merged model (default: <base name>-soup<N>)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.models) >= 1, "merge needs at least one model")
+        _check(
+            self.weights is None or len(self.weights) == len(self.models),
+            "weights must have one weight per model",
+        )
+        _check(
+            self.weights is None or (min(self.weights) >= 0 and sum(self.weights) > 0),
+            "weights must be >= 0, not all 0",
+        )
+
+
+@dataclass
 class EvalConfig:
     model: str = "default"
     """Model folder or 'default'."""
@@ -312,6 +337,7 @@ class ServeConfig:
 CONFIGS: dict[str, type] = {
     "prepare": PrepareConfig,
     "train": TrainConfig,
+    "merge": MergeConfig,
     "eval": EvalConfig,
     "embed": EmbedConfig,
     "serve": ServeConfig,

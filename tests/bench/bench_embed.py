@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--snli", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--threads-per-actor", type=int, default=None, help="default: the job's own choice")
     args = ap.parse_args()
 
     import ray
@@ -52,7 +53,10 @@ def main() -> None:
 
     rows = corpus(args.scifact, args.snli)
     texts = [r["text"] for r in rows]
-    cfg_kw = {"batch_size": args.batch_size}
+    cfg_kw: dict[str, int | None] = {
+        "batch_size": args.batch_size,
+        "threads_per_actor": args.threads_per_actor,
+    }
     chunk = EmbedConfig(input="x", output="y").chunk_rows
     results: dict[str, object] = {
         "docs": len(texts),
