@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -62,5 +63,38 @@ def test_replica_added_under_load_and_removed_after(tiny_model: Path) -> None:
                 t.join()
         assert codes and set(codes) == {200}
         assert _wait_for(lambda: running() == 1, 90), "the extra replica was not removed after the load"
+    finally:
+        serve.shutdown()
+
+
+def test_overload_is_refused_fast_not_queued_forever(tiny_model: Path) -> None:
+    """Bounded queues: beyond max_ongoing + max_queued requests, Serve answers 503 at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from conftest import start_endpoint
+
+    url = start_endpoint(
+        model=str(tiny_model), min_replicas=1, max_replicas=1, max_ongoing_requests=1, max_queued_requests=1,
+        batch_wait_timeout_s=0.2,
+    )  # fmt: skip
+    body = json.dumps({"input": ["overload " * 50] * 8}).encode()
+
+    def call(_: int) -> int:
+        req = urllib.request.Request(
+            f"{url}/v1/embeddings", data=body, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            codes = list(pool.map(call, range(24)))
+        assert set(codes) <= {200, 429, 503}, codes
+        assert codes.count(200) >= 1 and (codes.count(503) + codes.count(429)) >= 1, codes
     finally:
         serve.shutdown()

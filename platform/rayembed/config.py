@@ -185,7 +185,8 @@ class EmbedConfig:
     num_actors: int | None = None
     """Embedding actors (default: one per GPU, or CPUs / threads_per_actor)."""
     threads_per_actor: int | None = None
-    """Torch threads (and CPUs reserved) per CPU actor (default: up to 4, no more than the smallest node)."""
+    """Torch threads (and CPUs reserved) per CPU actor (default 1: more one-thread actors beat fewer
+    multi-thread ones on CPU; capped by the smallest node)."""
     use_gpu: bool | None = None
     """One embedding actor per GPU (default: when the cluster has GPUs)."""
     gpu_dtype: str = "float16"

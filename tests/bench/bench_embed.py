@@ -79,6 +79,7 @@ def main() -> None:
         ray.shutdown()
         assert summary["rows"] == len(texts), summary
         results["pipeline"] = {
+            "threads_per_actor": args.threads_per_actor or 1,
             "seconds": round(a, 2),
             "docs_per_s": round(len(texts) / a, 1),
             "padding_ratio": summary["padding_ratio"],

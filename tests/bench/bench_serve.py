@@ -113,6 +113,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument(
+        "--torch-threads", type=int, default=None, help="replica torch threads (default: all CPUs)"
+    )
+    ap.add_argument("--batch-wait-s", type=float, default=0.005)
     args = ap.parse_args()
     bodies = payloads(args.requests)
     report: dict[str, object] = {"cpus": os.cpu_count(), "requests_per_level": args.requests}
