@@ -402,10 +402,3 @@ def summarize(
         "tokens_per_s": round(run["tokens"] / wall, 1) if wall else 0.0,
     }
 
-
-def count_rows(path: str, endpoint_url: str | None = None) -> int:
-    """Rows in an output folder, from the Parquet footers only (`_rejects/` etc. are not data)."""
-    import pyarrow.dataset as pads
-
-    fs = fs_for(path, endpoint_url)
-    return pads.dataset(strip_scheme(path), format="parquet", filesystem=fs).count_rows()
