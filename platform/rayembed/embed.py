@@ -401,4 +401,3 @@ def summarize(
         "docs_per_s": round(run["rows_out"] / wall, 1) if wall else 0.0,
         "tokens_per_s": round(run["tokens"] / wall, 1) if wall else 0.0,
     }
-
