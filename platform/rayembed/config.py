@@ -81,7 +81,7 @@ class TrainConfig:
     precision: str = "fp32"
     """Training precision: fp32, bf16 or fp16 (fp16 only on GPU)."""
     loss: str = "infonce"
-    """Loss name from rayembed.losses.LOSSES: infonce or distill."""
+    """Loss name from rayembed.losses.LOSSES: infonce, symmetric_infonce, hard_infonce or distill."""
     scale: float = 20.0
     """InfoNCE logit scale (1 / temperature)."""
     teacher: str | None = None

@@ -65,8 +65,19 @@ class EmbeddingDistill(nn.Module):
         return align + self.kl_weight * kl
 
 
-LOSSES: dict[str, type[nn.Module]] = {"infonce": InfoNCE, "distill": EmbeddingDistill}
-CONTRASTIVE = {"infonce"}
+def _registry() -> dict[str, type[nn.Module]]:
+    from rayembed.regularizers import HardnessWeightedInfoNCE, SymmetricInfoNCE
+
+    return {
+        "infonce": InfoNCE,
+        "symmetric_infonce": SymmetricInfoNCE,
+        "hard_infonce": HardnessWeightedInfoNCE,
+        "distill": EmbeddingDistill,
+    }
+
+
+LOSSES: dict[str, type[nn.Module]] = _registry()
+CONTRASTIVE = {"infonce", "symmetric_infonce", "hard_infonce"}  # called loss(q, d, neg, offset=...)
 
 
 def matryoshka(

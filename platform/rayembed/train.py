@@ -53,8 +53,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def build_loss(cfg: TrainConfig) -> torch.nn.Module:
-    if cfg.loss == "infonce":
-        return LOSSES["infonce"](scale=cfg.scale)
+    if cfg.loss in CONTRASTIVE:
+        return LOSSES[cfg.loss](scale=cfg.scale)
     return LOSSES[cfg.loss](
         alignment=cfg.distill_alignment, kl_weight=cfg.kl_weight, temperature=cfg.temperature
     )
