@@ -161,3 +161,20 @@ def test_bad_input_is_refused_with_a_clear_error(tiny_model: Path, tmp_path: Pat
         (tmp_path / "o5").mkdir()
         (tmp_path / "o5" / "old.parquet").write_bytes(b"x")
         embed(EmbedConfig(input=str(src), output=str(tmp_path / "o5"), model=str(tiny_model)))
+
+
+def test_actor_plan_follows_free_cpus_and_fragments() -> None:
+    import ray
+
+    from rayembed.embed import plan_actors
+
+    cfg = EmbedConfig(input="in", output="out")
+    free = int(ray.available_resources()["CPU"])
+    smallest = min(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+    # One fragment: one actor that gets the free CPUs as threads.
+    assert plan_actors(cfg, 1) == (1, float(min(free, smallest)), 0.0, min(free, smallest))
+    # Many fragments: one-thread actors, one per free CPU.
+    assert plan_actors(cfg, 100) == (free, 1.0, 0.0, 1)
+    assert plan_actors(dataclasses.replace(cfg, threads_per_actor=2, num_actors=1), 100) == (1, 2.0, 0.0, 2)
+    with pytest.raises(ValueError, match="no GPUs"):
+        plan_actors(dataclasses.replace(cfg, use_gpu=True), 1)

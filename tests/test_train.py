@@ -38,6 +38,7 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
             negative_column="negative",
             matryoshka_dims=[32, 16],
             batch_size=8,
+            max_length=32,
             lr=1e-3,
             max_steps=max_steps,
             checkpoint_every=1,
@@ -56,6 +57,7 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
     model_dir = Path(first["output_dir"])
     assert all((model_dir / f).is_file() for f in ST_FILES)
     assert _changed(tiny_model, model_dir) > 1e-4
+    assert Embedder.load(model_dir, device="cpu").max_length == 64  # training's max_length=32 is not exported
 
     # Same run name and storage: the rerun resumes at step 2 and trains only steps 3-4.
     second = train(cfg(4))

@@ -107,7 +107,7 @@ class TrainConfig:
     batch_size: int = 32
     """Rows per worker per step; negatives are gathered across workers (global batch = workers x this)."""
     max_length: int | None = None
-    """Token limit for training (default: the model's max_seq_length)."""
+    """Token limit while training (default: the model's max_seq_length); the exported model keeps its own."""
     lr: float = 2e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.01
@@ -185,8 +185,8 @@ class EmbedConfig:
     num_actors: int | None = None
     """Embedding actors (default: one per GPU, or CPUs / threads_per_actor)."""
     threads_per_actor: int | None = None
-    """Torch threads (and CPUs reserved) per CPU actor (default 1: more one-thread actors beat fewer
-    multi-thread ones on CPU; capped by the smallest node)."""
+    """Torch threads (and CPUs reserved) per CPU actor (default 1, as more one-thread actors beat fewer
+    multi-thread ones on CPU; more when there are fewer fragments than free CPUs; capped by the smallest node)."""
     use_gpu: bool | None = None
     """One embedding actor per GPU (default: when the cluster has GPUs)."""
     gpu_dtype: str = "float16"

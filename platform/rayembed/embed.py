@@ -262,9 +262,11 @@ def plan_actors(cfg: EmbedConfig, fragments: int) -> tuple[int, float, float, in
         return min(cfg.num_actors or gpus, fragments), 1.0, 1.0, cfg.threads_per_actor or 4
     node_cpus = [int(r.get("CPU", 0)) for r in nodes if r.get("CPU", 0) >= 1] or [1]
     free = int(ray.available_resources().get("CPU", 0))  # other jobs (e.g. Serve replicas) may hold some
-    # Single-threaded actors by default: on CPU, N one-thread actors out-ran N/2 two-thread ones
-    # (docs/benchmarks.md). An actor must fit on the smallest node and in what is free now.
-    threads = max(1, min(cfg.threads_per_actor or 1, min(node_cpus), free or 1))
+    # By default one thread per actor (N one-thread actors out-ran N/2 two-thread ones, docs/benchmarks.md),
+    # unless there are fewer fragments than CPUs: then the few actors share the free CPUs as threads.
+    # An actor must fit on the smallest node and in what is free now.
+    wanted = cfg.threads_per_actor or max(1, (free or 1) // max(1, min(fragments, free or 1)))
+    threads = max(1, min(wanted, min(node_cpus), free or 1))
     actors = cfg.num_actors or max(1, min(sum(n // threads for n in node_cpus), free // threads))
     return max(1, min(actors, fragments)), float(threads), 0.0, threads
 

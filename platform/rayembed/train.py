@@ -152,7 +152,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def export_checkpoint(
-    checkpoint_dir: str | Path, base_model: str, output_dir: str, max_length: int | None, run_name: str = ""
+    checkpoint_dir: str | Path, base_model: str, output_dir: str, run_name: str = ""
 ) -> str:
     """Consolidate a ZeRO checkpoint (any stage) to fp32 and save it in the sentence-transformers layout."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -165,7 +165,7 @@ def export_checkpoint(
         raise RuntimeError(
             f"checkpoint does not match {base_model}: missing={missing} unexpected={unexpected}"
         )
-    model.max_length = max_length or model.max_length
+    # The base model's max length is kept: `max_length` in training is a speed setting, not the model's limit.
     model.name = f"{model.name}-{run_name}" if run_name else model.name
     if is_s3(str(output_dir)):
         with tempfile.TemporaryDirectory() as tmp:
@@ -216,7 +216,5 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     result = trainer.fit()
     assert result.checkpoint is not None
     with result.checkpoint.as_directory() as d:
-        out = export_checkpoint(
-            d, cfg.model, f"{cfg.output_dir.rstrip('/')}/model", cfg.max_length, cfg.run_name
-        )
+        out = export_checkpoint(d, cfg.model, f"{cfg.output_dir.rstrip('/')}/model", cfg.run_name)
     return {"output_dir": out, "checkpoint": result.checkpoint.path, **(result.metrics or {})}
