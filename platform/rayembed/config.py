@@ -85,7 +85,10 @@ class TrainConfig:
     scale: float = 20.0
     """InfoNCE logit scale (1 / temperature)."""
     teacher: str | None = None
-    """Teacher model for loss=distill."""
+    """Teacher model for loss=distill, run inside the training loop (no grad)."""
+    teacher_column: str | None = None
+    """Distillation: column of precomputed teacher embeddings (e.g. `rayembed embed` output of the teacher
+    with the text passed through); replaces running `teacher` in the loop."""
     distill_alignment: str = "cosine"
     """Distillation alignment term: cosine or mse."""
     kl_weight: float = 1.0
@@ -106,6 +109,9 @@ class TrainConfig:
     """Distillation: text column."""
     batch_size: int = 32
     """Rows per worker per step; negatives are gathered across workers (global batch = workers x this)."""
+    grad_cache_chunk: int | None = None
+    """GradCache: embed the batch in chunks of this many rows (must divide batch_size), so activation
+    memory follows the chunk while the loss still sees the whole (gathered) batch; gradients are exact."""
     max_length: int | None = None
     """Token limit while training (default: the model's max_seq_length); the exported model keeps its own."""
     lr: float = 2e-5
@@ -137,7 +143,15 @@ class TrainConfig:
         )
         _check(self.precision != "fp16" or self.use_gpu, "fp16 needs use_gpu=true; use bf16 or fp32 on CPU")
         _check(self.loss in LOSSES, f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
-        _check(self.loss != "distill" or bool(self.teacher), "loss=distill needs a teacher model")
+        _check(
+            self.loss != "distill" or bool(self.teacher or self.teacher_column),
+            "loss=distill needs a teacher model or a teacher_column",
+        )
+        _check(
+            self.grad_cache_chunk is None
+            or (self.grad_cache_chunk >= 1 and self.batch_size % self.grad_cache_chunk == 0),
+            f"grad_cache_chunk must divide batch_size ({self.batch_size}), got {self.grad_cache_chunk}",
+        )
         _check(self.num_workers >= 1 and self.batch_size >= 1, "num_workers and batch_size must be >= 1")
         _check(self.epochs >= 1 and self.checkpoint_every >= 1, "epochs and checkpoint_every must be >= 1")
         _check(all(k > 0 for k in self.matryoshka_dims), "matryoshka_dims must be positive")

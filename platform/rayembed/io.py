@@ -63,13 +63,17 @@ def strip_scheme(path: str) -> str:
 
 
 def detect_format(path: str, fs: pafs.FileSystem | None) -> str:
-    """'json' or 'parquet', from the file's suffix or, for a folder, the first data file in it."""
+    """'json' or 'parquet', from the file's suffix or, for a folder, the first data file in it
+    (paths under `_`/`.` names, such as an embed output's _manifest.json, are metadata, not data)."""
     for suffix, fmt in FORMATS.items():
         if path.endswith(suffix):
             return fmt
     fs = fs or pafs.LocalFileSystem()
     infos = fs.get_file_info(pafs.FileSelector(strip_scheme(path), recursive=True, allow_not_found=True))
+    root = strip_scheme(path).rstrip("/")
     for info in sorted(infos, key=lambda i: i.path):
+        if any(part[:1] in "_." for part in info.path[len(root) :].split("/") if part):
+            continue
         for suffix, fmt in FORMATS.items():
             if info.path.endswith(suffix):
                 return fmt
@@ -86,7 +90,7 @@ def read_dataset(path: str, endpoint_url: str | None = None, **kw: Any) -> ray.d
     fmt = detect_format(path, fs)
     target = strip_scheme(path) if fs is not None else os.path.abspath(path)
     if fmt == "parquet":
-        return ray.data.read_parquet(target, filesystem=fs, **kw)
+        return ray.data.read_parquet(target, filesystem=fs, file_extensions=["parquet"], **kw)
     # pyarrow's JSON-lines reader keeps id strings as strings (the pandas one would make "4983" an int).
     return ray.data.read_json(target, filesystem=fs, **kw)
 

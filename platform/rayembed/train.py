@@ -12,13 +12,17 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from rayembed.config import TrainConfig
 from rayembed.dist import all_have, gather_with_grad
+from rayembed.gradcache import LossOf, grad_cache_step
 from rayembed.io import is_s3, upload_dir
 from rayembed.losses import CONTRASTIVE, LOSSES, matryoshka
 from rayembed.model import Embedder
@@ -29,8 +33,9 @@ CKPT_TAG = "ds"
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     """DeepSpeed config; torch AdamW so CPU runs need no compiled optimizer op."""
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": 1,
+        # GradCache: one micro-batch per chunk, the boundary set by hand on the last one.
+        "train_micro_batch_size_per_gpu": cfg.grad_cache_chunk or cfg.batch_size,
+        "gradient_accumulation_steps": cfg.batch_size // (cfg.grad_cache_chunk or cfg.batch_size),
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": cfg.zero_stage},
         "optimizer": {
@@ -60,27 +65,61 @@ def build_loss(cfg: TrainConfig) -> torch.nn.Module:
     )
 
 
-def compute_loss(
-    engine: Any, teacher: Embedder | None, batch: dict[str, Any], cfg: TrainConfig
-) -> torch.Tensor:
-    """One step's loss; contrastive documents (and hard negatives) are gathered from all workers."""
-    model: Embedder = engine.module
-    loss_fn = build_loss(cfg)
+def texts_of(column: Any) -> list[str]:
+    return [str(t) for t in column]
 
-    def embed(texts: Any) -> torch.Tensor:
-        feats = {k: v.to(engine.device) for k, v in model.tokenize([str(t) for t in texts]).items()}
+
+def objective(
+    cfg: TrainConfig, batch: dict[str, Any], teacher: Embedder | None, device: torch.device
+) -> tuple[list[list[str]], LossOf]:
+    """The batch's text towers and the loss of their embeddings (one matrix per tower).
+
+    Contrastive: towers are queries, positives (and hard negatives); documents and negatives are
+    gathered from every worker. Distillation: one tower, scored against teacher embeddings taken
+    from `teacher_column` when given, else computed by the teacher model (no grad).
+    """
+    loss_fn = build_loss(cfg).to(device)
+    dims, weights = cfg.matryoshka_dims, cfg.matryoshka_weights
+    if cfg.loss in CONTRASTIVE:
+        columns = [cfg.query_column, cfg.positive_column] + (
+            [cfg.negative_column] if cfg.negative_column else []
+        )
+
+        def contrastive(reps: list[Tensor]) -> Tensor:
+            d, offset = gather_with_grad(reps[1])
+            neg = gather_with_grad(reps[2])[0] if len(reps) > 2 else None
+            return matryoshka(loss_fn, dims, weights, reps[0], d, neg, offset=offset)
+
+        return [texts_of(batch[c]) for c in columns], contrastive
+    texts = texts_of(batch[cfg.text_column])
+    if cfg.teacher_column:
+        rows = np.stack(list(batch[cfg.teacher_column])).astype(np.float32)  # list column or 2-D array
+        target = torch.as_tensor(rows, device=device)
+    else:
+        assert teacher is not None
+        with torch.no_grad():
+            target = teacher.embed_texts(texts)
+    return [texts], lambda reps: matryoshka(loss_fn, dims, weights, reps[0], target)
+
+
+def backward_step(engine: Any, cfg: TrainConfig, towers: list[list[str]], loss_of: LossOf) -> Tensor:
+    """Forward + backward of one batch (plain, or GradCache in chunks); the caller calls engine.step()."""
+    model: Embedder = engine.module
+
+    def embed(texts: Sequence[str]) -> Tensor:
+        feats = {k: v.to(engine.device) for k, v in model.tokenize(list(texts)).items()}
         return engine(**feats)
 
-    if cfg.loss in CONTRASTIVE:
-        q = embed(batch[cfg.query_column])
-        d, offset = gather_with_grad(embed(batch[cfg.positive_column]))
-        neg = gather_with_grad(embed(batch[cfg.negative_column]))[0] if cfg.negative_column else None
-        return matryoshka(loss_fn, cfg.matryoshka_dims, cfg.matryoshka_weights, q, d, neg, offset=offset)
-    assert teacher is not None
-    texts = [str(t) for t in batch[cfg.text_column]]
-    with torch.no_grad():
-        t = teacher.embed_texts(texts)
-    return matryoshka(loss_fn, cfg.matryoshka_dims, cfg.matryoshka_weights, embed(texts), t)
+    if not cfg.grad_cache_chunk:
+        loss = loss_of([embed(t) for t in towers])
+        engine.backward(loss)
+        return loss.detach()
+
+    def backward(surrogate: Tensor, last: bool) -> None:
+        engine.set_gradient_accumulation_boundary(last)  # reduce gradients once, after the last chunk
+        engine.backward(surrogate, scale_wrt_gas=False)
+
+    return grad_cache_step(embed, towers, loss_of, cfg.grad_cache_chunk, backward, engine.device)
 
 
 def _save_and_report(engine: Any, state: dict[str, int], metrics: dict[str, float]) -> None:
@@ -105,7 +144,9 @@ def train_loop(config: dict[str, Any]) -> None:
     model.max_length = cfg.max_length or model.max_length
     model.train()
     teacher = (
-        Embedder.load(cfg.teacher, device=str(device)) if cfg.loss == "distill" and cfg.teacher else None
+        Embedder.load(cfg.teacher, device=str(device))
+        if cfg.loss == "distill" and cfg.teacher and not cfg.teacher_column
+        else None
     )
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg)
@@ -132,10 +173,9 @@ def train_loop(config: dict[str, Any]) -> None:
             if not all_have(batch is not None, device):
                 break
             assert batch is not None
-            loss = compute_loss(engine, teacher, batch, cfg)
-            engine.backward(loss)
+            loss = backward_step(engine, cfg, *objective(cfg, batch, teacher, device))
             engine.step()
-            loss_value = float(loss.detach())
+            loss_value = float(loss)
             state["step"] += 1
             state["batch_in_epoch"] += 1
             if state["step"] % cfg.checkpoint_every == 0:
@@ -186,14 +226,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from rayembed.model import resolve_model_path
 
     resolve_model_path(cfg.model)  # unknown model: fail before starting workers
-    if cfg.teacher:
+    if cfg.teacher and not cfg.teacher_column:
         resolve_model_path(cfg.teacher)
     ensure_ray(cfg.num_workers * cfg.cpus_per_worker + 2)
     ds = read_dataset(cfg.data)
     needed = (
         [cfg.query_column, cfg.positive_column] + ([cfg.negative_column] if cfg.negative_column else [])
         if cfg.loss in CONTRASTIVE
-        else [cfg.text_column]
+        else [cfg.text_column] + ([cfg.teacher_column] if cfg.teacher_column else [])
     )
     require_columns(ds, needed, "train")
     trainer = TorchTrainer(

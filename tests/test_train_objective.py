@@ -1,0 +1,51 @@
+"""The training objective without Ray: a teacher run in the loop and the same teacher's embeddings
+given as a column make the same distillation loss; contrastive towers follow the configured columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rayembed.config import TrainConfig
+from rayembed.model import Embedder
+from rayembed.train import objective
+
+TEXTS = ["a dog runs", "a cat sleeps", "rain falls on the roof", "two men talk"]
+
+
+def test_teacher_column_equals_teacher_in_loop(tiny_model: Path) -> None:
+    from conftest import build_tiny
+
+    teacher = Embedder.load(tiny_model, device="cpu").eval()
+    student = Embedder.load(build_tiny(tiny_model.parent / "student-obj", seed=3), device="cpu").eval()
+    column = teacher.encode(TEXTS)  # what `rayembed embed` writes for the teacher
+    base = dict(data="x", output_dir="y", loss="distill", matryoshka_dims=[32, 16])
+    batch = {"text": np.array(TEXTS, dtype=object), "embedding": np.array(list(column), dtype=object)}
+    cpu = torch.device("cpu")
+    towers, in_loop = objective(TrainConfig(**base, teacher=str(tiny_model)), batch, teacher, cpu)
+    towers_col, from_column = objective(TrainConfig(**base, teacher_column="embedding"), batch, None, cpu)
+    assert towers == towers_col == [TEXTS]
+    reps = [student(**student.tokenize(TEXTS))]
+    a, b = in_loop(reps), from_column(reps)
+    assert float(a) > 0
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_contrastive_towers_and_config_checks() -> None:
+    cfg = TrainConfig(data="x", output_dir="y", negative_column="neg", batch_size=8, grad_cache_chunk=4)
+    batch = {
+        "query": np.array(["q1", "q2"]),
+        "positive": np.array(["p1", "p2"]),
+        "neg": np.array(["n1", "n2"]),
+    }
+    towers, loss_of = objective(cfg, batch, None, torch.device("cpu"))
+    assert towers == [["q1", "q2"], ["p1", "p2"], ["n1", "n2"]]
+    q = torch.eye(2, 8)
+    assert float(loss_of([q, q, -q])) < float(loss_of([q, q.flip(0), -q]))  # matching pairs score lower
+    with pytest.raises(ValueError, match="grad_cache_chunk must divide"):
+        TrainConfig(data="x", output_dir="y", batch_size=8, grad_cache_chunk=3)
+    with pytest.raises(ValueError, match="teacher model or a teacher_column"):
+        TrainConfig(data="x", output_dir="y", loss="distill")
