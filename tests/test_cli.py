@@ -18,7 +18,7 @@ def test_prepare_from_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["prepare", "kind=snli", f"source={DATA / 'snli-esnli'}", f"output={out}", "limit=5"]) == 0
     assert json.loads(capsys.readouterr().out)["prepare"]["rows"] == 5
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 5 and set(rows[0]) == {"query", "positive", "negative"}
+    assert len(rows) == 5 and set(rows[0]) == {"id", "query", "positive", "negative"}
 
 
 def test_beir_prepare_uses_qrels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,3 +51,13 @@ def test_console_script_installed() -> None:
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
     for job in ("prepare", "train", "eval", "embed", "serve", "run"):
         assert job in out
+
+
+def test_run_only_some_sections_in_spec_order() -> None:
+    from rayembed.cli import parser, plan
+
+    spec = str(Path(__file__).parents[1] / "jobs" / "distill.yaml")
+    planned = plan(parser().parse_args(["run", "--only", "train,embed", spec]))
+    assert [job for job, _ in planned] == ["embed", "train"]  # the spec's order, not --only's
+    with pytest.raises(ValueError, match="the spec's sections are"):
+        plan(parser().parse_args(["run", "--only", "serve", spec]))

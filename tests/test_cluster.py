@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 
 from rayembed.cli import parser, plan
-from rayembed.config import ServeConfig, build, load_spec
+from rayembed.config import ServeConfig
+from rayembed.spec import build, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -64,11 +65,16 @@ def test_rayjob_entrypoints_are_valid_commands() -> None:
     for ep in entrypoints:
         argv = shlex.split(ep)
         assert argv[0] == "rayembed", ep
-        spec = ROOT / argv[2]
-        assert argv[2].startswith("jobs/") and spec.is_file(), ep
-        assert argv[1] in load_spec(spec), f"{ep}: {argv[2]} has no {argv[1]} section"
-        [(job, cfg)] = plan(parser().parse_args([argv[1], str(spec), *argv[3:]]))
-        assert job == argv[1] and cfg is not None
+        [spec_arg] = [a for a in argv if a.endswith(".yaml")]
+        spec = ROOT / spec_arg
+        assert spec_arg.startswith("jobs/") and spec.is_file(), ep
+        planned = plan(parser().parse_args([str(spec) if a == spec_arg else a for a in argv[1:]]))
+        if argv[1] == "run":  # --only names sections of the spec, run in its order
+            only = argv[argv.index("--only") + 1].split(",") if "--only" in argv else list(load_spec(spec))
+            assert [job for job, _ in planned] == [j for j in load_spec(spec) if j in only], ep
+        else:
+            assert argv[1] in load_spec(spec), f"{ep}: {spec_arg} has no {argv[1]} section"
+            assert [job for job, _ in planned] == [argv[1]]
 
 
 def test_rayservice_matches_serve_app() -> None:

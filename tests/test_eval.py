@@ -42,6 +42,7 @@ def test_eval_minilm_on_scifact_and_sts(tmp_path: Path) -> None:
             max_queries=50,
             max_docs=300,
             dims=[128],
+            precisions=["float32", "int8", "binary"],
             output=str(out),
         )
     )
@@ -52,3 +53,10 @@ def test_eval_minilm_on_scifact_and_sts(tmp_path: Path) -> None:
     assert 0.5 < report["beir"]["128"]["ndcg@10"] <= 1.0
     assert report["sts"]["384"]["spearman"] > 0.75  # published all-MiniLM-L6-v2 STS-B test: ~0.82
     assert report["sts"]["128"]["spearman"] > 0.7
+    # int8 codes lose almost nothing; 1 bit per dimension loses some but stays far above chance.
+    assert abs(report["beir"]["384-int8"]["ndcg@10"] - report["beir"]["384"]["ndcg@10"]) < 0.02
+    assert abs(report["sts"]["128-int8"]["spearman"] - report["sts"]["128"]["spearman"]) < 0.01
+    assert 0.3 < report["beir"]["384-binary"]["ndcg@10"] < report["beir"]["384"]["ndcg@10"] + 0.02
+    assert report["sts"]["384-binary"]["spearman"] > 0.6
+    with pytest.raises(ValueError, match="divisible by 8"):
+        EvalConfig(dims=[100], precisions=["binary"])

@@ -95,3 +95,30 @@ def test_tiny_model_roundtrip(tiny_model: Path) -> None:
     assert m.dim == 32 and m.name == "tiny-bert" and m.max_length == 64
     again = Embedder.load(m.save(tiny_model.parent / "tiny-copy"), device="cpu")
     np.testing.assert_array_equal(m.encode(TEXTS), again.encode(TEXTS))
+
+
+def test_student_from_teacher_layers(tmp_path: Path) -> None:
+    """A 3-layer student made of MiniLM-L6's layers 0, 2, 5: same weights, saved and reloaded anywhere."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    teacher = Embedder.load("default", device="cpu")
+    student = Embedder.load("default", device="cpu").keep_layers([0, 2, 5])
+    assert student.backbone.config.num_hidden_layers == 3 and len(student.backbone.encoder.layer) == 3
+    for mine, theirs in zip(student.backbone.encoder.layer, [0, 2, 5], strict=True):
+        for a, b in zip(mine.parameters(), teacher.backbone.encoder.layer[theirs].parameters(), strict=True):
+            assert torch.equal(a, b)
+    assert torch.equal(
+        student.backbone.embeddings.word_embeddings.weight, teacher.backbone.embeddings.word_embeddings.weight
+    )
+    saved = student.save(tmp_path / "student")
+    ours = Embedder.load(saved, device="cpu")
+    assert ours.backbone.config.num_hidden_layers == 3
+    np.testing.assert_allclose(
+        ours.encode(TEXTS), SentenceTransformer(str(saved), device="cpu").encode(TEXTS), atol=1e-5
+    )
+    assert not np.allclose(
+        ours.encode(TEXTS), teacher.encode(TEXTS), atol=1e-3
+    )  # a different (smaller) model
+    with pytest.raises(ValueError, match=r"indices in \[0, 6\)"):
+        Embedder.load("default", device="cpu").keep_layers([0, 6])

@@ -49,3 +49,18 @@ def test_contrastive_towers_and_config_checks() -> None:
         TrainConfig(data="x", output_dir="y", batch_size=8, grad_cache_chunk=3)
     with pytest.raises(ValueError, match="teacher model or a teacher_column"):
         TrainConfig(data="x", output_dir="y", loss="distill")
+
+
+def test_spread_out_weight_adds_the_regulariser() -> None:
+    from rayembed.losses import InfoNCE
+    from rayembed.regularizers import SpreadOut
+
+    batch = {"query": np.array(["q1", "q2", "q3"]), "positive": np.array(["p1", "p2", "p3"])}
+    q, d = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), torch.randn(3, 8)
+    plain = objective(TrainConfig(data="x", output_dir="y"), batch, None, torch.device("cpu"))[1]
+    spread = objective(
+        TrainConfig(data="x", output_dir="y", spread_out_weight=0.5), batch, None, torch.device("cpu")
+    )[1]
+    torch.testing.assert_close(plain([q, d]), InfoNCE(20.0)(q, d))
+    torch.testing.assert_close(spread([q, d]), InfoNCE(20.0)(q, d) + 0.5 * SpreadOut()(q, d))
+    assert float(SpreadOut()(q, d)) > 0

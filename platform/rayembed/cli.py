@@ -1,11 +1,13 @@
-"""`rayembed` command line: prepare | train | merge | eval | embed | serve | run.
+"""`rayembed` command line: prepare | train | merge | mine | eval | embed | serve | run.
 
 rayembed train jobs/train.yaml max_steps=10
 rayembed embed --model M --input PATH --output PATH [key=value ...]
 rayembed serve --model M
 rayembed eval --model M
+rayembed mine jobs/mine.yaml                       # hard negatives for training pairs
 rayembed prepare kind=snli source=../shared/data/snli-esnli output=runs/snli.jsonl
-rayembed run jobs/smoke.yaml train.max_steps=3     # every section of the spec, in order
+rayembed run jobs/smoke.yaml train.max_steps=3     # every section of the spec, in its order
+rayembed run --only embed,train jobs/distill.yaml   # some sections
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from rayembed.config import CONFIGS, JOBS, build, load_spec
+from rayembed.spec import CONFIGS, JOBS, build, load_spec
 
 
 def _flags(args: argparse.Namespace) -> list[str]:
@@ -36,6 +38,10 @@ def run_job(job: str, cfg: Any) -> dict[str, Any]:
         from rayembed.merge import merge
 
         return merge(cfg)
+    if job == "mine":
+        from rayembed.mine import mine
+
+        return mine(cfg)
     if job == "eval":
         from rayembed.evaluate import evaluate
 
@@ -59,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(job)
         s.add_argument("spec", nargs="?", help="YAML job spec (jobs/*.yaml)")
         s.add_argument("overrides", nargs="*", help="key=value settings (section.key=value for run)")
+        if job == "run":
+            s.add_argument("--only", help="comma-separated sections to run (default: all), e.g. embed,train")
         if job not in ("run", "prepare"):
             s.add_argument("--model")
         if job == "embed":
@@ -68,14 +76,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    """The (job, config) pairs a command line asks for, validated, in run order."""
+    """The (job, config) pairs a command line asks for, validated, in the spec's section order
+    (so a spec may embed teacher vectors before training on them)."""
     spec_path, overrides = args.spec, list(args.overrides)
     if spec_path and "=" in spec_path:  # no spec, only overrides
         overrides.insert(0, spec_path)
         spec_path = None
     job = None if args.command == "run" else args.command
     spec = load_spec(spec_path, overrides + _flags(args), job=job)
-    jobs = [j for j in JOBS if j in spec] if job is None else [job]
+    jobs = [j for j in spec if j in JOBS] if job is None else [job]
+    only = [j.strip() for j in (getattr(args, "only", None) or "").split(",") if j.strip()]
+    if only:
+        if set(only) - set(jobs):
+            raise ValueError(f"--only {','.join(only)}: the spec's sections are {jobs}")
+        jobs = [j for j in jobs if j in only]
     if not jobs:
         raise ValueError("the spec has no job sections")
     return [(name, build(CONFIGS[name], spec.get(name, {}))) for name in jobs]

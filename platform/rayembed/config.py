@@ -1,22 +1,14 @@
-"""One `@dataclass` per job, loaded from a YAML spec and overridden by `key=value` on the CLI.
+"""One `@dataclass` per job, a docstring per field, checks in `__post_init__`.
 
-A spec holds one section per job (`train`, `eval`, `embed`, `serve`); `rayembed run spec.yaml`
-runs the sections present in that order. Overrides name the section (`train.max_steps=3`), or
-not when the command runs one job (`rayembed train spec.yaml max_steps=3`).
+Specs (YAML) are read and overridden by `key=value` in `rayembed.spec`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-import yaml
-
-T = TypeVar("T")
-JOBS = ("prepare", "train", "merge", "eval", "embed", "serve")
+from typing import Any
 
 
 def shared_data_dir() -> str:
@@ -84,6 +76,9 @@ class TrainConfig:
     """Loss name from rayembed.losses.LOSSES: infonce, symmetric_infonce, hard_infonce or distill."""
     scale: float = 20.0
     """InfoNCE logit scale (1 / temperature)."""
+    student_layers: list[int] | None = None
+    """Initialise the trained model from these transformer layers of `model` (e.g. [0, 2, 5]: a 3-layer
+    student from MiniLM-L6's layers); the exported model has only these layers."""
     teacher: str | None = None
     """Teacher model for loss=distill, run inside the training loop (no grad)."""
     teacher_column: str | None = None
@@ -95,6 +90,9 @@ class TrainConfig:
     """Weight of the similarity-matrix KL term in distillation."""
     temperature: float = 0.05
     """Temperature of the similarity-matrix KL term."""
+    spread_out_weight: float = 0.0
+    """Weight of the spread-out (global orthogonal) regulariser on the full-width embeddings
+    (EmbeddingGemma; helps quantised embeddings stay apart); 0 disables it."""
     matryoshka_dims: list[int] = field(default_factory=list)
     """Train every prefix width in this list (empty: full width only)."""
     matryoshka_weights: list[float] | None = None
@@ -132,9 +130,15 @@ class TrainConfig:
     """Worker failures Ray Train recovers from (restarting from the latest checkpoint)."""
     seed: int = 0
     """Random seed."""
+    eval: dict[str, Any] | None = None
+    """Eval settings (EvalConfig fields: beir_dir, sts_file, max_queries, dims, precisions, ...) applied to
+    the model before and after training, for the run report; null: the report has the curves only."""
 
     def __post_init__(self) -> None:
         from rayembed.losses import LOSSES
+
+        if self.eval is not None:
+            EvalConfig(**self.eval)  # unknown or bad eval settings fail here, not after training
 
         _check(self.zero_stage in (1, 2, 3), f"zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         _check(
@@ -236,6 +240,50 @@ class EmbedConfig:
 
 
 @dataclass
+class MineConfig:
+    pairs: str
+    """Training pairs (JSONL/Parquet, local or s3://) with id, query and positive columns."""
+    corpus: str
+    """Corpus to draw negatives from (JSONL/Parquet) with id and text (and optional title) columns."""
+    output: str
+    """Folder: _vectors/ (the three embed runs), mined.jsonl, _rejects.jsonl, _summary.json."""
+    model: str = "default"
+    """Model that embeds queries, positives and corpus (normally the model about to be trained)."""
+    id_column: str = "id"
+    """Pairs: id column."""
+    query_column: str = "query"
+    """Pairs: query text column."""
+    positive_column: str = "positive"
+    """Pairs: positive text column."""
+    corpus_id_column: str = "id"
+    """Corpus: id column."""
+    corpus_text_column: str = "text"
+    """Corpus: text column."""
+    corpus_title_column: str | None = None
+    """Corpus: optional title column, embedded as "title text" (and written so in the negatives)."""
+    index: str = "exact"
+    """exact (blocked matrix products) or faiss (HNSW graph; approximate, for corpora too big to scan)."""
+    top_k: int = 50
+    """Candidates retrieved per query."""
+    skip_top: int = 0
+    """Ignore the first N candidates (the very top is where unlabelled positives hide)."""
+    margin: float = 0.05
+    """False-negative margin: drop candidates scoring above (positive score - margin) (TopK-MarginPos)."""
+    num_negatives: int = 1
+    """Negatives per pair; each becomes one output row (query, positive, negative)."""
+    s3_endpoint_url: str | None = None
+    """Endpoint of an S3-compatible store."""
+
+    def __post_init__(self) -> None:
+        self.pairs, self.corpus, self.output = (
+            local_abspath(p).rstrip("/") for p in (self.pairs, self.corpus, self.output)
+        )
+        _check(self.index in ("exact", "faiss"), f"index must be exact or faiss, got {self.index!r}")
+        _check(self.top_k >= 1 and self.num_negatives >= 1, "top_k and num_negatives must be >= 1")
+        _check(0 <= self.skip_top < self.top_k, "skip_top must be in [0, top_k)")
+
+
+@dataclass
 class MergeConfig:
     models: list[str]
     """Models to average: sentence-transformers folders, or DeepSpeed checkpoint folders of a run."""
@@ -276,6 +324,8 @@ class EvalConfig:
     """Keep every judged document plus distractors up to this many (subset for quick runs)."""
     dims: list[int] = field(default_factory=list)
     """Also evaluate these Matryoshka widths."""
+    precisions: list[str] = field(default_factory=lambda: ["float32"])
+    """Evaluate each width at these output precisions (float32, int8, binary: as `rayembed embed` writes)."""
     batch_size: int = 64
     """Rows per model call."""
     output: str | None = None
@@ -283,6 +333,14 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.beir_dir or self.sts_file), "eval needs beir_dir or sts_file")
+        _check(
+            bool(self.precisions) and set(self.precisions) <= {"float32", "int8", "binary"},
+            f"precisions must be a non-empty list of float32|int8|binary, got {self.precisions}",
+        )
+        _check(
+            "binary" not in self.precisions or all(d % 8 == 0 for d in self.dims),
+            "binary precision needs dims divisible by 8",
+        )
 
 
 @dataclass
@@ -349,27 +407,6 @@ class ServeConfig:
         )
 
 
-CONFIGS: dict[str, type] = {
-    "prepare": PrepareConfig,
-    "train": TrainConfig,
-    "merge": MergeConfig,
-    "eval": EvalConfig,
-    "embed": EmbedConfig,
-    "serve": ServeConfig,
-}
-
-
-def _expand(value: Any) -> Any:
-    """Expand ${VAR} in every string of a spec."""
-    if isinstance(value, str):
-        return os.path.expandvars(value)
-    if isinstance(value, dict):
-        return {k: _expand(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v) for v in value]
-    return value
-
-
 def local_abspath(path: str) -> str:
     """Absolute form of a local path; URIs (s3://...) unchanged."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
@@ -378,35 +415,3 @@ def local_abspath(path: str) -> str:
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ValueError(msg)
-
-
-def load_spec(path: str | Path | None, overrides: list[str] = (), job: str | None = None) -> dict[str, Any]:  # type: ignore[assignment]
-    """Read a YAML spec and apply `key=value` overrides (values parsed as YAML)."""
-    spec: dict[str, Any] = {}
-    if path is not None:
-        spec = _expand(yaml.safe_load(Path(path).read_text()) or {})
-        if not isinstance(spec, dict) or not set(spec) <= set(JOBS):
-            raise ValueError(f"{path}: a spec maps job names {JOBS} to settings, got keys {list(spec)}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value")
-        section, _, name = key.rpartition(".")
-        section = section or job or ""
-        if section not in JOBS:
-            raise ValueError(f"override {item!r}: prefix it with a job name, one of {JOBS}")
-        spec.setdefault(section, {})[name] = _expand(yaml.safe_load(value))
-    return spec
-
-
-def build(cls: type[T], values: dict[str, Any] | None) -> T:
-    """Instantiate a job dataclass, rejecting unknown keys with the list of known ones."""
-    values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown setting(s) {unknown}; known: {sorted(known)}")
-    try:
-        return cls(**values)
-    except TypeError as e:  # missing required field
-        raise ValueError(f"{cls.__name__}: {e}") from None

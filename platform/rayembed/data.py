@@ -6,6 +6,7 @@ The data itself stays where it is (../shared/data); `rayembed prepare` writes de
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -83,7 +84,8 @@ def snli_triples(folder: str | Path, split: str = "dev") -> Iterator[dict[str, s
 
 
 def prepare(kind: str, source: str, output: str, split: str = "dev", limit: int | None = None) -> int:
-    """Write a training JSONL: kind 'snli' (query/positive/negative) or 'beir' (query/positive from qrels)."""
+    """Write a training JSONL: kind 'snli' (query/positive/negative) or 'beir' (query/positive from qrels);
+    every row also gets an `id` (its line number) so `rayembed embed` can run over the file."""
     if kind == "snli":
         rows: Iterable[dict[str, str]] = snli_triples(source, split)
     elif kind == "beir":
@@ -96,4 +98,4 @@ def prepare(kind: str, source: str, output: str, split: str = "dev", limit: int 
         )
     else:
         raise ValueError(f"unknown prepare kind {kind!r}: use snli or beir")
-    return write_jsonl(output, (r for i, r in enumerate(rows) if limit is None or i < limit))
+    return write_jsonl(output, ({"id": str(i), **r} for i, r in enumerate(itertools.islice(rows, limit))))

@@ -60,10 +60,30 @@ def subset(
     return {d: corpus[d] for d in docs}, {q: queries[q] for q in qids}
 
 
+def comparable(x: np.ndarray, precision: str) -> np.ndarray:
+    """Float vectors to score with a dot product: int8 codes as they are, binary bits as +-1 (so the dot
+    product ranks like Hamming distance); rows are re-normalised so STS can take cosines."""
+    v = (
+        np.unpackbits(x, axis=-1).astype(np.float32) * 2 - 1
+        if precision == "binary"
+        else x.astype(np.float32)
+    )
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def variants(cfg: EvalConfig, full: int) -> list[tuple[str, int | None, str]]:
+    """(report key, dim, precision) for each width x precision; float32 keys are the bare width."""
+    out = []
+    for dim in [None, *cfg.dims]:
+        for precision in cfg.precisions:
+            width = str(dim or full)
+            out.append((width if precision == "float32" else f"{width}-{precision}", dim, precision))
+    return out
+
+
 def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
     """Metrics at full width and each of `cfg.dims`; written to `cfg.output` if set."""
     model = model or Embedder.load(cfg.model)
-    dims: list[int | None] = [None, *cfg.dims]
     report: dict[str, Any] = {"model": model.name}
     if cfg.beir_dir:
         corpus, queries, qrels = load_beir(cfg.beir_dir, cfg.split)
@@ -72,18 +92,18 @@ def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
         q = model.encode([queries[i] for i in qids], batch_size=cfg.batch_size)
         d = model.encode([corpus[i] for i in dids], batch_size=cfg.batch_size)
         report["beir"] = {"set": Path(cfg.beir_dir).name, "queries": len(qids), "docs": len(dids)}
-        for dim in dims:
-            key = str(dim or model.dim)
-            report["beir"][key] = retrieval_metrics(
-                postprocess(q, dim), postprocess(d, dim), qids, dids, qrels
-            )
+        for key, dim, prec in variants(cfg, model.dim):
+            qv, dv = (comparable(postprocess(x, dim, prec), prec) for x in (q, d))
+            report["beir"][key] = retrieval_metrics(qv, dv, qids, dids, qrels)
     if cfg.sts_file:
         s1, s2, gold = load_sts(cfg.sts_file)
         a, b = model.encode(s1, batch_size=cfg.batch_size), model.encode(s2, batch_size=cfg.batch_size)
         report["sts"] = {"pairs": len(gold)}
-        for dim in dims:
-            cos = (postprocess(a, dim) * postprocess(b, dim)).sum(-1)
-            report["sts"][str(dim or model.dim)] = {"spearman": float(spearmanr(cos, gold).statistic)}
+        for key, dim, prec in variants(cfg, model.dim):
+            cos = (
+                comparable(postprocess(a, dim, prec), prec) * comparable(postprocess(b, dim, prec), prec)
+            ).sum(-1)
+            report["sts"][key] = {"spearman": float(spearmanr(cos, gold).statistic)}
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(report, indent=2) + "\n")

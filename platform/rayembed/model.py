@@ -177,6 +177,20 @@ class Embedder(nn.Module):
         _write_json(out / "rayembed.json", {"name": self.name, "dim": self.dim, "pooling": self.pooling})
         return out
 
+    def keep_layers(self, layers: Sequence[int]) -> Embedder:
+        """Keep only these transformer layers, in this order (a student initialised from a bigger
+        model's layers, as EmbeddingGemma is); embeddings and pooling are kept as they are."""
+        stack = getattr(getattr(self.backbone, "encoder", None), "layer", None)
+        if not isinstance(stack, nn.ModuleList):
+            raise ValueError(
+                f"keep_layers supports BERT-style encoders (encoder.layer); got {type(self.backbone)}"
+            )
+        if not layers or any(not 0 <= i < len(stack) for i in layers):
+            raise ValueError(f"layers must be indices in [0, {len(stack)}), got {list(layers)}")
+        self.backbone.encoder.layer = nn.ModuleList([stack[i] for i in layers])
+        self.backbone.config.num_hidden_layers = len(layers)
+        return self
+
     # ---- properties ---------------------------------------------------------------------------
     @property
     def dim(self) -> int:

@@ -164,7 +164,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """`serve run rayembed.serve:app_builder model=...` / RayService entry: args are ServeConfig fields."""
-    from rayembed.config import build
+    from rayembed.spec import build
 
     return build_app(build(ServeConfig, args))
 

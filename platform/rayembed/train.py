@@ -9,10 +9,12 @@ and written in the sentence-transformers layout to <output_dir>/model; checkpoin
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,11 @@ from rayembed.gradcache import LossOf, grad_cache_step
 from rayembed.io import is_s3, upload_dir
 from rayembed.losses import CONTRASTIVE, LOSSES, matryoshka
 from rayembed.model import Embedder
+from rayembed.regularizers import SpreadOut
+from rayembed.report import write_report
 
 CKPT_TAG = "ds"
+HISTORY = "history.json"  # rank 0's per-step metrics, kept with each checkpoint
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -76,10 +81,11 @@ def objective(
 
     Contrastive: towers are queries, positives (and hard negatives); documents and negatives are
     gathered from every worker. Distillation: one tower, scored against teacher embeddings taken
-    from `teacher_column` when given, else computed by the teacher model (no grad).
+    from `teacher_column` when given, else computed by the teacher model (no grad). Either way the
+    spread-out regulariser (weight `spread_out_weight`) is added on the full-width embeddings.
     """
     loss_fn = build_loss(cfg).to(device)
-    dims, weights = cfg.matryoshka_dims, cfg.matryoshka_weights
+    dims, weights, spread = cfg.matryoshka_dims, cfg.matryoshka_weights, cfg.spread_out_weight
     if cfg.loss in CONTRASTIVE:
         columns = [cfg.query_column, cfg.positive_column] + (
             [cfg.negative_column] if cfg.negative_column else []
@@ -88,7 +94,8 @@ def objective(
         def contrastive(reps: list[Tensor]) -> Tensor:
             d, offset = gather_with_grad(reps[1])
             neg = gather_with_grad(reps[2])[0] if len(reps) > 2 else None
-            return matryoshka(loss_fn, dims, weights, reps[0], d, neg, offset=offset)
+            loss = matryoshka(loss_fn, dims, weights, reps[0], d, neg, offset=offset)
+            return loss + spread * SpreadOut()(reps[0], d) if spread else loss
 
         return [texts_of(batch[c]) for c in columns], contrastive
     texts = texts_of(batch[cfg.text_column])
@@ -99,7 +106,12 @@ def objective(
         assert teacher is not None
         with torch.no_grad():
             target = teacher.embed_texts(texts)
-    return [texts], lambda reps: matryoshka(loss_fn, dims, weights, reps[0], target)
+
+    def distill(reps: list[Tensor]) -> Tensor:
+        loss = matryoshka(loss_fn, dims, weights, reps[0], target)
+        return loss + spread * SpreadOut()(reps[0], reps[0]) if spread else loss
+
+    return [texts], distill
 
 
 def backward_step(engine: Any, cfg: TrainConfig, towers: list[list[str]], loss_of: LossOf) -> Tensor:
@@ -122,12 +134,61 @@ def backward_step(engine: Any, cfg: TrainConfig, towers: list[list[str]], loss_o
     return grad_cache_step(embed, towers, loss_of, cfg.grad_cache_chunk, backward, engine.device)
 
 
-def _save_and_report(engine: Any, state: dict[str, int], metrics: dict[str, float]) -> None:
+def peak_memory_mb(device: torch.device) -> float:
+    """This worker's peak memory so far: CUDA allocations on GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _save_and_report(
+    engine: Any, state: dict[str, int], metrics: dict[str, float], history: list[Any]
+) -> None:
+    """Every worker saves its ZeRO shard; rank 0 adds the metric history (history.json) for the report."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=dict(state))
+        if ray.train.get_context().get_world_rank() == 0:
+            Path(tmp, HISTORY).write_text(json.dumps(history))
         ray.train.report({**metrics, **state}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _build(cfg: TrainConfig, device: torch.device) -> tuple[Any, Embedder | None]:
+    """The DeepSpeed engine around the (optionally layer-pruned) model, and the in-loop teacher if any."""
+    import deepspeed
+
+    model = Embedder.load(cfg.model, device=str(device))
+    if cfg.student_layers:
+        model.keep_layers(cfg.student_layers)
+    model.max_length = cfg.max_length or model.max_length
+    model.train()
+    teacher = (
+        Embedder.load(cfg.teacher, device=str(device))
+        if cfg.loss == "distill" and cfg.teacher and not cfg.teacher_column
+        else None
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg)
+    )
+    return engine, teacher
+
+
+def _resume(engine: Any) -> tuple[dict[str, int], list[Any]]:
+    """Position (step, epoch, batch in epoch) and metric history from the latest checkpoint, if any."""
+    import ray.train
+
+    state, history = {"step": 0, "epoch": 0, "batch_in_epoch": 0}, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
+            if Path(d, HISTORY).is_file():
+                history = json.loads(Path(d, HISTORY).read_text())
+        state.update({k: int(client[k]) for k in state})
+    return state, [h for h in history if h["step"] <= state["step"]]
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -140,32 +201,15 @@ def train_loop(config: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    model = Embedder.load(cfg.model, device=str(device))
-    model.max_length = cfg.max_length or model.max_length
-    model.train()
-    teacher = (
-        Embedder.load(cfg.teacher, device=str(device))
-        if cfg.loss == "distill" and cfg.teacher and not cfg.teacher_column
-        else None
-    )
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg)
-    )
-
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
-        state.update({k: int(client[k]) for k in state})
-    resumed_from = state["step"]
-
+    engine, teacher = _build(cfg, device)
+    state, history = _resume(engine)
+    resumed_from, started = state["step"], time.perf_counter()
     shard = ray.train.get_dataset_shard("train")
     max_steps = cfg.max_steps or 10**12
-    loss_value, saved = float("nan"), -1
+    metrics: dict[str, float] = {"loss": float("nan")}
+    saved = -1
     while state["epoch"] < cfg.epochs and state["step"] < max_steps:
-        batches = shard.iter_batches(batch_size=cfg.batch_size, drop_last=True, batch_format="numpy")
-        it = iter(batches)
+        it = iter(shard.iter_batches(batch_size=cfg.batch_size, drop_last=True, batch_format="numpy"))
         for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: skip what was trained on
             next(it, None)
         while state["step"] < max_steps:
@@ -173,48 +217,73 @@ def train_loop(config: dict[str, Any]) -> None:
             if not all_have(batch is not None, device):
                 break
             assert batch is not None
-            loss = backward_step(engine, cfg, *objective(cfg, batch, teacher, device))
+            loss = float(backward_step(engine, cfg, *objective(cfg, batch, teacher, device)))
             engine.step()
-            loss_value = float(loss)
             state["step"] += 1
             state["batch_in_epoch"] += 1
+            metrics = {"loss": loss, "resumed_from": resumed_from, "peak_mem_mb": peak_memory_mb(device)}
+            history.append({"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started})
             if state["step"] % cfg.checkpoint_every == 0:
-                _save_and_report(engine, state, {"loss": loss_value, "resumed_from": resumed_from})
+                _save_and_report(engine, state, metrics, history)
                 saved = state["step"]
             else:
-                ray.train.report({"loss": loss_value, "resumed_from": resumed_from, **state})
+                ray.train.report({**metrics, **state})
         else:
             break
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
     if saved != state["step"] or state["step"] == 0:
-        _save_and_report(engine, state, {"loss": loss_value, "resumed_from": resumed_from})
+        metrics |= {"resumed_from": resumed_from, "peak_mem_mb": peak_memory_mb(device)}
+        _save_and_report(engine, state, metrics, history)
 
 
-def export_checkpoint(
-    checkpoint_dir: str | Path, base_model: str, output_dir: str, run_name: str = ""
-) -> str:
-    """Consolidate a ZeRO checkpoint (any stage) to fp32 and save it in the sentence-transformers layout."""
+def consolidate(checkpoint_dir: str | Path, base_model: str, layers: list[int] | None = None) -> Embedder:
+    """The fp32 model of a ZeRO checkpoint (any stage) on CPU; `layers`: the run's student_layers."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CKPT_TAG)
     model = Embedder.load(base_model, device="cpu")
+    if layers:
+        model.keep_layers(layers)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "position_ids" not in k]:
         raise RuntimeError(
             f"checkpoint does not match {base_model}: missing={missing} unexpected={unexpected}"
         )
     # The base model's max length is kept: `max_length` in training is a speed setting, not the model's limit.
-    model.name = f"{model.name}-{run_name}" if run_name else model.name
-    if is_s3(str(output_dir)):
+    return model
+
+
+def publish(write: Callable[[Path], Any], output_dir: str) -> str:
+    """Write a folder with `write(path)` at a local path or s3:// URI, replacing what was there."""
+    if is_s3(output_dir):
         with tempfile.TemporaryDirectory() as tmp:
-            upload_dir(model.save(tmp), str(output_dir))
-        return str(output_dir)
+            write(Path(tmp))
+            upload_dir(tmp, output_dir)
+        return output_dir
     out = Path(output_dir)
     if out.exists():
         shutil.rmtree(out)
-    return str(model.save(out))
+    write(out)
+    return str(out)
+
+
+def run_evals(cfg: TrainConfig, trained: Embedder) -> dict[str, Any] | None:
+    """The run's `eval` section applied to the starting model and to the trained one."""
+    if not cfg.eval:
+        return None
+    from rayembed.config import EvalConfig
+    from rayembed.evaluate import evaluate
+
+    before = Embedder.load(cfg.model)
+    if cfg.student_layers:
+        before.keep_layers(cfg.student_layers)
+    settings = {**cfg.eval, "model": cfg.model, "output": None}
+    return {
+        "before": evaluate(EvalConfig(**settings), before),
+        "after": evaluate(EvalConfig(**settings), trained),
+    }
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -253,8 +322,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ),
         datasets={"train": ds.select_columns(needed)},
     )
+    started = time.perf_counter()
     result = trainer.fit()
     assert result.checkpoint is not None
     with result.checkpoint.as_directory() as d:
-        out = export_checkpoint(d, cfg.model, f"{cfg.output_dir.rstrip('/')}/model", cfg.run_name)
-    return {"output_dir": out, "checkpoint": result.checkpoint.path, **(result.metrics or {})}
+        model = consolidate(d, cfg.model, cfg.student_layers)
+        history = json.loads(Path(d, HISTORY).read_text()) if Path(d, HISTORY).is_file() else []
+    model.name = f"{model.name}-{cfg.run_name}"
+    root = cfg.output_dir.rstrip("/")
+    summary = {
+        "output_dir": publish(model.save, f"{root}/model"),
+        "checkpoint": result.checkpoint.path,
+        **(result.metrics or {}),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    evals = run_evals(cfg, model)
+    summary["report"] = publish(lambda p: write_report(p, summary, history, evals), f"{root}/report")
+    return summary

@@ -1,0 +1,134 @@
+"""Distillation quality: a 3-layer student from all-MiniLM-L6-v2, trained on CPU, evaluated (prints JSON).
+
+    .venv/bin/python tests/bench/bench_quality.py [--snli 4000] [--corpus 2000] [--epochs 1]
+
+1. Text: SNLI sentences, SciFact train queries and SciFact corpus documents (no labels are used).
+2. Teacher vectors by the batch pipeline (`rayembed embed`, text passed through).
+3. `rayembed train`: student = the teacher's layers 0, 2, 4; loss = cosine alignment + similarity-matrix KL
+   + spread-out, at Matryoshka widths 384/256/128/64; teacher vectors read from the column (ZeRO-2, 2 CPU workers).
+4. nDCG@10 on SciFact test (full corpus) and Spearman on STS-B test for teacher, student before and after,
+   at 384/256/128/64 and float32/int8/binary. Goals: student-after nDCG@10 >= 95% of the teacher's at full
+   width; 128-d >= 95% of full; int8 >= 99% of float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from rayembed.config import SHARED_DATA, EmbedConfig, EvalConfig, TrainConfig
+from rayembed.data import read_jsonl, write_jsonl
+from rayembed.embed import embed
+from rayembed.evaluate import evaluate
+from rayembed.model import Embedder
+from rayembed.train import train
+
+LAYERS = [0, 2, 4]
+DIMS = [256, 128, 64]
+
+
+def texts(n_snli: int, n_corpus: int) -> list[dict[str, str]]:
+    data = Path(SHARED_DATA)
+    snli = dict.fromkeys(
+        line.strip()
+        for name in ("s1.dev", "s2.dev")
+        for line in (data / "snli-esnli" / name).read_text().splitlines()
+        if line.strip()
+    )
+    train_qids = {
+        line.split("\t")[0]
+        for line in (data / "scifact" / "qrels" / "train.tsv").read_text().splitlines()[1:]
+    }
+    queries = [q["text"] for q in read_jsonl(data / "scifact" / "queries.jsonl") if q["_id"] in train_qids]
+    docs = [
+        f"{d['title']} {d['text']}".strip()
+        for d in islice(read_jsonl(data / "scifact" / "corpus.jsonl"), n_corpus)
+    ]
+    rows = [*islice(snli, n_snli), *queries, *docs]
+    return [{"id": str(i), "text": t} for i, t in enumerate(rows)]
+
+
+def table(name: str, report: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for key, beir in report["beir"].items():
+        if isinstance(beir, dict) and "ndcg@10" in beir:
+            dim, _, precision = key.partition("-")
+            out.append(
+                {"model": name, "dim": int(dim), "precision": precision or "float32",
+                 "ndcg@10": round(beir["ndcg@10"], 4), "sts_spearman": round(report["sts"][key]["spearman"], 4)}
+            )  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--snli", type=int, default=4000)
+    ap.add_argument("--corpus", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--max-length", type=int, default=256)
+    args = ap.parse_args()
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    rows = texts(args.snli, args.corpus)
+    write_jsonl(tmp / "texts.jsonl", rows)
+    t0 = time.perf_counter()
+    embed(
+        EmbedConfig(
+            input=str(tmp / "texts.jsonl"),
+            output=str(tmp / "teacher"),
+            passthrough_columns=["text"],
+            progress=False,
+        )
+    )
+    t1 = time.perf_counter()
+    result = train(
+        TrainConfig(
+            data=str(tmp / "teacher"), output_dir=str(tmp / "run"), run_name="student3", model="default",
+            student_layers=LAYERS, loss="distill", teacher_column="embedding", text_column="text",
+            spread_out_weight=0.1, matryoshka_dims=[384, *DIMS], num_workers=2, zero_stage=2,
+            batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, warmup_steps=10,
+            epochs=args.epochs, checkpoint_every=10**6,
+        )
+    )  # fmt: skip
+    t2 = time.perf_counter()
+    cfg = EvalConfig(dims=DIMS, precisions=["float32", "int8", "binary"])
+    before = Embedder.load("default").keep_layers(LAYERS)
+    models = {"teacher": Embedder.load("default"), "student-before": before,
+              "student-after": Embedder.load(result["output_dir"])}  # fmt: skip
+    rows_out = [r for name, m in models.items() for r in table(name, evaluate(cfg, m))]
+    t3 = time.perf_counter()
+    get = {(r["model"], r["dim"], r["precision"]): r for r in rows_out}
+
+    def ratio(a: tuple[str, int, str], b: tuple[str, int, str], metric: str = "ndcg@10") -> float:
+        return round(get[a][metric] / get[b][metric], 4)
+
+    goals = {
+        "student_after_vs_teacher_full": ratio(
+            ("student-after", 384, "float32"), ("teacher", 384, "float32")
+        ),
+        "student_after_128_vs_full": ratio(
+            ("student-after", 128, "float32"), ("student-after", 384, "float32")
+        ),
+        "student_after_int8_vs_float32": ratio(
+            ("student-after", 384, "int8"), ("student-after", 384, "float32")
+        ),
+        "teacher_128_vs_full": ratio(("teacher", 128, "float32"), ("teacher", 384, "float32")),
+    }
+    print(json.dumps({
+        "texts": len(rows), "steps": result["step"], "final_loss": round(result["loss"], 4),
+        "seconds": {"teacher_vectors": round(t1 - t0), "train": round(t2 - t1), "eval": round(t3 - t2)},
+        "goals": goals, "rows": rows_out,
+    }, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
