@@ -1,6 +1,7 @@
 """Run report written at the end of every training run: report.json, report.md and curves.png.
 
-report.json holds the run summary, rank 0's per-step history (step, loss, seconds) and, when the run has
+report.json holds the run summary, rank 0's per-step history (step, loss, time_s: seconds since that
+worker attempt started, so it restarts after a resume) and, when the run has
 an `eval` section, the eval reports of the model before and after training (same `rayembed.evaluate`).
 """
 

@@ -52,7 +52,10 @@ def main() -> None:
                 result = train(cfg)
                 point = {"peak_mem_mb": round(result["peak_mem_mb"]), "loss": round(result["loss"], 4)}
             except Exception as e:  # e.g. Ray's memory monitor killing a worker: that is the finding
-                point = {"peak_mem_mb": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+                point = {
+                    "peak_mem_mb": None,
+                    "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                }
             rows.append(
                 {"global_batch": size, "mode": "gradcache" if chunk else "plain", **point,
                  "wall_s": round(time.perf_counter() - start, 1)}
