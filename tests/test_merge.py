@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny
+from conftest import DATA, build_tiny
 from rayembed.cli import main
-from rayembed.config import MergeConfig
+from rayembed.config import EvalConfig, MergeConfig
+from rayembed.evaluate import evaluate
 from rayembed.merge import merge
 from rayembed.model import Embedder
 
 
 def test_weighted_soup(tiny_model: Path, tmp_path: Path) -> None:
     other = build_tiny(tmp_path / "other", seed=7)
+    sts = {"beir_dir": None, "sts_file": str(DATA / "stsbenchmark" / "stsbenchmark" / "sts-test.csv")}
     out = merge(
-        MergeConfig(models=[str(tiny_model), str(other)], weights=[3.0, 1.0], output=str(tmp_path / "soup"))
+        MergeConfig(
+            models=[str(tiny_model), str(other)], weights=[3.0, 1.0], output=str(tmp_path / "soup"), eval=sts
+        )
     )
     a, b = (Embedder.load(p, device="cpu").state_dict() for p in (tiny_model, other))
     merged = Embedder.load(out["output"], device="cpu")
@@ -30,6 +35,14 @@ def test_weighted_soup(tiny_model: Path, tmp_path: Path) -> None:
     texts = ["a soup of two models", "still one encode function"]
     st = SentenceTransformer(out["output"], device="cpu").encode(texts)
     np.testing.assert_allclose(merged.encode(texts), st, atol=1e-5)
+
+    # Every ingredient and the soup, evaluated alike; the soup's row is its own model's score.
+    report = json.loads((Path(out["output"]) / "merge_report.json").read_text())
+    assert list(report["eval"]) == [str(tiny_model), str(other), "soup"]
+    own = evaluate(EvalConfig(**sts), merged)["sts"]["32"]["spearman"]
+    assert report["eval"]["soup"]["sts"]["32"]["spearman"] == pytest.approx(own, abs=1e-6)
+    assert out["eval"]["columns"] == ["spearman @32"] and len(out["eval"]["soup"]) == 1
+    assert "| soup |" in (Path(out["output"]) / "merge_report.md").read_text()
 
 
 def test_merge_refuses_other_architectures(

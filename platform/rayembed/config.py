@@ -295,9 +295,13 @@ class MergeConfig:
     """Architecture and tokenizer (default: the first model; needed when merging DeepSpeed checkpoints)."""
     name: str | None = None
     """Name of the merged model (default: <base name>-soup<N>)."""
+    eval: dict[str, Any] | None = None
+    """Eval settings (EvalConfig fields) applied to every ingredient and the soup (merge_report.md/.json)."""
 
     def __post_init__(self) -> None:
         _check(len(self.models) >= 1, "merge needs at least one model")
+        if self.eval is not None:
+            EvalConfig(**self.eval)  # bad eval settings fail before any merging
         _check(
             self.weights is None or len(self.weights) == len(self.models),
             "weights must have one weight per model",

@@ -3,11 +3,14 @@
 Sources are sentence-transformers folders (e.g. several runs' exported models) or Ray Train /
 DeepSpeed checkpoint folders of one run (consolidated from their ZeRO shards; `base` gives the
 architecture and tokenizer). The result is a normal model folder that `rayembed eval`, `embed`
-and `serve` use as they are.
+and `serve` use as they are. With an `eval` section, every ingredient and the soup are evaluated the
+same way and the comparison is written next to the weights (merge_report.json / .md).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import torch
@@ -46,15 +49,45 @@ def soup(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[st
     return {k: sum(w * s[k] for s, w in zip(states, weights, strict=True)) / total for k in states[0]}  # type: ignore[misc]
 
 
+def with_weights(base: Embedder, state: dict[str, torch.Tensor], what: str) -> Embedder:
+    """A copy of `base` holding `state`; every weight must fit."""
+    model = copy.deepcopy(base)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "position_ids" not in k]:
+        raise ValueError(f"{what} does not fit the base model: missing={missing} unexpected={unexpected}")
+    return model
+
+
 def merge(cfg: MergeConfig) -> dict[str, object]:
     base = Embedder.load(cfg.base or cfg.models[0], device="cpu")
     weights = cfg.weights or [1.0] * len(cfg.models)
-    merged = soup([state_of(m, base) for m in cfg.models], weights)
-    missing, unexpected = base.load_state_dict(merged, strict=False)
-    if unexpected or [k for k in missing if "position_ids" not in k]:
-        raise ValueError(
-            f"merged weights do not fit {cfg.base or cfg.models[0]}: missing={missing} unexpected={unexpected}"
-        )
-    base.name = cfg.name or f"{base.name}-soup{len(cfg.models)}"
-    out = base.save(cfg.output)
-    return {"output": str(out), "models": cfg.models, "weights": weights, "name": base.name}
+    states = [state_of(m, base) for m in cfg.models]
+    merged = with_weights(base, soup(states, weights), "the merged weights")
+    merged.name = cfg.name or f"{base.name}-soup{len(cfg.models)}"
+    out = merged.save(cfg.output)
+    summary: dict[str, object] = {
+        "output": str(out),
+        "models": cfg.models,
+        "weights": weights,
+        "name": merged.name,
+    }
+    if cfg.eval:
+        from rayembed.config import EvalConfig
+        from rayembed.evaluate import evaluate
+        from rayembed.report import eval_rows
+
+        settings = EvalConfig(**{**cfg.eval, "output": None})
+        evals = {
+            m: evaluate(settings, with_weights(base, s, m)) for m, s in zip(cfg.models, states, strict=True)
+        }
+        evals["soup"] = evaluate(settings, merged)
+        header, rows = eval_rows(evals)
+        table = [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *["| " + " | ".join(r) + " |" for r in rows],
+        ]
+        (out / "merge_report.md").write_text("# Merge report\n\n" + "\n".join(table) + "\n")
+        (out / "merge_report.json").write_text(json.dumps({**summary, "eval": evals}, indent=2) + "\n")
+        summary["eval"] = {"columns": header[1:], **{r[0]: r[1:] for r in rows}}
+    return summary
