@@ -59,7 +59,7 @@ def read_vectors(path: str, endpoint_url: str | None) -> tuple[pa.Table, np.ndar
     ).to_table()
     emb = table.column("embedding").combine_chunks()
     vectors = emb.values.to_numpy(zero_copy_only=False).reshape(len(table), emb.type.list_size)
-    return table.drop_columns(["embedding"]), vectors.astype(np.float32, copy=False)
+    return table.drop_columns(["embedding"]), np.array(vectors, dtype=np.float32)  # a writable copy for torch
 
 
 def read_rejects(path: str, endpoint_url: str | None) -> list[dict[str, Any]]:
