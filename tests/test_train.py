@@ -128,6 +128,7 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
             zero_stage=3,
             batch_size=8,
             grad_cache_chunk=4,
+            shuffle_buffer=64,
             max_length=32,
             lr=1e-3,
             max_steps=2,

@@ -120,6 +120,10 @@ class TrainConfig:
     """Linear warmup steps."""
     epochs: int = 1
     """Passes over the data."""
+    shuffle_buffer: int = 0
+    """Rows each worker shuffles its stream in (seeded per epoch); 0 keeps file order. Resuming mid-epoch
+    skips as many batches as were trained, which with shuffling are the same rows only if blocks arrive in
+    the same order."""
     max_steps: int | None = None
     """Stop after this many optimizer steps in total."""
     checkpoint_every: int = 50
@@ -158,6 +162,7 @@ class TrainConfig:
         )
         _check(self.num_workers >= 1 and self.batch_size >= 1, "num_workers and batch_size must be >= 1")
         _check(self.epochs >= 1 and self.checkpoint_every >= 1, "epochs and checkpoint_every must be >= 1")
+        _check(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
         _check(all(k > 0 for k in self.matryoshka_dims), "matryoshka_dims must be positive")
         _check(
             self.matryoshka_weights is None or len(self.matryoshka_weights) == len(self.matryoshka_dims),

@@ -209,7 +209,18 @@ def train_loop(config: dict[str, Any]) -> None:
     metrics: dict[str, float] = {"loss": float("nan")}
     saved = -1
     while state["epoch"] < cfg.epochs and state["step"] < max_steps:
-        it = iter(shard.iter_batches(batch_size=cfg.batch_size, drop_last=True, batch_format="numpy"))
+        shuffle = {
+            "local_shuffle_buffer_size": cfg.shuffle_buffer,
+            "local_shuffle_seed": cfg.seed + state["epoch"],
+        }
+        it = iter(
+            shard.iter_batches(
+                batch_size=cfg.batch_size,
+                drop_last=True,
+                batch_format="numpy",
+                **(shuffle if cfg.shuffle_buffer else {}),
+            )
+        )
         for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: skip what was trained on
             next(it, None)
         while state["step"] < max_steps:
