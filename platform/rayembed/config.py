@@ -205,6 +205,9 @@ class EmbedConfig:
     """Rows read, sorted by length and embedded together (the length-bucketing window)."""
     fragment_rows: int = 100_000
     """Parquet row groups are grouped into fragments of at least this many rows (units of exactly-once work)."""
+    fragment_bytes: int = 128 << 20
+    """JSONL files bigger than this are split into line-aligned byte ranges of this size (units of
+    exactly-once work that actors share); smaller files are one fragment each."""
     num_actors: int | None = None
     """Embedding actors (default: one per GPU, or CPUs / threads_per_actor)."""
     threads_per_actor: int | None = None
@@ -236,8 +239,8 @@ class EmbedConfig:
         )
         _check(self.dim is None or self.dim > 0, "dim must be positive")
         _check(
-            min(self.batch_size, self.chunk_rows, self.fragment_rows) >= 1,
-            "batch_size, chunk_rows, fragment_rows must be >= 1",
+            min(self.batch_size, self.chunk_rows, self.fragment_rows, self.fragment_bytes) >= 1,
+            "batch_size, chunk_rows, fragment_rows, fragment_bytes must be >= 1",
         )
         _check(
             bool(self.output) and self.input != self.output, "output must be a folder other than the input"

@@ -31,7 +31,17 @@ import pyarrow.parquet as pq
 
 from rayembed.config import EmbedConfig
 from rayembed.io import filesystem, strip_scheme
-from rayembed.manifest import COMMITTED, REJECTS, TMP, Fragment, commit, list_dir, read_json, staging_path
+from rayembed.manifest import (
+    COMMITTED,
+    REJECTS,
+    TMP,
+    Fragment,
+    commit,
+    list_dir,
+    read_json,
+    read_lines,
+    staging_path,
+)
 from rayembed.model import Embedder
 
 ARROW_TYPES = {"float32": pa.float32(), "int8": pa.int8(), "binary": pa.uint8()}
@@ -118,8 +128,10 @@ class EmbedFragments:
             return
         import pyarrow.json as pajson
 
-        with self.in_fs.open_input_stream(frag.path) as f:
-            table = pajson.read_json(f)
+        data = read_lines(self.in_fs, frag)
+        if not data.strip():  # a range holding no line start (one line longer than the range)
+            return
+        table = pajson.read_json(pa.BufferReader(data))
         check_columns(table.column_names, cols, frag.path)
         for b in table.select(cols).to_batches(max_chunksize=c.chunk_rows):
             yield pa.Table.from_batches([b])
@@ -313,7 +325,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     settings, meta = settings_of(cfg)
     in_fs, out_fs = fs_for(cfg.input, cfg.s3_endpoint_url), fs_for(cfg.output, cfg.s3_endpoint_url)
     root = strip_scheme(cfg.output)
-    fragments = list_fragments(strip_scheme(cfg.input), in_fs, cfg.fragment_rows)
+    fragments = list_fragments(strip_scheme(cfg.input), in_fs, cfg.fragment_rows, cfg.fragment_bytes)
     check_columns(peek_columns(fragments[0], in_fs), needed_columns(cfg), fragments[0].path)  # fail fast
     done = open_output(root, out_fs, settings, cfg.overwrite)
     pending = [f for f in fragments if f.name not in done]

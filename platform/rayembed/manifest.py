@@ -1,7 +1,7 @@
 """Exactly-once bookkeeping for the embed job: input fragments, deterministic outputs, commit markers.
 
-Every input fragment (a JSONL file, or a run of row groups of a Parquet file) has a key and one output
-name derived from it. A fragment is *committed* when `_committed/<name>.json` exists; that marker is
+Every input fragment (a JSONL file or a line-aligned byte range of a big one, or a run of row groups of a
+Parquet file) has a key and one output name derived from it. A fragment is *committed* when `_committed/<name>.json` exists; that marker is
 written last, after the Parquet file (and its rejects file) were moved into place, so a crash at any
 point leaves either a committed fragment or one that a rerun redoes from scratch. `_manifest.json`
 records the settings that shape the vectors (model, revision, dim, precision, ...); a rerun with other
@@ -31,13 +31,15 @@ TMP = "_tmp"
 
 @dataclass(frozen=True)
 class Fragment:
-    """One unit of work: `path` (filesystem path, no scheme) and, for Parquet, row groups [start, stop)."""
+    """One unit of work: `path` (filesystem path, no scheme) and, for Parquet, row groups [start, stop);
+    for a JSONL file bigger than `fragment_bytes`, the lines that start in bytes [start, stop)."""
 
     path: str
     key: str
     fmt: str
     row_groups: tuple[int, int] | None = None
     rows: int | None = None
+    byte_range: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -46,8 +48,11 @@ class Fragment:
         return f"{stem}-{hashlib.sha1(self.key.encode()).hexdigest()[:12]}.parquet"
 
 
-def list_fragments(root: str, fs: pafs.FileSystem, fragment_rows: int) -> list[Fragment]:
-    """Input files under `root` (or `root` itself), Parquet split into row-group runs of >= fragment_rows."""
+def list_fragments(
+    root: str, fs: pafs.FileSystem, fragment_rows: int, fragment_bytes: int = 1 << 62
+) -> list[Fragment]:
+    """Input files under `root` (or `root` itself): Parquet split into row-group runs of >= fragment_rows,
+    JSONL bigger than fragment_bytes into byte ranges of that size (a line belongs to the range it starts in)."""
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {root} does not exist")
@@ -64,7 +69,12 @@ def list_fragments(root: str, fs: pafs.FileSystem, fragment_rows: int) -> list[F
             continue
         rel = posixpath.relpath(f.path, base) if base else f.path
         if fmt == "json":
-            out.append(Fragment(f.path, rel, fmt))
+            if f.size is None or f.size <= fragment_bytes:
+                out.append(Fragment(f.path, rel, fmt))
+                continue
+            for start in range(0, f.size, fragment_bytes):
+                stop = min(start + fragment_bytes, f.size)
+                out.append(Fragment(f.path, f"{rel}#b{start}-{stop}", fmt, byte_range=(start, stop)))
             continue
         with fs.open_input_file(f.path) as fh:
             meta = pq.ParquetFile(fh).metadata
@@ -77,6 +87,28 @@ def list_fragments(root: str, fs: pafs.FileSystem, fragment_rows: int) -> list[F
     if not out:
         raise FileNotFoundError(f"no .jsonl/.json/.parquet input found at {root}")
     return out
+
+
+def read_lines(fs: pafs.FileSystem, frag: Fragment, block: int = 1 << 20) -> bytes:
+    """The bytes of the whole lines that start inside `frag.byte_range` (the whole file if it has none)."""
+    if frag.byte_range is None:
+        with fs.open_input_stream(frag.path) as f:
+            return bytes(f.read())
+    start, stop = frag.byte_range
+    with fs.open_input_file(frag.path) as f:
+        size = f.size()
+        first = max(start - 1, 0)  # from the byte before: a line starting exactly at `start` is ours
+        buf = bytearray(f.read_at(stop - first, first))
+        look = stop - first - 1  # the line running through byte stop-1 is ours: read on to its end
+        while (end := buf.find(b"\n", look)) < 0 and first + len(buf) < size:
+            look = len(buf)
+            buf += f.read_at(min(block, size - first - len(buf)), first + len(buf))
+    if end >= 0:
+        del buf[end + 1 :]  # lines starting at or after `stop` belong to the next range
+    if start > 0:
+        cut = buf.find(b"\n")  # the line in progress at `start` belongs to the previous range
+        del buf[: cut + 1 if cut >= 0 else len(buf)]
+    return bytes(buf)
 
 
 def model_revision(model_dir: Path) -> str:
