@@ -184,3 +184,22 @@ def test_actor_plan_follows_free_cpus_and_fragments() -> None:
     assert plan_actors(dataclasses.replace(cfg, threads_per_actor=2, num_actors=1), 100) == (1, 2.0, 0.0, 2)
     with pytest.raises(ValueError, match="no GPUs"):
         plan_actors(dataclasses.replace(cfg, use_gpu=True), 1)
+
+
+def test_gpu_actor_plan_takes_the_nodes_cpus_as_tokenizer_threads() -> None:
+    from rayembed.embed import plan_for
+
+    cfg = EmbedConfig(input="in", output="out")
+    nodes = [{"CPU": 16.0, "GPU": 2.0}, {"CPU": 32.0, "GPU": 1.0}, {"CPU": 4.0}]
+    # One actor per GPU; each takes the smallest GPU node's CPUs per GPU (8), capped at 8.
+    assert plan_for(cfg, 100, nodes, 52) == (3, 8.0, 1.0, 8)
+    assert plan_for(cfg, 2, nodes, 52) == (2, 8.0, 1.0, 8)  # no more actors than fragments
+    assert plan_for(cfg, 100, [{"CPU": 6.0, "GPU": 4.0}], 6) == (4, 1.0, 1.0, 1)
+    assert plan_for(dataclasses.replace(cfg, threads_per_actor=3), 100, nodes, 52) == (3, 3.0, 1.0, 3)
+    # use_gpu=false on a GPU cluster: CPU actors as usual
+    assert plan_for(dataclasses.replace(cfg, use_gpu=False), 100, [{"CPU": 4.0, "GPU": 1.0}], 4) == (
+        4,
+        1.0,
+        0.0,
+        1,
+    )

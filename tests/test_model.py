@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rayembed.model import Embedder, length_batches, postprocess, resolve_model_path
+from rayembed.model import Embedder, length_batches, pad_batch, postprocess, resolve_model_path
 
 TEXTS = [
     "A man is playing a guitar on stage.",
@@ -75,6 +75,26 @@ def test_length_batches_cap_rows_and_tokens() -> None:
     for b in batches:
         assert len(b) <= 4 and len(b) * max(lengths[i] for i in b) <= 400
     assert sorted(int(i) for i in batches[0]) == [1, 3]  # the two longest first
+
+
+def test_pad_batch_right_pads_ragged_rows() -> None:
+    ids, mask = pad_batch([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+
+
+def test_threaded_tokenizing_gives_the_same_tokens(minilm: Embedder) -> None:
+    rng = np.random.default_rng(0)
+    words = ["the", "cell", "protein", "binds", "a", "receptor", "in", "mice", "and", "humans"]
+    texts = [" ".join(rng.choice(words, int(rng.integers(1, 400)))) for _ in range(700)]
+    one = minilm.tokenize_ids(texts)
+    try:
+        minilm.tokenize_threads = 3  # parts of 256, 256 and 188 texts (MIN_TOKENIZE_PART = 256)
+        three = minilm.tokenize_ids(texts)
+    finally:
+        minilm.tokenize_threads = 1
+    assert three.ids == one.ids and three.truncated == one.truncated
+    assert any(one.truncated) and not all(one.truncated)
 
 
 def test_bad_input_gets_clear_errors(minilm: Embedder, tmp_path: Path) -> None:

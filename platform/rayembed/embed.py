@@ -107,6 +107,7 @@ class EmbedFragments:
             else None
         )
         self.embedder = Embedder.load(c.model, device=device, dtype=dtype)
+        self.embedder.tokenize_threads = threads
         self.meta = meta
         self.in_fs, self.out_fs = fs_for(c.input, c.s3_endpoint_url), fs_for(c.output, c.s3_endpoint_url)
         self.root = strip_scheme(c.output)
@@ -262,18 +263,29 @@ def check_columns(names: list[str], needed: list[str], where: str) -> None:
 
 
 def plan_actors(cfg: EmbedConfig, fragments: int) -> tuple[int, float, float, int]:
-    """(actors, CPUs per actor, GPUs per actor, torch threads per actor) from the cluster's resources."""
+    """(actors, CPUs per actor, GPUs per actor, threads per actor) from the cluster's resources."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return plan_for(cfg, fragments, nodes, int(ray.available_resources().get("CPU", 0)))
+
+
+def plan_for(
+    cfg: EmbedConfig, fragments: int, nodes: list[dict[str, float]], free: int
+) -> tuple[int, float, float, int]:
+    """`plan_actors` for these alive nodes' resources and `free` CPUs."""
     gpus = int(sum(r.get("GPU", 0) for r in nodes))
     use_gpu = gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
     if use_gpu:
         if not gpus:
             raise ValueError("use_gpu=true but the Ray cluster has no GPUs")
-        return min(cfg.num_actors or gpus, fragments), 1.0, 1.0, cfg.threads_per_actor or 4
+        # A GPU waits on tokenizing (docs/benchmarks.md): each GPU actor takes its node's share of
+        # CPUs, up to 8, as tokenizer threads.
+        per_gpu = min(int(r.get("CPU", 0)) // int(r["GPU"]) for r in nodes if r.get("GPU", 0) >= 1)
+        threads = cfg.threads_per_actor or max(1, min(8, per_gpu))
+        return min(cfg.num_actors or gpus, fragments), float(threads), 1.0, threads
     node_cpus = [int(r.get("CPU", 0)) for r in nodes if r.get("CPU", 0) >= 1] or [1]
-    free = int(ray.available_resources().get("CPU", 0))  # other jobs (e.g. Serve replicas) may hold some
+    # `free`: other jobs (e.g. Serve replicas) may hold some CPUs
     # By default one thread per actor (N one-thread actors out-ran N/2 two-thread ones, docs/benchmarks.md),
     # unless there are fewer fragments than CPUs: then the few actors share the free CPUs as threads.
     # An actor must fit on the smallest node and in what is free now.
@@ -330,9 +342,11 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     done = open_output(root, out_fs, settings, cfg.overwrite)
     pending = [f for f in fragments if f.name not in done]
     run: Counter[str] = Counter()
+    plan: dict[str, float] = {}  # this run's actors (none when everything was committed before)
     if pending:
         ensure_ray()
         actors, cpus, gpus, threads = plan_actors(cfg, len(pending))
+        plan = {"actors": actors, "threads_per_actor": threads, "gpus_per_actor": gpus}
         items = [{"fragment": json.dumps(dataclasses.asdict(f))} for f in pending]
         out = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             EmbedFragments,
@@ -356,6 +370,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         f"{root}/{TMP}"
     ).type == pafs.FileType.Directory else None
     summary = summarize(cfg, root, out_fs, run, fragments, len(fragments) - len(pending), time.time() - start)
+    summary["plan"] = plan
     from rayembed.manifest import write_json
 
     write_json(out_fs, f"{root}/_summary.json", summary)

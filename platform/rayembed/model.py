@@ -6,9 +6,11 @@ text gives the same vector everywhere. Models are saved in the sentence-transfor
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ hf_logging.set_verbosity_error()  # load reports about the unused HF pooler are 
 hf_logging.disable_progress_bar()
 
 PRECISIONS = ("float32", "int8", "binary")
+MIN_TOKENIZE_PART = 256  # texts per tokenizer thread, at least: fewer are not worth a thread
 POOLINGS = ("mean", "cls")
 DEFAULT_MODEL_ALIASES = ("default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -113,6 +116,9 @@ class Embedder(nn.Module):
         self.max_length = max_length
         self.name = name
         self.prompts = dict(prompts or {})  # prompt name -> prefix (sentence-transformers `prompts`)
+        # Threads that tokenize in parallel (the Rust tokenizer drops the GIL). 1 on one-CPU workers;
+        # GPU actors raise it, as tokenizing is what a GPU waits on (docs/benchmarks.md).
+        self.tokenize_threads = 1
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -238,10 +244,23 @@ class Embedder(nn.Module):
         return [self.prompts[prompt_name] + t for t in texts]
 
     def tokenize_ids(self, texts: Sequence[str], prompt_name: str | None = None) -> Tokens:
-        """Validate and tokenize (truncating to max_length) without padding: the CPU half of `encode`."""
+        """Validate and tokenize (truncating to max_length) without padding: the CPU half of `encode`.
+
+        Cut into `tokenize_threads` parts tokenized side by side; the result does not depend on it.
+        """
         texts = self.with_prompt(validate_texts(texts), prompt_name)
         if not texts:
             return Tokens([], [])
+        step = max(MIN_TOKENIZE_PART, -(-len(texts) // max(1, self.tokenize_threads)))
+        parts = [texts[i : i + step] for i in range(0, len(texts), step)]
+        if len(parts) == 1:
+            done = [self._tokenize_part(parts[0])]
+        else:
+            with ThreadPoolExecutor(len(parts)) as pool:
+                done = list(pool.map(self._tokenize_part, parts))
+        return Tokens([x for p in done for x in p.ids], [x for p in done for x in p.truncated])
+
+    def _tokenize_part(self, texts: list[str]) -> Tokens:
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         over = [bool(e.overflowing) for e in enc.encodings] if enc.encodings else [False] * len(texts)
         return Tokens(enc["input_ids"], over)
@@ -291,13 +310,14 @@ class Tokens:
 
 def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token ids to the longest row: (input_ids, attention_mask)."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-        mask[row, : len(x)] = 1
-    return input_ids, mask
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    mask = np.arange(int(lengths.max())) < lengths[:, None]
+    input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    # a boolean-mask assignment fills row by row, left to right: the rows' ids in order
+    input_ids[mask] = np.fromiter(
+        itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())
+    )
+    return torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))
 
 
 def length_batches(

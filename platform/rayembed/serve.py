@@ -71,6 +71,7 @@ class EmbeddingService:
         if c.torch_threads:
             torch.set_num_threads(c.torch_threads)
         self.embedder = Embedder.load(c.model, device="cuda" if c.num_gpus else "cpu")
+        self.embedder.tokenize_threads = max(1, int(c.num_cpus))
         self.model_name = c.model_name or self.embedder.name
         self.limits = Limits(
             c.max_inputs_per_request, c.max_body_bytes, self.embedder.dim, tuple(self.embedder.prompts)

@@ -1,11 +1,14 @@
 """Batch-embedding throughput on one machine, in one run (not a timed test; prints JSON).
 
     .venv/bin/python tests/bench/bench_embed.py [--scifact 2000] [--snli 4000] [--batch-size 32]
+    python tests/bench/bench_embed.py --device cuda --batch-size 128 --scifact 5183 --snli 9842 --repeat 8
+
 
 (a) the `rayembed embed` pipeline end to end (local Ray already up; includes actor start, model load,
     reading JSONL, writing and committing Parquet), (b) a bare loop calling `Embedder.encode` on the same
     texts in the same chunks, (c) `SentenceTransformer.encode` with the same model and batch size.
 Corpus: SciFact documents (title + abstract, long) mixed with SNLI sentences (short).
+On a GPU all three run the model in `--gpu-dtype` (float16 by default, as the pipeline's GPU actors do).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +28,7 @@ from rayembed.data import read_jsonl
 from rayembed.model import Embedder, resolve_model_path
 
 
-def corpus(n_scifact: int, n_snli: int) -> list[dict[str, str]]:
+def corpus(n_scifact: int, n_snli: int, repeat: int = 1) -> list[dict[str, str]]:
     docs = read_jsonl(Path(SHARED_DATA) / "scifact" / "corpus.jsonl")
     rows = [
         {"id": f"d{d['_id']}", "text": f"{d['title']} {d['text']}".strip()}
@@ -32,6 +36,7 @@ def corpus(n_scifact: int, n_snli: int) -> list[dict[str, str]]:
     ]
     lines = (Path(SHARED_DATA) / "snli-esnli" / "s2.dev").read_text().splitlines()
     rows += [{"id": f"s{i}", "text": t} for i, t in enumerate(lines[:n_snli]) if t.strip()]
+    rows = [{"id": f"{r['id']}-{k}", "text": r["text"]} for k in range(repeat) for r in rows]
     rng = np.random.default_rng(0)
     return [rows[i] for i in rng.permutation(len(rows))]  # lengths mixed throughout, as in a real lake
 
@@ -41,8 +46,13 @@ def main() -> None:
     ap.add_argument("--scifact", type=int, default=2000)
     ap.add_argument("--snli", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="corpus copies (a GPU needs more work to amortize start-up)"
+    )
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--threads-per-actor", type=int, default=None, help="default: the job's own choice")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--gpu-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     args = ap.parse_args()
 
     import ray
@@ -51,17 +61,24 @@ def main() -> None:
 
     from rayembed.embed import embed
 
-    rows = corpus(args.scifact, args.snli)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = getattr(torch, args.gpu_dtype) if device == "cuda" else torch.float32
+    rows = corpus(args.scifact, args.snli, args.repeat)
     texts = [r["text"] for r in rows]
-    cfg_kw: dict[str, int | None] = {
+    cfg_kw: dict[str, Any] = {
         "batch_size": args.batch_size,
         "threads_per_actor": args.threads_per_actor,
+        "use_gpu": device == "cuda",
+        "gpu_dtype": args.gpu_dtype,
     }
     chunk = EmbedConfig(input="x", output="y").chunk_rows
     results: dict[str, object] = {
         "docs": len(texts),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": args.batch_size,
     }
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,21 +89,29 @@ def main() -> None:
             (lake / f"part-{f}.jsonl").write_text(
                 "".join(json.dumps(r) + "\n" for r in rows[f * per : (f + 1) * per])
             )
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=os.cpu_count(),
+            num_gpus=int(device == "cuda"),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
         t = time.perf_counter()
         summary = embed(EmbedConfig(input=str(lake), output=f"{tmp}/out", progress=False, **cfg_kw))
         a = time.perf_counter() - t
         ray.shutdown()
         assert summary["rows"] == len(texts), summary
         results["pipeline"] = {
-            "threads_per_actor": args.threads_per_actor or 1,
+            **summary["plan"],
             "seconds": round(a, 2),
             "docs_per_s": round(len(texts) / a, 1),
             "padding_ratio": summary["padding_ratio"],
             "tokens": summary["tokens"],
         }
 
-    model = Embedder.load("default", device="cpu")
+    model = Embedder.load("default", device=device, dtype=dtype)
+    if device == "cuda":  # as the pipeline's GPU actor does (rayembed.embed.plan_for)
+        model.tokenize_threads = args.threads_per_actor or min(8, os.cpu_count() or 1)
+    results["encode_loop_tokenize_threads"] = model.tokenize_threads
     t = time.perf_counter()
     mine = np.concatenate(
         [
@@ -101,7 +126,7 @@ def main() -> None:
     b = time.perf_counter() - t
     results["encode_loop"] = {"seconds": round(b, 2), "docs_per_s": round(len(texts) / b, 1)}
 
-    st = SentenceTransformer(str(resolve_model_path("default")), device="cpu")
+    st = SentenceTransformer(str(resolve_model_path("default")), device=device).to(dtype)
     t = time.perf_counter()
     theirs = st.encode(texts, batch_size=args.batch_size)
     c = time.perf_counter() - t
