@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rayembed.dist import all_have, gather_with_grad
+from rayembed.dist import agree, gather_with_grad
 from rayembed.losses import InfoNCE
 
 B, D = 3, 8
@@ -30,7 +30,8 @@ def _worker(rank: int, port: int, out: dict[int, torch.Tensor]) -> None:
     # Data-parallel convention: each worker's loss is its local mean; gradients are averaged over workers.
     (loss / 2).backward()
     out[rank] = torch.cat([q.grad, d.grad])  # type: ignore[list-item]
-    assert all_have(rank == 0) is False and all_have(True) is True
+    assert agree(rank == 0, rank == 1) == (False, True)
+    assert agree(True, False) == (True, False)
     dist.destroy_process_group()
 
 

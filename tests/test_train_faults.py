@@ -37,9 +37,13 @@ def test_killed_worker_resumes_from_checkpoint(tiny_model: Path, snli_triples: P
     job.start()
     runs = Path(cfg.storage_path or "") / cfg.run_name
     deadline = time.time() + 300
-    # Two checkpoint folders on disk: the first one is surely registered with Ray Train by now.
-    while time.time() < deadline and sum(p.is_dir() for p in runs.glob("checkpoint_*")) < 2:
-        time.sleep(0.2)
+    # Ray Train registers a checkpoint when its controller takes the report from a one-slot queue; a
+    # worker writes the next checkpoint's folder before it waits on that queue. So once a third folder
+    # has appeared, the second report was queued, hence the first taken: the first is registered.
+    seen: set[str] = set()
+    while time.time() < deadline and len(seen) < 3:
+        seen |= {p.name for p in runs.glob("checkpoint_*") if p.is_dir()}
+        time.sleep(0.1)
     workers = _train_workers()
     assert workers, "no training worker found"
     os.kill(workers[0]["Pid"], signal.SIGKILL)

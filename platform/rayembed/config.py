@@ -128,6 +128,11 @@ class TrainConfig:
     """Stop after this many optimizer steps in total."""
     checkpoint_every: int = 50
     """Report a checkpoint every N steps (and always at the end)."""
+    report_interval_s: float = 5.0
+    """Seconds between metric reports to Ray Train, at least (checkpoints are always reported; every
+    step's loss still goes to the run's history). Ray Train takes about one report per 2 s (a queue of
+    one, polled every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reporting every step held a GPU to
+    0.5 steps/s (docs/benchmarks.md). 0: every step."""
     keep_checkpoints: int = 2
     """Checkpoints kept by Ray Train."""
     max_failures: int = 0
@@ -162,6 +167,7 @@ class TrainConfig:
         )
         _check(self.num_workers >= 1 and self.batch_size >= 1, "num_workers and batch_size must be >= 1")
         _check(self.epochs >= 1 and self.checkpoint_every >= 1, "epochs and checkpoint_every must be >= 1")
+        _check(self.report_interval_s >= 0, "report_interval_s must be >= 0")
         _check(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
         _check(all(k > 0 for k in self.matryoshka_dims), "matryoshka_dims must be positive")
         _check(
@@ -211,8 +217,9 @@ class EmbedConfig:
     num_actors: int | None = None
     """Embedding actors (default: one per GPU, or CPUs / threads_per_actor)."""
     threads_per_actor: int | None = None
-    """Torch threads (and CPUs reserved) per CPU actor (default 1, as more one-thread actors beat fewer
-    multi-thread ones on CPU; more when there are fewer fragments than free CPUs; capped by the smallest node)."""
+    """CPUs reserved per actor, used as torch and tokenizer threads. CPU actors: default 1, as more
+    one-thread actors beat fewer multi-thread ones; more when there are fewer fragments than free CPUs;
+    capped by the smallest node. GPU actors: default the node's CPUs per GPU, up to 8."""
     use_gpu: bool | None = None
     """One embedding actor per GPU (default: when the cluster has GPUs)."""
     gpu_dtype: str = "float16"

@@ -38,10 +38,14 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
 
 
-def all_have(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True only if every worker passes True: lets workers stop together when a shard runs dry."""
+def agree(every: bool, any_: bool = False, device: torch.device | str = "cpu") -> tuple[bool, bool]:
+    """(every worker passed `every`, some worker passed `any_`), in one all_reduce.
+
+    Lets workers stop together when a shard runs dry, and take the same decisions (e.g. when to
+    report) from their own clocks.
+    """
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+        return every, any_
+    t = torch.tensor([int(every), -int(any_)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)  # min of -x is -(max of x): one op for both
+    return bool(t[0].item() == 1), bool(t[1].item() == -1)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from rayembed.config import TrainConfig
-from rayembed.dist import all_have, gather_with_grad
+from rayembed.dist import agree, gather_with_grad
 from rayembed.gradcache import LossOf, grad_cache_step
 from rayembed.io import is_s3, upload_dir
 from rayembed.losses import CONTRASTIVE, LOSSES, matryoshka
@@ -207,7 +207,7 @@ def train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     max_steps = cfg.max_steps or 10**12
     metrics: dict[str, float] = {"loss": float("nan")}
-    saved = -1
+    saved, last_report = -1, 0.0
     while state["epoch"] < cfg.epochs and state["step"] < max_steps:
         shuffle = {
             "local_shuffle_buffer_size": cfg.shuffle_buffer,
@@ -225,7 +225,9 @@ def train_loop(config: dict[str, Any]) -> None:
             next(it, None)
         while state["step"] < max_steps:
             batch = next(it, None)
-            if not all_have(batch is not None, device):
+            due = time.perf_counter() - last_report >= cfg.report_interval_s
+            ready, report = agree(batch is not None, due, device)  # same answers on every worker
+            if not ready:
                 break
             assert batch is not None
             loss = float(backward_step(engine, cfg, *objective(cfg, batch, teacher, device)))
@@ -236,9 +238,10 @@ def train_loop(config: dict[str, Any]) -> None:
             history.append({"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started})
             if state["step"] % cfg.checkpoint_every == 0:
                 _save_and_report(engine, state, metrics, history)
-                saved = state["step"]
-            else:
+                saved, last_report = state["step"], time.perf_counter()
+            elif report:
                 ray.train.report({**metrics, **state})
+                last_report = time.perf_counter()
         else:
             break
         state["epoch"] += 1
@@ -347,6 +350,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         **(result.metrics or {}),
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    evals = run_evals(cfg, model)
+    evals = run_evals(cfg, model.to("cuda" if torch.cuda.is_available() else "cpu"))
     summary["report"] = publish(lambda p: write_report(p, summary, history, evals), f"{root}/report")
     return summary
