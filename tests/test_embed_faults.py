@@ -71,8 +71,10 @@ def _run_with_fault(cfg: EmbedConfig, fault: Callable[[], None]) -> None:
     while time.time() < deadline and not (committed.is_dir() and any(committed.glob("*.json"))):
         time.sleep(0.2)
     assert len(list(committed.glob("*.json"))) < FILES, "the job finished before the fault could be injected"
-    fault()
-    job.join(timeout=400)
+    try:
+        fault()
+    finally:  # even if the fault could not be injected: no job left running into the next test
+        job.join(timeout=400)
     assert not job.is_alive()
     if errors:  # the run may fail; the rerun must finish the rest exactly once
         embed(cfg)
@@ -124,9 +126,13 @@ def test_lost_worker_node(
     cfg = _cfg(tiny_model, root, tmp_path / "out")
 
     def kill_node() -> None:
-        busy = {a["Address"]["NodeID"] for a in _embedding_actors()}
-        node = next(n for n in cluster.worker_nodes if n.node_id in busy)
-        cluster.remove_node(node, allow_graceful=False)
+        deadline, busy, nodes = time.time() + 60, set(), []
+        while not nodes and time.time() < deadline:  # an actor may be (re)starting right now
+            busy = {a["Address"]["NodeID"] for a in _embedding_actors()}
+            nodes = [n for n in cluster.worker_nodes if n.node_id in busy]
+            time.sleep(0.2)
+        assert nodes, f"no embedding actor on a worker node (actors on {busy})"
+        cluster.remove_node(nodes[0], allow_graceful=False)
 
     _run_with_fault(cfg, kill_node)
     _assert_exactly_once(Path(cfg.output), ids)
