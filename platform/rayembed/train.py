@@ -26,7 +26,7 @@ from rayembed.config import TrainConfig
 from rayembed.dist import agree, gather_with_grad
 from rayembed.gradcache import LossOf, grad_cache_step
 from rayembed.io import is_s3, upload_dir
-from rayembed.losses import CONTRASTIVE, LOSSES, matryoshka
+from rayembed.losses import CONTRASTIVE, LOSSES, EmbeddingDistill, matryoshka, matryoshka_to_full
 from rayembed.model import Embedder
 from rayembed.regularizers import SpreadOut
 from rayembed.report import write_report
@@ -98,6 +98,7 @@ def objective(
             return loss + spread * SpreadOut()(reps[0], d) if spread else loss
 
         return [texts_of(batch[c]) for c in columns], contrastive
+    assert isinstance(loss_fn, EmbeddingDistill)
     texts = texts_of(batch[cfg.text_column])
     if cfg.teacher_column:
         rows = np.stack(list(batch[cfg.teacher_column])).astype(np.float32)  # list column or 2-D array
@@ -108,7 +109,10 @@ def objective(
             target = teacher.embed_texts(texts)
 
     def distill(reps: list[Tensor]) -> Tensor:
-        loss = matryoshka(loss_fn, dims, weights, reps[0], target)
+        if cfg.matryoshka_teacher == "full" and dims:
+            loss = matryoshka_to_full(loss_fn, dims, weights, reps[0], target)
+        else:
+            loss = matryoshka(loss_fn, dims, weights, reps[0], target)
         return loss + spread * SpreadOut()(reps[0], reps[0]) if spread else loss
 
     return [texts], distill
