@@ -102,7 +102,8 @@ def _compare_worker(config: dict[str, Any]) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from rayembed.config import TrainConfig
-    from rayembed.train import backward_step, deepspeed_config, objective
+    from rayembed.objective import objective
+    from rayembed.train import backward_step, deepspeed_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()

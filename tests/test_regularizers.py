@@ -73,6 +73,17 @@ def test_gist_masks_what_the_guide_calls_positive() -> None:
     assert GISTLoss(scale=1.0, margin=0.1)(q, d, same, same).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_gist_with_gathered_documents_by_hand() -> None:
+    # The second of two workers: one local query, both workers' documents, its positive at offset 1.
+    q, d = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # logits [q.d0, q.d1 (positive) | q.q self: masked | d1.d0, d1.d1 self: masked] = [0, 1 | -inf | 0, -inf]
+    got = GISTLoss(scale=1.0)(q, d, q, d, offset=1).item()
+    assert got == pytest.approx(math.log(2 + math.e) - 1.0, rel=1e-6)
+    # A 3-d guide that finds d0 as close as the positive (within the margin) masks it in both blocks.
+    gq, gd = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    assert GISTLoss(scale=1.0, margin=0.1)(q, d, gq, gd, offset=1).item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_score_distill_by_hand() -> None:
     q = torch.tensor([[1.0, 0.0]])
     d = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -105,7 +116,7 @@ def test_matryoshka_2d_sums_layer_dim_pairs() -> None:
 def test_contrastive_losses_build_from_the_train_config(name: str) -> None:
     from rayembed.config import TrainConfig
     from rayembed.losses import LOSSES
-    from rayembed.train import build_loss
+    from rayembed.objective import build_loss
 
     loss = build_loss(TrainConfig(data="x", output_dir="y", loss=name, scale=7.0))
     assert type(loss) is LOSSES[name]

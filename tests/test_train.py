@@ -37,6 +37,9 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
             model=str(tiny_model),
             num_workers=2,
             zero_stage=2,
+            loss="symmetric_infonce",
+            learnable_scale=True,
+            scale_lr=0.05,
             negative_column="negative",
             matryoshka_dims=[32, 16],
             batch_size=8,
@@ -57,6 +60,11 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ):
         assert (ckpt / "ds" / name).is_file(), name  # one optimizer partition per worker: ZeRO-2 sharding
+    # The learnable scale: stepped every step, reported, and kept in the checkpoint's client state.
+    scales = [h["scale"] for h in json.loads((ckpt / "history.json").read_text())]
+    assert len(scales) == 2 and abs(np.log(scales[0] / 20.0)) == pytest.approx(0.05, rel=0.05)
+    client = torch.load(ckpt / "ds" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert float(client["loss"]["log_scale"].exp()) == pytest.approx(scales[1], rel=1e-5)
     model_dir = Path(first["output_dir"])
     assert all((model_dir / f).is_file() for f in ST_FILES)
     assert _changed(tiny_model, model_dir) > 1e-4
@@ -70,6 +78,8 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
     report_dir = Path(second["report"])
     report = json.loads((report_dir / "report.json").read_text())
     assert [h["step"] for h in report["history"]] == [1, 2, 3, 4]
+    resumed = report["history"][2]["scale"]  # one Adam step (<= ~lr in log) from where step 2 left it
+    assert abs(np.log(resumed / scales[1])) <= 0.05 * 1.05 and resumed != pytest.approx(20.0, rel=1e-3)
     assert all(np.isfinite(h["loss"]) for h in report["history"])
     assert set(report["eval"]) == {"before", "after"}
     assert 0 <= report["eval"]["after"]["beir"]["32"]["ndcg@10"] <= 1
@@ -144,6 +154,25 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
     assert exported.backbone.config.num_hidden_layers == 1
     before = Embedder.load(tiny_model, device="cpu").keep_layers([1]).encode(PROBE)
     assert float(np.abs(exported.encode(PROBE) - before).max()) > 1e-4  # trained away from its init
+
+
+def test_gist_with_in_loop_guide_gathers_across_workers(
+    tiny_model: Path, snli_triples: Path, tmp_path: Path
+) -> None:
+    """GIST: documents and the guide's document embeddings are gathered from both workers (GradCache)."""
+    from conftest import build_tiny
+
+    student = build_tiny(tmp_path / "student", seed=5)
+    result = train(
+        TrainConfig(
+            data=str(snli_triples), output_dir=str(tmp_path / "gist"), model=str(student),
+            loss="gist", teacher=str(tiny_model), gist_margin=0.05, matryoshka_dims=[32, 16],
+            num_workers=2, zero_stage=2, batch_size=8, grad_cache_chunk=4, max_length=32, lr=1e-3,
+            max_steps=2, checkpoint_every=2,
+        )
+    )  # fmt: skip
+    assert result["step"] == 2 and np.isfinite(result["loss"]) and result["loss"] > 0
+    assert _changed(student, Path(result["output_dir"])) > 1e-4
 
 
 def test_missing_column_and_unknown_model_fail_fast(

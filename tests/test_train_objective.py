@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rayembed.config import TrainConfig
 from rayembed.model import Embedder
-from rayembed.train import objective
+from rayembed.objective import objective
 
 TEXTS = ["a dog runs", "a cat sleeps", "rain falls on the roof", "two men talk"]
 
@@ -79,3 +80,60 @@ def test_spread_out_weight_adds_the_regulariser() -> None:
     torch.testing.assert_close(plain([q, d]), InfoNCE(20.0)(q, d))
     torch.testing.assert_close(spread([q, d]), InfoNCE(20.0)(q, d) + 0.5 * SpreadOut()(q, d))
     assert float(SpreadOut()(q, d)) > 0
+
+
+PAIRS = {"query": np.array(TEXTS[:2] * 2, dtype=object), "positive": np.array(TEXTS[2:] * 2, dtype=object)}
+
+
+@pytest.mark.parametrize("loss", ["gist", "score_distill"])
+def test_guided_losses_use_the_teacher_in_the_loop_on_full_width(loss: str, tiny_model: Path) -> None:
+    from rayembed.regularizers import GISTLoss, ScoreDistill
+
+    teacher = Embedder.load(tiny_model, device="cpu").eval()
+    cfg = TrainConfig(
+        data="x", output_dir="y", loss=loss, teacher=str(tiny_model), matryoshka_dims=[32, 16],
+        scale=10.0, gist_margin=0.05,
+    )  # fmt: skip
+    towers, loss_of = objective(cfg, PAIRS, teacher, torch.device("cpu"))
+    assert towers == [list(PAIRS["query"]), list(PAIRS["positive"])]
+    gq, gd = teacher.embed_texts(towers[0]).detach(), teacher.embed_texts(towers[1]).detach()
+    g = torch.Generator().manual_seed(0)
+    q, d = torch.randn(4, 32, generator=g), torch.randn(4, 32, generator=g)
+    if loss == "gist":
+        fn = GISTLoss(scale=10.0, margin=0.05)
+        want = fn(q, d, gq, gd) + fn(q[:, :16], d[:, :16], gq, gd)  # the guide is never sliced
+    else:
+        scores = 10.0 * F.normalize(gq, dim=-1) @ F.normalize(gd, dim=-1).T
+        fn2 = ScoreDistill(temperature=1.0, scale=10.0)
+        want = fn2(q, d, scores) + fn2(q[:, :16], d[:, :16], scores)
+    torch.testing.assert_close(loss_of([q, d]), want)
+    assert float(want) > 0
+
+
+def test_guided_and_learnable_scale_config_checks() -> None:
+    with pytest.raises(ValueError, match="needs a teacher model"):
+        TrainConfig(data="x", output_dir="y", loss="gist")
+    with pytest.raises(ValueError, match="no negative_column"):
+        TrainConfig(data="x", output_dir="y", loss="score_distill", teacher="t", negative_column="n")
+    with pytest.raises(ValueError, match="learnable_scale needs loss=symmetric_infonce"):
+        TrainConfig(data="x", output_dir="y", learnable_scale=True)
+
+
+def test_learnable_scale_steps_with_its_own_optimizer_and_round_trips() -> None:
+    from rayembed.objective import LossState, build_loss
+
+    cfg = TrainConfig(data="x", output_dir="y", loss="symmetric_infonce", learnable_scale=True, scale=2.0)
+    state = LossState(build_loss(cfg), lr=0.1)
+    assert state.metrics() == {"scale": pytest.approx(2.0)}
+    q = torch.eye(4, 8)
+    _, loss_of = objective(cfg, {"query": np.array(["a"] * 4), "positive": np.array(["b"] * 4)}, None,
+                           torch.device("cpu"), state.loss_fn)  # fmt: skip
+    loss_of([q, q]).backward()  # perfect pairs: a larger scale lowers the loss
+    state.step()
+    assert state.metrics()["scale"] == pytest.approx(2.0 * np.exp(0.1), rel=1e-3)  # Adam's first step: lr
+    again = LossState(build_loss(cfg), lr=0.1)
+    again.load_state_dict(state.state_dict())
+    assert again.metrics() == state.metrics()
+    fixed = LossState(build_loss(TrainConfig(data="x", output_dir="y")), lr=0.1)
+    fixed.step()  # nothing to step
+    assert fixed.state_dict() == {} and fixed.metrics() == {}

@@ -73,14 +73,24 @@ class TrainConfig:
     precision: str = "fp32"
     """Training precision: fp32, bf16 or fp16 (fp16 only on GPU)."""
     loss: str = "infonce"
-    """Loss name from rayembed.losses.LOSSES: infonce, symmetric_infonce, hard_infonce or distill."""
+    """Loss name from rayembed.losses.LOSSES: infonce, symmetric_infonce, hard_infonce (query/positive
+    pairs), gist, score_distill (pairs plus the in-loop `teacher`) or distill (texts plus a teacher)."""
     scale: float = 20.0
-    """InfoNCE logit scale (1 / temperature)."""
+    """Logit scale (1 / temperature) of the contrastive, GIST and score-distillation losses."""
+    learnable_scale: bool = False
+    """symmetric_infonce: train the scale (CLIP; from `scale`, clamped at 100) with its own AdamW at
+    `scale_lr`; its gradient is averaged over workers, it is reported as `scale` and kept in checkpoints."""
+    scale_lr: float = 1e-3
+    """Learning rate of a learnable scale (on log scale)."""
+    gist_margin: float = 0.0
+    """GIST: in-batch negatives the guide (`teacher`) scores above the positive's guide score minus this
+    are masked."""
     student_layers: list[int] | None = None
     """Initialise the trained model from these transformer layers of `model` (e.g. [0, 2, 5]: a 3-layer
     student from MiniLM-L6's layers); the exported model has only these layers."""
     teacher: str | None = None
-    """Teacher model for loss=distill, run inside the training loop (no grad)."""
+    """Teacher model run inside the training loop (no grad): distill's teacher (unless teacher_column),
+    GIST's guide, score_distill's scorer."""
     teacher_column: str | None = None
     """Distillation: column of precomputed teacher embeddings (e.g. `rayembed embed` output of the teacher
     with the text passed through); replaces running `teacher` in the loop."""
@@ -163,6 +173,18 @@ class TrainConfig:
         _check(
             self.loss != "distill" or bool(self.teacher or self.teacher_column),
             "loss=distill needs a teacher model or a teacher_column",
+        )
+        _check(
+            self.loss not in ("gist", "score_distill") or bool(self.teacher),
+            f"loss={self.loss} needs a teacher model (the guide / scorer run in the loop)",
+        )
+        _check(
+            self.loss not in ("gist", "score_distill") or not self.negative_column,
+            f"loss={self.loss} takes query/positive pairs: no negative_column",
+        )
+        _check(
+            not self.learnable_scale or self.loss == "symmetric_infonce",
+            "learnable_scale needs loss=symmetric_infonce",
         )
         _check(
             self.grad_cache_chunk is None

@@ -69,18 +69,21 @@ class EmbeddingDistill(nn.Module):
 
 
 def _registry() -> dict[str, type[nn.Module]]:
-    from rayembed.regularizers import HardnessWeightedInfoNCE, SymmetricInfoNCE
+    from rayembed.regularizers import GISTLoss, HardnessWeightedInfoNCE, ScoreDistill, SymmetricInfoNCE
 
     return {
         "infonce": InfoNCE,
         "symmetric_infonce": SymmetricInfoNCE,
         "hard_infonce": HardnessWeightedInfoNCE,
+        "gist": GISTLoss,
+        "score_distill": ScoreDistill,
         "distill": EmbeddingDistill,
     }
 
 
 LOSSES: dict[str, type[nn.Module]] = _registry()
 CONTRASTIVE = {"infonce", "symmetric_infonce", "hard_infonce"}  # called loss(q, d, neg, offset=...)
+GUIDED = {"gist", "score_distill"}  # query/positive pairs plus an in-loop teacher's embeddings of both
 
 
 def matryoshka(

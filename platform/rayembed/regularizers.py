@@ -76,28 +76,31 @@ class HardnessWeightedInfoNCE(nn.Module):
 
 class GISTLoss(nn.Module):
     """InfoNCE over query-doc, query-query and doc-doc similarities, where every in-batch negative that a
-    guide model scores above the pair's own guide similarity (minus `margin`) is masked out."""
+    guide model scores above the pair's own guide similarity (minus `margin`) is masked out.
+
+    q, guide_q: [B, D] local queries; d, guide_d: [N, D] documents (gathered from every worker) with q's
+    positives at d[offset:offset+B]. The guide's width may differ from the model's.
+    """
 
     def __init__(self, scale: float = 20.0, margin: float = 0.0) -> None:
         super().__init__()
         self.scale, self.margin = scale, margin
 
-    def forward(self, q: Tensor, d: Tensor, guide_q: Tensor, guide_d: Tensor) -> Tensor:
-        b = q.shape[0]
-        eye = torch.eye(b, dtype=torch.bool, device=q.device)
-        g_pos = _cos(guide_q, guide_d).diagonal()[:, None] - self.margin
+    def forward(self, q: Tensor, d: Tensor, guide_q: Tensor, guide_d: Tensor, offset: int = 0) -> Tensor:
+        rows = torch.arange(q.shape[0], device=q.device)
+        pos = rows + offset
+        own, guide_own = d[pos], guide_d[pos]
+        g_pos = (F.normalize(guide_q, dim=-1) * F.normalize(guide_own, dim=-1)).sum(-1)[:, None] - self.margin
         blocks = []
-        for s, g, self_pairs in (
-            (_cos(q, d), _cos(guide_q, guide_d), False),
-            (_cos(q, q), _cos(guide_q, guide_q), True),
-            (_cos(d, d), _cos(guide_d, guide_d), True),
+        for s, g, own_col in (
+            (_cos(q, d), _cos(guide_q, guide_d), None),  # (rows, pos): the positive, never masked
+            (_cos(q, q), _cos(guide_q, guide_q), rows),  # (rows, rows): a query is not its own negative
+            (_cos(own, d), _cos(guide_own, guide_d), pos),  # nor is a document
         ):
-            mask = (g > g_pos) & ~eye  # guide says: as close as the positive -> not a negative
-            if self_pairs:
-                mask |= eye  # an item is not its own negative
+            mask = g > g_pos  # guide says: as close as the positive -> not a negative
+            mask[rows, pos if own_col is None else own_col] = own_col is not None
             blocks.append((self.scale * s).masked_fill(mask, float("-inf")))
-        logits = torch.cat(blocks, dim=1)
-        return F.cross_entropy(logits, torch.arange(b, device=q.device))
+        return F.cross_entropy(torch.cat(blocks, dim=1), pos)
 
 
 class ScoreDistill(nn.Module):

@@ -18,17 +18,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from rayembed.config import TrainConfig
-from rayembed.dist import agree, gather_with_grad
+from rayembed.dist import agree
 from rayembed.gradcache import LossOf, grad_cache_step
 from rayembed.io import is_s3, upload_dir
-from rayembed.losses import CONTRASTIVE, LOSSES, EmbeddingDistill, matryoshka, matryoshka_to_full
+from rayembed.losses import CONTRASTIVE, GUIDED
 from rayembed.model import Embedder
-from rayembed.regularizers import SpreadOut
+from rayembed.objective import LossState, build_loss, objective
 from rayembed.report import write_report
 
 CKPT_TAG = "ds"
@@ -62,62 +61,6 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     return config
 
 
-def build_loss(cfg: TrainConfig) -> torch.nn.Module:
-    if cfg.loss in CONTRASTIVE:
-        return LOSSES[cfg.loss](scale=cfg.scale)
-    return LOSSES[cfg.loss](
-        alignment=cfg.distill_alignment, kl_weight=cfg.kl_weight, temperature=cfg.temperature
-    )
-
-
-def texts_of(column: Any) -> list[str]:
-    return [str(t) for t in column]
-
-
-def objective(
-    cfg: TrainConfig, batch: dict[str, Any], teacher: Embedder | None, device: torch.device
-) -> tuple[list[list[str]], LossOf]:
-    """The batch's text towers and the loss of their embeddings (one matrix per tower).
-
-    Contrastive: towers are queries, positives (and hard negatives); documents and negatives are
-    gathered from every worker. Distillation: one tower, scored against teacher embeddings taken
-    from `teacher_column` when given, else computed by the teacher model (no grad). Either way the
-    spread-out regulariser (weight `spread_out_weight`) is added on the full-width embeddings.
-    """
-    loss_fn = build_loss(cfg).to(device)
-    dims, weights, spread = cfg.matryoshka_dims, cfg.matryoshka_weights, cfg.spread_out_weight
-    if cfg.loss in CONTRASTIVE:
-        columns = [cfg.query_column, cfg.positive_column] + (
-            [cfg.negative_column] if cfg.negative_column else []
-        )
-
-        def contrastive(reps: list[Tensor]) -> Tensor:
-            d, offset = gather_with_grad(reps[1])
-            neg = gather_with_grad(reps[2])[0] if len(reps) > 2 else None
-            loss = matryoshka(loss_fn, dims, weights, reps[0], d, neg, offset=offset)
-            return loss + spread * SpreadOut()(reps[0], d) if spread else loss
-
-        return [texts_of(batch[c]) for c in columns], contrastive
-    assert isinstance(loss_fn, EmbeddingDistill)
-    texts = texts_of(batch[cfg.text_column])
-    if cfg.teacher_column:
-        rows = np.stack(list(batch[cfg.teacher_column])).astype(np.float32)  # list column or 2-D array
-        target = torch.as_tensor(rows, device=device)
-    else:
-        assert teacher is not None
-        with torch.no_grad():
-            target = teacher.embed_texts(texts)
-
-    def distill(reps: list[Tensor]) -> Tensor:
-        if cfg.matryoshka_teacher == "full" and dims:
-            loss = matryoshka_to_full(loss_fn, dims, weights, reps[0], target)
-        else:
-            loss = matryoshka(loss_fn, dims, weights, reps[0], target)
-        return loss + spread * SpreadOut()(reps[0], reps[0]) if spread else loss
-
-    return [texts], distill
-
-
 def backward_step(engine: Any, cfg: TrainConfig, towers: list[list[str]], loss_of: LossOf) -> Tensor:
     """Forward + backward of one batch (plain, or GradCache in chunks); the caller calls engine.step()."""
     model: Embedder = engine.module
@@ -148,13 +91,14 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _save_and_report(
-    engine: Any, state: dict[str, int], metrics: dict[str, float], history: list[Any]
+    engine: Any, state: dict[str, int], metrics: dict[str, float], history: list[Any], loss: LossState
 ) -> None:
-    """Every worker saves its ZeRO shard; rank 0 adds the metric history (history.json) for the report."""
+    """Every worker saves its ZeRO shard (and the loss's own state); rank 0 adds the metric history
+    (history.json) for the report."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=dict(state))
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={**state, **loss.state_dict()})
         if ray.train.get_context().get_world_rank() == 0:
             Path(tmp, HISTORY).write_text(json.dumps(history))
         ray.train.report({**metrics, **state}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -171,7 +115,7 @@ def _build(cfg: TrainConfig, device: torch.device) -> tuple[Any, Embedder | None
     model.train()
     teacher = (
         Embedder.load(cfg.teacher, device=str(device))
-        if cfg.loss == "distill" and cfg.teacher and not cfg.teacher_column
+        if cfg.teacher and (cfg.loss in GUIDED or (cfg.loss == "distill" and not cfg.teacher_column))
         else None
     )
     engine, *_ = deepspeed.initialize(
@@ -180,8 +124,8 @@ def _build(cfg: TrainConfig, device: torch.device) -> tuple[Any, Embedder | None
     return engine, teacher
 
 
-def _resume(engine: Any) -> tuple[dict[str, int], list[Any]]:
-    """Position (step, epoch, batch in epoch) and metric history from the latest checkpoint, if any."""
+def _resume(engine: Any, loss: LossState) -> tuple[dict[str, int], list[Any]]:
+    """Position (step, epoch, batch in epoch), loss state and metric history from the latest checkpoint."""
     import ray.train
 
     state, history = {"step": 0, "epoch": 0, "batch_in_epoch": 0}, []
@@ -192,6 +136,7 @@ def _resume(engine: Any) -> tuple[dict[str, int], list[Any]]:
             if Path(d, HISTORY).is_file():
                 history = json.loads(Path(d, HISTORY).read_text())
         state.update({k: int(client[k]) for k in state})
+        loss.load_state_dict(client)
     return state, [h for h in history if h["step"] <= state["step"]]
 
 
@@ -206,7 +151,8 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     engine, teacher = _build(cfg, device)
-    state, history = _resume(engine)
+    loss_state = LossState(build_loss(cfg).to(device), cfg.scale_lr)
+    state, history = _resume(engine, loss_state)
     resumed_from, started = state["step"], time.perf_counter()
     shard = ray.train.get_dataset_shard("train")
     max_steps = cfg.max_steps or 10**12
@@ -234,14 +180,20 @@ def train_loop(config: dict[str, Any]) -> None:
             if not ready:
                 break
             assert batch is not None
-            loss = float(backward_step(engine, cfg, *objective(cfg, batch, teacher, device)))
+            towers, loss_of = objective(cfg, batch, teacher, device, loss_state.loss_fn)
+            loss = float(backward_step(engine, cfg, towers, loss_of))
             engine.step()
+            loss_state.step()
             state["step"] += 1
             state["batch_in_epoch"] += 1
             metrics = {"loss": loss, "resumed_from": resumed_from, "peak_mem_mb": peak_memory_mb(device)}
-            history.append({"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started})
+            metrics |= loss_state.metrics()
+            history.append(
+                {"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started}
+                | loss_state.metrics()
+            )
             if state["step"] % cfg.checkpoint_every == 0:
-                _save_and_report(engine, state, metrics, history)
+                _save_and_report(engine, state, metrics, history, loss_state)
                 saved, last_report = state["step"], time.perf_counter()
             elif report:
                 ray.train.report({**metrics, **state})
@@ -252,7 +204,7 @@ def train_loop(config: dict[str, Any]) -> None:
         state["batch_in_epoch"] = 0
     if saved != state["step"] or state["step"] == 0:
         metrics |= {"resumed_from": resumed_from, "peak_mem_mb": peak_memory_mb(device)}
-        _save_and_report(engine, state, metrics, history)
+        _save_and_report(engine, state, metrics, history, loss_state)
 
 
 def consolidate(checkpoint_dir: str | Path, base_model: str, layers: list[int] | None = None) -> Embedder:
@@ -319,7 +271,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ds = read_dataset(cfg.data)
     needed = (
         [cfg.query_column, cfg.positive_column] + ([cfg.negative_column] if cfg.negative_column else [])
-        if cfg.loss in CONTRASTIVE
+        if cfg.loss in CONTRASTIVE | GUIDED
         else [cfg.text_column] + ([cfg.teacher_column] if cfg.teacher_column else [])
     )
     require_columns(ds, needed, "train")

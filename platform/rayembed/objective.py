@@ -1,0 +1,169 @@
+"""The training objective: from a batch of rows to text towers and the loss of their embeddings.
+
+Four kinds, chosen by `TrainConfig.loss`:
+- contrastive (infonce, symmetric_infonce, hard_infonce): queries vs positives (+ hard negatives),
+  documents and negatives gathered from every worker;
+- guided (gist, score_distill): queries vs positives gathered likewise, plus the in-loop teacher's
+  embeddings of both (GIST: the guide that masks false in-batch negatives; score_distill: the
+  teacher whose query-document scores the student's should match);
+- distill: one tower, against teacher embeddings from `teacher_column` or the in-loop teacher.
+Matryoshka widths slice the trained model's embeddings only, never the teacher's; the spread-out
+regulariser (weight `spread_out_weight`) is added on the full width.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rayembed.config import TrainConfig
+from rayembed.dist import gather_with_grad
+from rayembed.gradcache import LossOf
+from rayembed.losses import CONTRASTIVE, GUIDED, LOSSES, EmbeddingDistill, matryoshka, matryoshka_to_full
+from rayembed.model import Embedder
+from rayembed.regularizers import SpreadOut
+
+
+def build_loss(cfg: TrainConfig) -> nn.Module:
+    cls = LOSSES[cfg.loss]
+    if cfg.loss == "symmetric_infonce":
+        return cls(scale=cfg.scale, learnable=cfg.learnable_scale)
+    if cfg.loss in CONTRASTIVE:
+        return cls(scale=cfg.scale)
+    if cfg.loss == "gist":
+        return cls(scale=cfg.scale, margin=cfg.gist_margin)
+    if cfg.loss == "score_distill":
+        return cls(temperature=1.0, scale=cfg.scale)
+    return cls(alignment=cfg.distill_alignment, kl_weight=cfg.kl_weight, temperature=cfg.temperature)
+
+
+def texts_of(column: Any) -> list[str]:
+    return [str(t) for t in column]
+
+
+def objective(
+    cfg: TrainConfig,
+    batch: dict[str, Any],
+    teacher: Embedder | None,
+    device: torch.device,
+    loss_fn: nn.Module | None = None,
+) -> tuple[list[list[str]], LossOf]:
+    """(text towers, loss of their embeddings: one matrix per tower). `loss_fn`: the run's loss module
+    (kept across steps when it has parameters, e.g. a learnable scale); default: a fresh one."""
+    loss_fn = loss_fn or build_loss(cfg).to(device)
+    if cfg.loss in CONTRASTIVE:
+        return _contrastive(cfg, batch, loss_fn)
+    if cfg.loss in GUIDED:
+        assert teacher is not None, f"loss={cfg.loss} needs the teacher model in the loop"
+        return _guided(cfg, batch, teacher, loss_fn)
+    assert isinstance(loss_fn, EmbeddingDistill)
+    return _distill(cfg, batch, teacher, device, loss_fn)
+
+
+def _spread(cfg: TrainConfig, loss: Tensor, q: Tensor, d: Tensor) -> Tensor:
+    return loss + cfg.spread_out_weight * SpreadOut()(q, d) if cfg.spread_out_weight else loss
+
+
+def _contrastive(
+    cfg: TrainConfig, batch: dict[str, Any], loss_fn: nn.Module
+) -> tuple[list[list[str]], LossOf]:
+    columns = [cfg.query_column, cfg.positive_column] + ([cfg.negative_column] if cfg.negative_column else [])
+    dims, weights = cfg.matryoshka_dims, cfg.matryoshka_weights
+
+    def contrastive(reps: list[Tensor]) -> Tensor:
+        d, offset = gather_with_grad(reps[1])
+        neg = gather_with_grad(reps[2])[0] if len(reps) > 2 else None
+        return _spread(cfg, matryoshka(loss_fn, dims, weights, reps[0], d, neg, offset=offset), reps[0], d)
+
+    return [texts_of(batch[c]) for c in columns], contrastive
+
+
+def _guided(
+    cfg: TrainConfig, batch: dict[str, Any], teacher: Embedder, loss_fn: nn.Module
+) -> tuple[list[list[str]], LossOf]:
+    towers = [texts_of(batch[cfg.query_column]), texts_of(batch[cfg.positive_column])]
+    with torch.no_grad():
+        guide_q, guide_own = (teacher.embed_texts(t) for t in towers)
+    guide_d = gather_with_grad(guide_own)[0]  # no grad flows: a plain all_gather
+    dims, weights = cfg.matryoshka_dims, cfg.matryoshka_weights
+
+    def guided(reps: list[Tensor]) -> Tensor:
+        d, offset = gather_with_grad(reps[1])
+        if cfg.loss == "gist":
+            fn = partial(loss_fn, guide_q=guide_q, guide_d=guide_d, offset=offset)
+        else:  # score_distill: the teacher's scaled cosines of every local query vs every document
+            scores = cfg.scale * F.normalize(guide_q, dim=-1) @ F.normalize(guide_d, dim=-1).T
+            fn = partial(loss_fn, teacher_scores=scores)
+        return _spread(cfg, matryoshka(fn, dims, weights, reps[0], d), reps[0], d)
+
+    return towers, guided
+
+
+def _distill(
+    cfg: TrainConfig,
+    batch: dict[str, Any],
+    teacher: Embedder | None,
+    device: torch.device,
+    loss_fn: EmbeddingDistill,
+) -> tuple[list[list[str]], LossOf]:
+    texts = texts_of(batch[cfg.text_column])
+    if cfg.teacher_column:
+        rows = np.stack(list(batch[cfg.teacher_column])).astype(np.float32)  # list column or 2-D array
+        target = torch.as_tensor(rows, device=device)
+    else:
+        assert teacher is not None
+        with torch.no_grad():
+            target = teacher.embed_texts(texts)
+    dims, weights = cfg.matryoshka_dims, cfg.matryoshka_weights
+
+    def distill(reps: list[Tensor]) -> Tensor:
+        if cfg.matryoshka_teacher == "full" and dims:
+            loss = matryoshka_to_full(loss_fn, dims, weights, reps[0], target)
+        else:
+            loss = matryoshka(loss_fn, dims, weights, reps[0], target)
+        return _spread(cfg, loss, reps[0], reps[0])
+
+    return [texts], distill
+
+
+class LossState:
+    """The run's loss module, kept across steps, and an AdamW of its own parameters when it has any (a
+    learnable scale): DeepSpeed steps the model, `step()` the loss, with gradients averaged over workers."""
+
+    def __init__(self, loss_fn: nn.Module, lr: float) -> None:
+        self.loss_fn = loss_fn
+        self.params = [p for p in loss_fn.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0) if self.params else None
+
+    def step(self) -> None:
+        if self.optimizer is None:
+            return
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for p in self.params:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            if world > 1:
+                dist.all_reduce(grad)
+            p.grad = grad / world
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def metrics(self) -> dict[str, float]:
+        scale = getattr(self.loss_fn, "scale", None)
+        return {"scale": float(scale().detach())} if self.optimizer is not None and callable(scale) else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {}
+        return {"loss": self.loss_fn.state_dict(), "loss_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.optimizer is not None and "loss" in state:
+            self.loss_fn.load_state_dict(state["loss"])
+            self.optimizer.load_state_dict(state["loss_optimizer"])
