@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -42,6 +43,38 @@ def test_small_requests_share_the_first_batch_with_a_big_one() -> None:
     assert [int(s[0, 0]) for s in small] == [2000, 3000, 4000, 5000, 6000]
     for batch in model.batches:
         assert sum(len(x) for x in batch) <= 64 and len(batch) <= 16
+
+
+def test_the_wait_window_is_only_waited_when_the_model_was_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate, waits = threading.Event(), []
+    real_sleep = asyncio.sleep
+
+    class Gated(FakeModel):
+        def __call__(self, ids: list[list[int]]) -> np.ndarray:
+            self.batches.append(ids)
+            gate.wait(10)  # the first call holds the model until the second request has queued
+            return np.array([[x[0], len(x)] for x in ids], dtype=np.float32)
+
+    async def sleep(delay: float, *a: object) -> None:
+        waits.append(delay)
+        await real_sleep(delay)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    model = Gated()
+
+    async def go() -> None:
+        b = TokenBatcher(model, dim=2, wait_s=0.05)
+        first = asyncio.ensure_future(b.embed(_req(1, 1)))
+        while not model.batches:  # the first request is inside the model
+            await real_sleep(0.001)
+        second = asyncio.ensure_future(b.embed(_req(2, 1)))
+        await real_sleep(0.01)
+        gate.set()
+        await asyncio.gather(first, second)
+
+    asyncio.run(go())
+    assert [x[0][0] for x in model.batches] == [1000, 2000]
+    assert waits.count(0.05) == 1  # only before the first batch, not after the busy model call
 
 
 def test_queue_is_bounded() -> None:

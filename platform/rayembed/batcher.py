@@ -3,7 +3,8 @@
 Requests queue their token ids; one loop takes inputs round-robin across the waiting requests (one
 input from each in turn) until the batch holds `max_batch_tokens` tokens or `max_batch_inputs` inputs,
 runs the model once in a worker thread, and hands every request its rows as soon as all of them are
-done. So a 2,000-input request and many 1-input requests share each model call instead of queueing
+done. The `wait_s` window is only waited when the model was idle; inputs that queued during a model
+call form the next batch at once. So a 2,000-input request and many 1-input requests share each model call instead of queueing
 behind each other, and the queue is bounded: beyond `max_queued_inputs` a request is refused at once.
 """
 
@@ -99,14 +100,17 @@ class TokenBatcher:
 
     async def _loop(self) -> None:
         assert self._wake is not None
+        idle = True
         while True:
             await self._wake.wait()
-            if self.wait_s:
-                await asyncio.sleep(self.wait_s)  # let concurrent requests join this batch
-            batch = self.take()
+            if self.wait_s and idle:  # the model was idle: let concurrent requests join this batch
+                await asyncio.sleep(self.wait_s)
+            batch = self.take()  # after a model call: what queued meanwhile goes at once
             if not batch:
                 self._wake.clear()
+                idle = True
                 continue
+            idle = False
             ids = [job.ids[i] for job, i in batch]
             self.queued -= len(batch)
             try:
