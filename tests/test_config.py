@@ -78,6 +78,8 @@ def test_cli_flags_mix_with_overrides() -> None:
         ("train", {"data": "x", "output_dir": "y", "precision": "fp16"}, "fp16 needs use_gpu"),
         ("embed", {"input": "x", "output": "y", "precision": "fp8"}, "precision must be"),
         ("serve", {"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+        ("serve", {"dtype": "float16"}, "float16 with num_gpus > 0"),
+        ("embed", {"input": "x", "output": "y", "cpu_dtype": "float16"}, "cpu_dtype must be"),
         ("prepare", {"kind": "csv", "source": "x", "output": "y"}, "kind must be"),
     ],
 )

@@ -124,6 +124,7 @@ def test_bad_rows_are_rejected_and_counted(tiny_model: Path, tmp_path: Path) -> 
         model=str(tiny_model),
         passthrough_columns=["lang"],
         partition_by="lang",
+        cpu_dtype="bfloat16",  # the actors run the model in bfloat16, the vectors are still float32
     )
     summary = embed(cfg)
     assert summary["rows_in"] == 5 and summary["rows"] == 3 and summary["truncated"] == 1
@@ -141,6 +142,14 @@ def test_bad_rows_are_rejected_and_counted(tiny_model: Path, tmp_path: Path) -> 
         "lang=__null__",
     }
     assert dict(zip(got["id"].to_pylist(), got["truncated"].to_pylist(), strict=True))["d"] is True
+    import torch
+
+    vec = dict(zip(got["id"].to_pylist(), got["embedding"].to_numpy(zero_copy_only=False), strict=True))
+    texts = ["fine", "also fine"]
+    bf16 = Embedder.load(tiny_model, device="cpu", dtype=torch.bfloat16).encode(texts)
+    np.testing.assert_array_equal(np.stack([vec["a"], vec["e"]]), bf16)  # the same encode function
+    fp32 = Embedder.load(tiny_model, device="cpu").encode(texts)
+    assert (bf16 * fp32).sum(1).min() > 0.99 and np.abs(bf16 - fp32).max() > 0  # close, not identical
 
 
 def test_bad_input_is_refused_with_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:

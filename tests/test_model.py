@@ -48,6 +48,15 @@ def test_encode_order_and_batching_do_not_change_vectors(minilm: Embedder) -> No
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
 
 
+def test_bfloat16_on_cpu_stays_within_cosine_0_9995_of_float32(minilm: Embedder) -> None:
+    import torch
+
+    bf16 = Embedder.load("default", device="cpu", dtype=torch.bfloat16)
+    a, b = minilm.encode(TEXTS), bf16.encode(TEXTS)
+    assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+    assert (a * b).sum(1).min() > 0.9995
+
+
 def test_matryoshka_truncation_renormalises(minilm: Embedder) -> None:
     full = minilm.encode(TEXTS)
     small = minilm.encode(TEXTS, dim=64)

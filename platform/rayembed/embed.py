@@ -101,11 +101,7 @@ class EmbedFragments:
 
         torch.set_num_threads(threads)
         self.cfg = c = EmbedConfig(**cfg)
-        dtype = (
-            {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(c.gpu_dtype)
-            if device == "cuda"
-            else None
-        )
+        dtype = getattr(torch, c.gpu_dtype if device == "cuda" else c.cpu_dtype)
         self.embedder = Embedder.load(c.model, device=device, dtype=dtype)
         self.embedder.tokenize_threads = threads
         self.meta = meta

@@ -220,12 +220,12 @@ class Embedder(nn.Module):
         """Pooled (and, if configured, unit-length) embeddings of a tokenized batch."""
         kw = {k: v for k, v in kw.items() if k == "token_type_ids"}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        hidden = hidden.float()  # pool in float32 whatever the model's dtype (bf16 sums lose digits)
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        pooled = pooled.float()
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:

@@ -70,7 +70,8 @@ class EmbeddingService:
         self.cfg = c = ServeConfig(**config)
         if c.torch_threads:
             torch.set_num_threads(c.torch_threads)
-        self.embedder = Embedder.load(c.model, device="cuda" if c.num_gpus else "cpu")
+        device = "cuda" if c.num_gpus else "cpu"
+        self.embedder = Embedder.load(c.model, device=device, dtype=getattr(torch, c.dtype))
         self.embedder.tokenize_threads = max(1, int(c.num_cpus))
         self.model_name = c.model_name or self.embedder.name
         self.limits = Limits(
