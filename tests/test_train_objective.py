@@ -35,21 +35,6 @@ def test_teacher_column_equals_teacher_in_loop(tiny_model: Path) -> None:
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_matryoshka_teacher_full_uses_the_full_width_target() -> None:
-    from rayembed.losses import EmbeddingDistill, matryoshka_to_full
-
-    s, t = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), torch.randn(4, 8)
-    batch = {"text": np.array(TEXTS, dtype=object), "emb": np.array(list(t.numpy()), dtype=object)}
-    base = dict(data="x", output_dir="y", loss="distill", teacher_column="emb", matryoshka_dims=[8, 4])
-    full = objective(TrainConfig(**base, matryoshka_teacher="full"), batch, None, torch.device("cpu"))[1]
-    want = matryoshka_to_full(EmbeddingDistill(), [8, 4], None, s, t)
-    torch.testing.assert_close(full([s]), want)
-    with pytest.raises(ValueError, match="kl_weight must be > 0"):
-        TrainConfig(**base, matryoshka_teacher="full", kl_weight=0.0)
-    with pytest.raises(ValueError, match="prefix.full"):
-        TrainConfig(**base, matryoshka_teacher="half")
-
-
 def test_contrastive_towers_and_config_checks() -> None:
     cfg = TrainConfig(data="x", output_dir="y", negative_column="neg", batch_size=8, grad_cache_chunk=4)
     batch = {

@@ -107,10 +107,6 @@ class TrainConfig:
     """Train every prefix width in this list (empty: full width only)."""
     matryoshka_weights: list[float] | None = None
     """Weights of the Matryoshka widths (default 1 each)."""
-    matryoshka_teacher: str = "prefix"
-    """Distillation target of a student prefix k: `prefix` (alignment + KL against the teacher's first k
-    dims) or `full` (KL only, against the teacher's full-width similarities; the full width also aligns),
-    so short prefixes can keep more than the teacher's own prefixes do."""
     query_column: str = "query"
     """Contrastive: query text column."""
     positive_column: str = "positive"
@@ -199,14 +195,6 @@ class TrainConfig:
         _check(
             self.matryoshka_weights is None or len(self.matryoshka_weights) == len(self.matryoshka_dims),
             "matryoshka_weights must have one weight per dim",
-        )
-        _check(
-            self.matryoshka_teacher in ("prefix", "full"),
-            f"matryoshka_teacher must be prefix|full, got {self.matryoshka_teacher!r}",
-        )
-        _check(
-            self.matryoshka_teacher == "prefix" or self.kl_weight > 0,
-            "matryoshka_teacher=full trains the prefixes by the KL term: kl_weight must be > 0",
         )
         # Ray Train workers run in their own folders: local paths must be absolute.
         self.data, self.output_dir = local_abspath(self.data), local_abspath(self.output_dir)

@@ -60,8 +60,7 @@ class EmbeddingDistill(nn.Module):
         return align + self.kl_weight * self.relational(s, t) if self.kl_weight else align
 
     def relational(self, student: Tensor, teacher: Tensor) -> Tensor:
-        """KL(softmax(T T^T / tau) || softmax(S S^T / tau)) over the batch; the widths may differ
-        (a student prefix can learn the teacher's full-width similarities)."""
+        """KL(softmax(T T^T / tau) || softmax(S S^T / tau)) over the batch (the widths may differ)."""
         s, t = F.normalize(student, dim=-1), F.normalize(teacher.detach(), dim=-1)
         log_p_s = F.log_softmax(s @ s.T / self.temperature, dim=-1)
         p_t = F.softmax(t @ t.T / self.temperature, dim=-1)
@@ -101,25 +100,3 @@ def matryoshka(
         w * loss(*(None if e is None else e[:, :k] for e in embs), **kw)
         for k, w in zip(dims, ws, strict=True)
     )
-
-
-def matryoshka_to_full(
-    loss: EmbeddingDistill,
-    dims: Sequence[int],
-    weights: Sequence[float] | None,
-    student: Tensor,
-    teacher: Tensor,
-) -> Tensor:
-    """Matryoshka distillation towards the teacher's full width: a width k >= the teacher's gets the whole
-    `loss`; a narrower prefix k gets w_k * kl_weight * loss.relational(student[:, :k], teacher)."""
-    ws = weights or [1.0] * len(dims)
-    terms = [
-        w
-        * (
-            loss(student, teacher)
-            if k >= teacher.shape[1]
-            else loss.kl_weight * loss.relational(student[:, :k], teacher)
-        )
-        for k, w in zip(dims, ws, strict=True)
-    ]
-    return torch.stack(terms).sum()

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from rayembed.config import TrainConfig
 from rayembed.dist import gather_with_grad
 from rayembed.gradcache import LossOf
-from rayembed.losses import CONTRASTIVE, GUIDED, LOSSES, EmbeddingDistill, matryoshka, matryoshka_to_full
+from rayembed.losses import CONTRASTIVE, GUIDED, LOSSES, EmbeddingDistill, matryoshka
 from rayembed.model import Embedder
 from rayembed.regularizers import SpreadOut
 
@@ -122,11 +122,7 @@ def _distill(
     dims, weights = cfg.matryoshka_dims, cfg.matryoshka_weights
 
     def distill(reps: list[Tensor]) -> Tensor:
-        if cfg.matryoshka_teacher == "full" and dims:
-            loss = matryoshka_to_full(loss_fn, dims, weights, reps[0], target)
-        else:
-            loss = matryoshka(loss_fn, dims, weights, reps[0], target)
-        return _spread(cfg, loss, reps[0], reps[0])
+        return _spread(cfg, matryoshka(loss_fn, dims, weights, reps[0], target), reps[0], reps[0])
 
     return [texts], distill
 

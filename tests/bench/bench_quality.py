@@ -6,7 +6,6 @@
 2. Teacher vectors by the batch pipeline (`rayembed embed`, text passed through).
 3. `rayembed train`: student = the teacher's layers 0, 2, 5; loss = cosine alignment + similarity-matrix KL
    + spread-out, at Matryoshka widths 384/256/128/64; teacher vectors read from the column (ZeRO-2, 2 CPU workers).
-   `--matryoshka-teacher full`: the narrower widths learn the teacher's full-width similarities instead.
 4. nDCG@10 on SciFact test (full corpus) and Spearman on STS-B test for teacher, student before and after,
    at 384/256/128/64 and float32/int8/binary. Goals: student-after nDCG@10 >= 95% of the teacher's at full
    width; 128-d >= 95% of full; int8 >= 99% of float32.
@@ -76,7 +75,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--matryoshka-teacher", default="prefix", choices=["prefix", "full"])
     ap.add_argument(
         "--models", default="teacher,student-before,student-after", help="which to evaluate (comma list)"
     )
@@ -104,7 +102,6 @@ def main() -> None:
             spread_out_weight=0.1, matryoshka_dims=[384, *DIMS], num_workers=2, zero_stage=2,
             batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, warmup_steps=10,
             epochs=args.epochs, shuffle_buffer=2000, checkpoint_every=10**6,
-            matryoshka_teacher=args.matryoshka_teacher,
         )
     )  # fmt: skip
     t2 = time.perf_counter()
@@ -132,7 +129,7 @@ def main() -> None:
         "teacher_128_vs_full": ratio(("teacher", 128, "float32"), teacher),
     }
     print(json.dumps({
-        "matryoshka_teacher": args.matryoshka_teacher, "texts": len(rows), "steps": result["step"],
+        "texts": len(rows), "steps": result["step"],
         "final_loss": round(result["loss"], 4),
         "seconds": {"teacher_vectors": round(t1 - t0), "train": round(t2 - t1), "eval": round(t3 - t2)},
         "goals": goals, "rows": rows_out,
