@@ -45,36 +45,58 @@ def test_small_requests_share_the_first_batch_with_a_big_one() -> None:
         assert sum(len(x) for x in batch) <= 64 and len(batch) <= 16
 
 
-def test_the_wait_window_is_only_waited_when_the_model_was_idle(monkeypatch: pytest.MonkeyPatch) -> None:
-    gate, waits = threading.Event(), []
-    real_sleep = asyncio.sleep
+class Gated(FakeModel):
+    """Holds each model call until `gate` is set."""
 
-    class Gated(FakeModel):
-        def __call__(self, ids: list[list[int]]) -> np.ndarray:
-            self.batches.append(ids)
-            gate.wait(10)  # the first call holds the model until the second request has queued
-            return np.array([[x[0], len(x)] for x in ids], dtype=np.float32)
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
 
-    async def sleep(delay: float, *a: object) -> None:
-        waits.append(delay)
-        await real_sleep(delay)
+    def __call__(self, ids: list[list[int]]) -> np.ndarray:
+        self.batches.append(ids)
+        self.gate.wait(10)
+        return np.array([[x[0], len(x)] for x in ids], dtype=np.float32)
 
-    monkeypatch.setattr(asyncio, "sleep", sleep)
+
+def test_an_idle_batch_waits_only_for_requests_on_their_way() -> None:
+    model = FakeModel()
+
+    async def go() -> float:
+        b = TokenBatcher(model, dim=2, wait_s=5.0)  # a wait this long would time the test out
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        await b.embed(_req(1, 1))  # nothing on its way: no wait
+        alone = loop.time() - t
+
+        async def late() -> np.ndarray:
+            with b.arriving():  # e.g. being tokenized
+                await asyncio.sleep(0.05)
+            return await b.embed(_req(3, 1))
+
+        await asyncio.gather(late(), b.embed(_req(2, 1)))
+        return alone
+
+    assert asyncio.run(go()) < 1.0
+    assert [sorted(x[0] for x in batch) for batch in model.batches] == [[1000], [2000, 3000]]
+
+
+def test_a_busy_models_next_batch_does_not_wait() -> None:
     model = Gated()
 
     async def go() -> None:
-        b = TokenBatcher(model, dim=2, wait_s=0.05)
+        b = TokenBatcher(model, dim=2, wait_s=5.0)
         first = asyncio.ensure_future(b.embed(_req(1, 1)))
         while not model.batches:  # the first request is inside the model
-            await real_sleep(0.001)
+            await asyncio.sleep(0.001)
         second = asyncio.ensure_future(b.embed(_req(2, 1)))
-        await real_sleep(0.01)
-        gate.set()
-        await asyncio.gather(first, second)
+        await asyncio.sleep(0.01)
+        with b.arriving():  # a third is on its way when the model frees up: the second must not wait
+            model.gate.set()
+            await asyncio.wait_for(second, timeout=2.0)
+        await first
 
     asyncio.run(go())
     assert [x[0][0] for x in model.batches] == [1000, 2000]
-    assert waits.count(0.05) == 1  # only before the first batch, not after the busy model call
 
 
 def test_queue_is_bounded() -> None:

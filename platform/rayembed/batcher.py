@@ -3,16 +3,18 @@
 Requests queue their token ids; one loop takes inputs round-robin across the waiting requests (one
 input from each in turn) until the batch holds `max_batch_tokens` tokens or `max_batch_inputs` inputs,
 runs the model once in a worker thread, and hands every request its rows as soon as all of them are
-done. The `wait_s` window is only waited when the model was idle; inputs that queued during a model
-call form the next batch at once. So a 2,000-input request and many 1-input requests share each model call instead of queueing
+done. When the model was idle, a batch waits up to `wait_s` for requests the handler has marked as
+`arriving()` (being parsed and tokenized) and no longer; inputs that queued during a model call form the
+next batch at once. So a 2,000-input request and many 1-input requests share each model call instead of queueing
 behind each other, and the queue is bounded: beyond `max_queued_inputs` a request is refused at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +51,7 @@ class TokenBatcher:
         self.on_batch = on_batch
         self.jobs: deque[_Job] = deque()
         self.queued = 0
+        self.incoming = 0  # requests on their way in (see `arriving`)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -66,6 +69,21 @@ class TokenBatcher:
         assert self._wake is not None
         self._wake.set()
         return await job.future
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark one request as on its way (parsing, tokenizing): an idle batch waits for it, up to wait_s."""
+        self.incoming += 1
+        try:
+            yield
+        finally:
+            self.incoming -= 1
+
+    async def _wait_for_arrivals(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while self.incoming and loop.time() < deadline:
+            await asyncio.sleep(min(0.0005, self.wait_s))
 
     def take(self) -> list[tuple[_Job, int]]:
         """The next batch: inputs round-robin across requests within the token and input budgets."""
@@ -103,8 +121,8 @@ class TokenBatcher:
         idle = True
         while True:
             await self._wake.wait()
-            if self.wait_s and idle:  # the model was idle: let concurrent requests join this batch
-                await asyncio.sleep(self.wait_s)
+            if self.wait_s and idle:  # the model was idle: let requests on their way join this batch
+                await self._wait_for_arrivals()
             batch = self.take()  # after a model call: what queued meanwhile goes at once
             if not batch:
                 self._wake.clear()

@@ -407,7 +407,8 @@ class ServeConfig:
     max_batch_inputs: int = 256
     """Most inputs in one model call."""
     batch_wait_timeout_s: float = 0.005
-    """How long a batch waits for more requests to join."""
+    """Longest an idle model's batch waits for requests already being parsed/tokenized to join (it
+    starts as soon as none is; a busy model's next batch never waits)."""
     max_inputs_per_request: int = 2048
     """Inputs allowed in one request (more: 400)."""
     max_body_bytes: int = 8 << 20

@@ -92,8 +92,9 @@ class EmbeddingService:
 
     async def handle(self, request: Request) -> dict[str, Any]:
         check_auth(request.headers.get("authorization"), self.keys)
-        req = parse_request(await request.body(), self.model_name, self.limits)
-        tokens = await asyncio.to_thread(self.embedder.tokenize_ids, req.texts, req.prompt_name)
+        with self.batcher.arriving():  # an idle model waits (up to batch_wait_timeout_s) for this one
+            req = parse_request(await request.body(), self.model_name, self.limits)
+            tokens = await asyncio.to_thread(self.embedder.tokenize_ids, req.texts, req.prompt_name)
         if not self.cfg.truncate and any(tokens.truncated):
             i = tokens.truncated.index(True)
             raise APIError(
