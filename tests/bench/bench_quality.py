@@ -76,6 +76,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument(
+        "--matryoshka-weights", type=float, nargs=4, default=None, help="weights of widths 384 256 128 64"
+    )
+    ap.add_argument(
         "--models", default="teacher,student-before,student-after", help="which to evaluate (comma list)"
     )
     args = ap.parse_args()
@@ -102,6 +105,7 @@ def main() -> None:
             spread_out_weight=0.1, matryoshka_dims=[384, *DIMS], num_workers=2, zero_stage=2,
             batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, warmup_steps=10,
             epochs=args.epochs, shuffle_buffer=2000, checkpoint_every=10**6,
+            matryoshka_weights=args.matryoshka_weights,
         )
     )  # fmt: skip
     t2 = time.perf_counter()
@@ -129,7 +133,7 @@ def main() -> None:
         "teacher_128_vs_full": ratio(("teacher", 128, "float32"), teacher),
     }
     print(json.dumps({
-        "texts": len(rows), "steps": result["step"],
+        "matryoshka_weights": args.matryoshka_weights, "texts": len(rows), "steps": result["step"],
         "final_loss": round(result["loss"], 4),
         "seconds": {"teacher_vectors": round(t1 - t0), "train": round(t2 - t1), "eval": round(t3 - t2)},
         "goals": goals, "rows": rows_out,
