@@ -151,3 +151,20 @@ def test_student_from_teacher_layers(tmp_path: Path) -> None:
     )  # a different (smaller) model
     with pytest.raises(ValueError, match=r"indices in \[0, 6\)"):
         Embedder.load("default", device="cpu").keep_layers([0, 6])
+
+
+def test_sub_model_outputs_for_2d_matryoshka(tiny_model: Path) -> None:
+    """forward(layers=[1]) returns the full model's embedding, then what the first layer alone gives."""
+    import torch
+
+    model = Embedder.load(tiny_model, device="cpu").eval()
+    feats = model.tokenize(TEXTS)
+    with torch.no_grad():
+        both = model(**feats, layers=[1])
+        full = model(**feats)
+        first = Embedder.load(tiny_model, device="cpu").keep_layers([0]).eval()(**feats)
+    assert both.shape == (len(TEXTS), 2 * model.dim)
+    torch.testing.assert_close(both[:, : model.dim], full)
+    torch.testing.assert_close(both[:, model.dim :], first)
+    with pytest.raises(ValueError, match=r"layers must be in \[1, 2\]"):
+        model(**feats, layers=[3])

@@ -159,7 +159,8 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
 def test_gist_with_in_loop_guide_gathers_across_workers(
     tiny_model: Path, snli_triples: Path, tmp_path: Path
 ) -> None:
-    """GIST: documents and the guide's document embeddings are gathered from both workers (GradCache)."""
+    """GIST: documents and the guide's document embeddings are gathered from both workers (GradCache),
+    with a 2D Matryoshka sub-model trained alongside."""
     from conftest import build_tiny
 
     student = build_tiny(tmp_path / "student", seed=5)
@@ -167,6 +168,7 @@ def test_gist_with_in_loop_guide_gathers_across_workers(
         TrainConfig(
             data=str(snli_triples), output_dir=str(tmp_path / "gist"), model=str(student),
             loss="gist", teacher=str(tiny_model), gist_margin=0.05, matryoshka_dims=[32, 16],
+            matryoshka_2d=[[1, 16]],  # and the first layer alone at width 16 (Starbucks 2D Matryoshka)
             num_workers=2, zero_stage=2, batch_size=8, grad_cache_chunk=4, max_length=32, lr=1e-3,
             max_steps=2, checkpoint_every=2,
         )

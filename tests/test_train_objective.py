@@ -122,3 +122,18 @@ def test_learnable_scale_steps_with_its_own_optimizer_and_round_trips() -> None:
     fixed = LossState(build_loss(TrainConfig(data="x", output_dir="y")), lr=0.1)
     fixed.step()  # nothing to step
     assert fixed.state_dict() == {} and fixed.metrics() == {}
+
+
+def test_2d_matryoshka_adds_each_sub_models_loss_at_its_width() -> None:
+    from rayembed.losses import InfoNCE, matryoshka
+
+    cfg = TrainConfig(data="x", output_dir="y", matryoshka_dims=[32, 16], matryoshka_2d=[[1, 8]])
+    batch = {"query": np.array(["q1", "q2", "q3"]), "positive": np.array(["p1", "p2", "p3"])}
+    g = torch.Generator().manual_seed(0)
+    q, d = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g)  # [full 32 | first layer 32]
+    loss_of = objective(cfg, batch, None, torch.device("cpu"))[1]
+    loss = InfoNCE(20.0)
+    want = matryoshka(loss, [32, 16], None, q[:, :32], d[:, :32]) + loss(q[:, 32:40], d[:, 32:40])
+    torch.testing.assert_close(loss_of([q, d]), want)
+    with pytest.raises(ValueError, match="matryoshka_2d must be"):
+        TrainConfig(data="x", output_dir="y", matryoshka_2d=[[2]])

@@ -107,6 +107,10 @@ class TrainConfig:
     """Train every prefix width in this list (empty: full width only)."""
     matryoshka_weights: list[float] | None = None
     """Weights of the Matryoshka widths (default 1 each)."""
+    matryoshka_2d: list[list[int]] = field(default_factory=list)
+    """2D Matryoshka (Starbucks): [layers, dim] pairs, e.g. [[2, 128], [4, 256]]; each trains the model's
+    first `layers` layers, pooled, at width `dim`, with the same loss (weight 1), besides the full model.
+    Serve such a sub-model with `student_layers: [0, .., layers-1]` and `dim`."""
     query_column: str = "query"
     """Contrastive: query text column."""
     positive_column: str = "positive"
@@ -192,6 +196,10 @@ class TrainConfig:
         _check(self.report_interval_s >= 0, "report_interval_s must be >= 0")
         _check(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
         _check(all(k > 0 for k in self.matryoshka_dims), "matryoshka_dims must be positive")
+        _check(
+            all(len(p) == 2 and min(p) >= 1 for p in self.matryoshka_2d),
+            f"matryoshka_2d must be [layers, dim] pairs of positive ints, got {self.matryoshka_2d}",
+        )
         _check(
             self.matryoshka_weights is None or len(self.matryoshka_weights) == len(self.matryoshka_dims),
             "matryoshka_weights must have one weight per dim",

@@ -215,11 +215,33 @@ class Embedder(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        layers: Sequence[int] | None = None,
+        **kw: torch.Tensor,
     ) -> torch.Tensor:
-        """Pooled (and, if configured, unit-length) embeddings of a tokenized batch."""
+        """Pooled (and, if configured, unit-length) embeddings of a tokenized batch: [B, dim].
+
+        `layers` (training, 2D Matryoshka): also pool the output after each of these first-L-layer
+        sub-models, which is what `keep_layers(range(L))` would give; returns [B, dim * (1 + len(layers))],
+        the full model's embedding first, then one per entry of `layers`.
+        """
         kw = {k: v for k, v in kw.items() if k == "token_type_ids"}
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers), **kw
+        )
+        pooled = [self._pool(out.last_hidden_state, attention_mask)]
+        if layers:
+            n = len(out.hidden_states) - 1
+            if any(not 1 <= k <= n for k in layers):
+                raise ValueError(
+                    f"layers must be in [1, {n}] (sub-models of the first L layers), got {list(layers)}"
+                )
+            pooled += [self._pool(out.hidden_states[k], attention_mask) for k in layers]
+        return torch.cat(pooled, dim=1) if layers else pooled[0]
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = hidden.float()  # pool in float32 whatever the model's dtype (bf16 sums lose digits)
         if self.pooling == "cls":
             pooled = hidden[:, 0]

@@ -7,12 +7,14 @@ Four kinds, chosen by `TrainConfig.loss`:
   embeddings of both (GIST: the guide that masks false in-batch negatives; score_distill: the
   teacher whose query-document scores the student's should match);
 - distill: one tower, against teacher embeddings from `teacher_column` or the in-loop teacher.
-Matryoshka widths slice the trained model's embeddings only, never the teacher's; the spread-out
-regulariser (weight `spread_out_weight`) is added on the full width.
+Matryoshka widths slice the trained model's embeddings only, never the teacher's; 2D Matryoshka pairs
+(`matryoshka_2d`) add the loss of first-L-layer sub-models at one width each; the spread-out regulariser
+(weight `spread_out_weight`) is added on the full model's full width.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -46,6 +48,10 @@ def texts_of(column: Any) -> list[str]:
     return [str(t) for t in column]
 
 
+# loss_at(reps, dims, weights) -> (loss summed over the Matryoshka widths `dims`, q and d for spread-out)
+LossAt = Callable[[list[Tensor], Sequence[int], Sequence[float] | None], tuple[Tensor, Tensor, Tensor]]
+
+
 def objective(
     cfg: TrainConfig,
     batch: dict[str, Any],
@@ -57,51 +63,73 @@ def objective(
     (kept across steps when it has parameters, e.g. a learnable scale); default: a fresh one."""
     loss_fn = loss_fn or build_loss(cfg).to(device)
     if cfg.loss in CONTRASTIVE:
-        return _contrastive(cfg, batch, loss_fn)
-    if cfg.loss in GUIDED:
+        towers, loss_at = _contrastive(cfg, batch, loss_fn)
+    elif cfg.loss in GUIDED:
         assert teacher is not None, f"loss={cfg.loss} needs the teacher model in the loop"
-        return _guided(cfg, batch, teacher, loss_fn)
-    assert isinstance(loss_fn, EmbeddingDistill)
-    return _distill(cfg, batch, teacher, device, loss_fn)
+        towers, loss_at = _guided(cfg, batch, teacher, loss_fn)
+    else:
+        assert isinstance(loss_fn, EmbeddingDistill)
+        towers, loss_at = _distill(cfg, batch, teacher, device, loss_fn)
+    return towers, _over_sub_models(cfg, loss_at)
 
 
-def _spread(cfg: TrainConfig, loss: Tensor, q: Tensor, d: Tensor) -> Tensor:
-    return loss + cfg.spread_out_weight * SpreadOut()(q, d) if cfg.spread_out_weight else loss
+def sub_model_layers(cfg: TrainConfig) -> list[int]:
+    """The first-L-layer sub-models 2D Matryoshka trains (what the model is asked to pool besides its output)."""
+    return sorted({layers for layers, _ in cfg.matryoshka_2d})
+
+
+def _over_sub_models(cfg: TrainConfig, loss_at: LossAt) -> LossOf:
+    """The full model at every Matryoshka width, plus each 2D (layers, dim) sub-model; spread-out on the
+    full model's full width. With 2D pairs each tower's rows are [full | one part per sub-model]."""
+    layers = sub_model_layers(cfg)
+
+    def loss_of(reps: list[Tensor]) -> Tensor:
+        parts = [r.chunk(1 + len(layers), dim=1) for r in reps]
+        loss, q, d = loss_at([p[0] for p in parts], cfg.matryoshka_dims, cfg.matryoshka_weights)
+        for n, dim in cfg.matryoshka_2d:
+            i = 1 + layers.index(n)
+            loss = loss + loss_at([p[i] for p in parts], [dim], None)[0]
+        return loss + cfg.spread_out_weight * SpreadOut()(q, d) if cfg.spread_out_weight else loss
+
+    return loss_of
 
 
 def _contrastive(
     cfg: TrainConfig, batch: dict[str, Any], loss_fn: nn.Module
-) -> tuple[list[list[str]], LossOf]:
+) -> tuple[list[list[str]], LossAt]:
     columns = [cfg.query_column, cfg.positive_column] + ([cfg.negative_column] if cfg.negative_column else [])
-    dims, weights = cfg.matryoshka_dims, cfg.matryoshka_weights
 
-    def contrastive(reps: list[Tensor]) -> Tensor:
+    def loss_at(
+        reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         d, offset = gather_with_grad(reps[1])
         neg = gather_with_grad(reps[2])[0] if len(reps) > 2 else None
-        return _spread(cfg, matryoshka(loss_fn, dims, weights, reps[0], d, neg, offset=offset), reps[0], d)
+        return matryoshka(loss_fn, dims, weights, reps[0], d, neg, offset=offset), reps[0], d
 
-    return [texts_of(batch[c]) for c in columns], contrastive
+    return [texts_of(batch[c]) for c in columns], loss_at
 
 
 def _guided(
     cfg: TrainConfig, batch: dict[str, Any], teacher: Embedder, loss_fn: nn.Module
-) -> tuple[list[list[str]], LossOf]:
+) -> tuple[list[list[str]], LossAt]:
     towers = [texts_of(batch[cfg.query_column]), texts_of(batch[cfg.positive_column])]
     with torch.no_grad():
         guide_q, guide_own = (teacher.embed_texts(t) for t in towers)
     guide_d = gather_with_grad(guide_own)[0]  # no grad flows: a plain all_gather
-    dims, weights = cfg.matryoshka_dims, cfg.matryoshka_weights
+    # score_distill: the teacher's scaled cosines of every local query vs every document
+    scores = cfg.scale * F.normalize(guide_q, dim=-1) @ F.normalize(guide_d, dim=-1).T
 
-    def guided(reps: list[Tensor]) -> Tensor:
+    def loss_at(
+        reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         d, offset = gather_with_grad(reps[1])
         if cfg.loss == "gist":
             fn = partial(loss_fn, guide_q=guide_q, guide_d=guide_d, offset=offset)
-        else:  # score_distill: the teacher's scaled cosines of every local query vs every document
-            scores = cfg.scale * F.normalize(guide_q, dim=-1) @ F.normalize(guide_d, dim=-1).T
+        else:
             fn = partial(loss_fn, teacher_scores=scores)
-        return _spread(cfg, matryoshka(fn, dims, weights, reps[0], d), reps[0], d)
+        return matryoshka(fn, dims, weights, reps[0], d), reps[0], d
 
-    return towers, guided
+    return towers, loss_at
 
 
 def _distill(
@@ -110,7 +138,7 @@ def _distill(
     teacher: Embedder | None,
     device: torch.device,
     loss_fn: EmbeddingDistill,
-) -> tuple[list[list[str]], LossOf]:
+) -> tuple[list[list[str]], LossAt]:
     texts = texts_of(batch[cfg.text_column])
     if cfg.teacher_column:
         rows = np.stack(list(batch[cfg.teacher_column])).astype(np.float32)  # list column or 2-D array
@@ -119,12 +147,13 @@ def _distill(
         assert teacher is not None
         with torch.no_grad():
             target = teacher.embed_texts(texts)
-    dims, weights = cfg.matryoshka_dims, cfg.matryoshka_weights
 
-    def distill(reps: list[Tensor]) -> Tensor:
-        return _spread(cfg, matryoshka(loss_fn, dims, weights, reps[0], target), reps[0], reps[0])
+    def loss_at(
+        reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return matryoshka(loss_fn, dims, weights, reps[0], target), reps[0], reps[0]
 
-    return [texts], distill
+    return [texts], loss_at
 
 
 class LossState:

@@ -27,7 +27,7 @@ from rayembed.gradcache import LossOf, grad_cache_step
 from rayembed.io import is_s3, upload_dir
 from rayembed.losses import CONTRASTIVE, GUIDED
 from rayembed.model import Embedder
-from rayembed.objective import LossState, build_loss, objective
+from rayembed.objective import LossState, build_loss, objective, sub_model_layers
 from rayembed.report import write_report
 
 CKPT_TAG = "ds"
@@ -64,10 +64,11 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 def backward_step(engine: Any, cfg: TrainConfig, towers: list[list[str]], loss_of: LossOf) -> Tensor:
     """Forward + backward of one batch (plain, or GradCache in chunks); the caller calls engine.step()."""
     model: Embedder = engine.module
+    layers = sub_model_layers(cfg)  # 2D Matryoshka: also pool these sub-models' outputs
 
     def embed(texts: Sequence[str]) -> Tensor:
         feats = {k: v.to(engine.device) for k, v in model.tokenize(list(texts)).items()}
-        return engine(**feats)
+        return engine(**feats, layers=layers) if layers else engine(**feats)
 
     if not cfg.grad_cache_chunk:
         loss = loss_of([embed(t) for t in towers])
