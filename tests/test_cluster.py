@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from rayembed.cli import parser, plan
-from rayembed.config import ServeConfig
+from rayembed.config import EmbedConfig, ServeConfig
 from rayembed.spec import build, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +85,8 @@ def test_rayservice_matches_serve_app() -> None:
     assert callable(getattr(importlib.import_module(module), attr))
     cfg = build(ServeConfig, app["args"])
     assert cfg.max_replicas > cfg.min_replicas  # autoscaled
+    embed_cfg = build(EmbedConfig, yaml.safe_load((ROOT / "jobs" / "embed.yaml").read_text())["embed"])
+    assert cfg.dtype == (embed_cfg.gpu_dtype if cfg.num_gpus else embed_cfg.cpu_dtype)  # same vectors
     assert cfg.api_keys_file and any(
         m["mountPath"] == str(Path(cfg.api_keys_file).parent) for m in _find(service, "volumeMounts")[0]
     )
