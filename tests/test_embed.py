@@ -212,3 +212,12 @@ def test_gpu_actor_plan_takes_the_nodes_cpus_as_tokenizer_threads() -> None:
         0.0,
         1,
     )
+
+
+def test_actor_threads_never_exceed_the_cores_it_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from rayembed.embed import cores_for
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine, 4 logical CPUs
+    assert (cores_for(4), cores_for(2), cores_for(1), cores_for(0)) == (2, 2, 1, 1)

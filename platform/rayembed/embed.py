@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import queue
 import threading
 import time
@@ -93,12 +94,19 @@ def background(gen: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         yield value
 
 
+def cores_for(threads: int) -> int:
+    """`threads`, but no more than the cores this process may run on: a local cluster has more logical
+    CPUs (scheduling slots) than cores, and more torch threads than cores only slows the model down."""
+    return max(1, min(threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else threads))
+
+
 class EmbedFragments:
     """Ray Data UDF on an actor: one model per actor; each fragment is embedded, written and committed."""
 
     def __init__(self, cfg: dict[str, Any], meta: dict[str, str], device: str, threads: int) -> None:
         import torch
 
+        threads = cores_for(threads)
         torch.set_num_threads(threads)
         self.cfg = c = EmbedConfig(**cfg)
         dtype = getattr(torch, c.gpu_dtype if device == "cuda" else c.cpu_dtype)
