@@ -110,7 +110,7 @@ class TrainConfig:
     matryoshka_2d: list[list[int]] = field(default_factory=list)
     """2D Matryoshka (Starbucks): [layers, dim] pairs, e.g. [[2, 128], [4, 256]]; each trains the model's
     first `layers` layers, pooled, at width `dim`, with the same loss (weight 1), besides the full model.
-    Serve such a sub-model with `student_layers: [0, .., layers-1]` and `dim`."""
+    Cut such a sub-model out of the exported model with `Embedder.keep_layers(range(layers))`."""
     query_column: str = "query"
     """Contrastive: query text column."""
     positive_column: str = "positive"
