@@ -5,8 +5,8 @@ input from each in turn) until the batch holds `max_batch_tokens` tokens or `max
 runs the model once in a worker thread, and hands every request its rows as soon as all of them are
 done. When the model was idle, a batch waits up to `wait_s` for requests the handler has marked as
 `arriving()` (being parsed and tokenized) and no longer; inputs that queued during a model call form the
-next batch at once. So a 2,000-input request and many 1-input requests share each model call instead of queueing
-behind each other, and the queue is bounded: beyond `max_queued_inputs` a request is refused at once.
+next batch at once. So a 2,000-input request and many 1-input requests share each model call instead of
+queueing behind each other, and the queue is bounded: beyond `max_queued_inputs` a request is refused at once.
 """
 
 from __future__ import annotations

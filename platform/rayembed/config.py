@@ -158,7 +158,7 @@ class TrainConfig:
     the model before and after training, for the run report; null: the report has the curves only."""
 
     def __post_init__(self) -> None:
-        from rayembed.losses import LOSSES
+        from rayembed.losses import GUIDED, LOSSES
 
         if self.eval is not None:
             EvalConfig(**self.eval)  # unknown or bad eval settings fail here, not after training
@@ -175,11 +175,11 @@ class TrainConfig:
             "loss=distill needs a teacher model or a teacher_column",
         )
         _check(
-            self.loss not in ("gist", "score_distill") or bool(self.teacher),
+            self.loss not in GUIDED or bool(self.teacher),
             f"loss={self.loss} needs a teacher model (the guide / scorer run in the loop)",
         )
         _check(
-            self.loss not in ("gist", "score_distill") or not self.negative_column,
+            self.loss not in GUIDED or not self.negative_column,
             f"loss={self.loss} takes query/positive pairs: no negative_column",
         )
         _check(
@@ -256,7 +256,7 @@ class EmbedConfig:
     """Model dtype on GPU actors: float16, bfloat16 or float32."""
     cpu_dtype: str = "float32"
     """Model dtype on CPU actors: float32 or bfloat16 (~2.5x faster on CPUs with AVX512-BF16 or AMX,
-    vectors within cosine 0.9999 of float32; docs/benchmarks.md). Serve with the same dtype for the
+    vectors within cosine 0.9995 of float32; docs/benchmarks.md). Serve with the same dtype for the
     same vectors online."""
     s3_endpoint_url: str | None = None
     """Endpoint of an S3-compatible store (default: AWS, or $AWS_ENDPOINT_URL)."""

@@ -44,6 +44,15 @@ def build_loss(cfg: TrainConfig) -> nn.Module:
     return cls(alignment=cfg.distill_alignment, kl_weight=cfg.kl_weight, temperature=cfg.temperature)
 
 
+def input_columns(cfg: TrainConfig) -> list[str]:
+    """The columns a batch must have: query, positive (, negative) for pair losses; text (, teacher)."""
+    if cfg.loss in CONTRASTIVE | GUIDED:
+        return [cfg.query_column, cfg.positive_column] + (
+            [cfg.negative_column] if cfg.negative_column else []
+        )
+    return [cfg.text_column] + ([cfg.teacher_column] if cfg.teacher_column else [])
+
+
 def texts_of(column: Any) -> list[str]:
     return [str(t) for t in column]
 
@@ -97,8 +106,6 @@ def _over_sub_models(cfg: TrainConfig, loss_at: LossAt) -> LossOf:
 def _contrastive(
     cfg: TrainConfig, batch: dict[str, Any], loss_fn: nn.Module
 ) -> tuple[list[list[str]], LossAt]:
-    columns = [cfg.query_column, cfg.positive_column] + ([cfg.negative_column] if cfg.negative_column else [])
-
     def loss_at(
         reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -106,7 +113,7 @@ def _contrastive(
         neg = gather_with_grad(reps[2])[0] if len(reps) > 2 else None
         return matryoshka(loss_fn, dims, weights, reps[0], d, neg, offset=offset), reps[0], d
 
-    return [texts_of(batch[c]) for c in columns], loss_at
+    return [texts_of(batch[c]) for c in input_columns(cfg)], loss_at
 
 
 def _guided(
@@ -116,18 +123,16 @@ def _guided(
     with torch.no_grad():
         guide_q, guide_own = (teacher.embed_texts(t) for t in towers)
     guide_d = gather_with_grad(guide_own)[0]  # no grad flows: a plain all_gather
-    # score_distill: the teacher's scaled cosines of every local query vs every document
-    scores = cfg.scale * F.normalize(guide_q, dim=-1) @ F.normalize(guide_d, dim=-1).T
+    if cfg.loss == "score_distill":  # the teacher's scaled cosines of every local query vs every document
+        scores = cfg.scale * F.normalize(guide_q, dim=-1) @ F.normalize(guide_d, dim=-1).T
+        fn = partial(loss_fn, teacher_scores=scores)
 
     def loss_at(
         reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         d, offset = gather_with_grad(reps[1])
-        if cfg.loss == "gist":
-            fn = partial(loss_fn, guide_q=guide_q, guide_d=guide_d, offset=offset)
-        else:
-            fn = partial(loss_fn, teacher_scores=scores)
-        return matryoshka(fn, dims, weights, reps[0], d), reps[0], d
+        loss = partial(loss_fn, guide_q=guide_q, guide_d=guide_d, offset=offset) if cfg.loss == "gist" else fn
+        return matryoshka(loss, dims, weights, reps[0], d), reps[0], d
 
     return towers, loss_at
 

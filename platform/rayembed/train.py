@@ -25,9 +25,9 @@ from rayembed.config import TrainConfig
 from rayembed.dist import agree
 from rayembed.gradcache import LossOf, grad_cache_step
 from rayembed.io import is_s3, upload_dir
-from rayembed.losses import CONTRASTIVE, GUIDED
+from rayembed.losses import GUIDED
 from rayembed.model import Embedder
-from rayembed.objective import LossState, build_loss, objective, sub_model_layers
+from rayembed.objective import LossState, build_loss, input_columns, objective, sub_model_layers
 from rayembed.report import write_report
 
 CKPT_TAG = "ds"
@@ -187,11 +187,14 @@ def train_loop(config: dict[str, Any]) -> None:
             loss_state.step()
             state["step"] += 1
             state["batch_in_epoch"] += 1
-            metrics = {"loss": loss, "resumed_from": resumed_from, "peak_mem_mb": peak_memory_mb(device)}
-            metrics |= loss_state.metrics()
+            extra = loss_state.metrics()  # e.g. a learnable scale
+            metrics = {
+                "loss": loss,
+                "resumed_from": resumed_from,
+                "peak_mem_mb": peak_memory_mb(device),
+            } | extra
             history.append(
-                {"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started}
-                | loss_state.metrics()
+                {"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started} | extra
             )
             if state["step"] % cfg.checkpoint_every == 0:
                 _save_and_report(engine, state, metrics, history, loss_state)
@@ -270,11 +273,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         resolve_model_path(cfg.teacher)
     ensure_ray(cfg.num_workers * cfg.cpus_per_worker + 2)
     ds = read_dataset(cfg.data)
-    needed = (
-        [cfg.query_column, cfg.positive_column] + ([cfg.negative_column] if cfg.negative_column else [])
-        if cfg.loss in CONTRASTIVE | GUIDED
-        else [cfg.text_column] + ([cfg.teacher_column] if cfg.teacher_column else [])
-    )
+    needed = input_columns(cfg)
     require_columns(ds, needed, "train")
     trainer = TorchTrainer(
         train_loop,
