@@ -30,7 +30,7 @@ def _changed(base: Path, trained: Path) -> float:
 
 
 def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Path, tmp_path: Path) -> None:
-    def cfg(max_steps: int) -> TrainConfig:
+    def cfg(max_steps: int, pca_rows: int = 64) -> TrainConfig:
         return TrainConfig(
             data=str(snli_triples),
             output_dir=str(tmp_path / "run"),
@@ -47,6 +47,8 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
             lr=1e-3,
             max_steps=max_steps,
             checkpoint_every=1,
+            pca_rotation=True,  # axes of the model's own embeddings of the first pca_rows rows' texts
+            pca_rows=pca_rows,
             eval={"beir_dir": str(DATA / "scifact"), "max_queries": 10, "max_docs": 50, "sts_file": None},
         )
 
@@ -70,9 +72,19 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
     assert _changed(tiny_model, model_dir) > 1e-4
     assert Embedder.load(model_dir, device="cpu").max_length == 64  # training's max_length=32 is not exported
 
-    # Same run name and storage: the rerun resumes at step 2 and trains only steps 3-4.
-    second = train(cfg(4))
+    # Same run name and storage: the rerun resumes at step 2 and trains only steps 3-4, keeping the
+    # rotation it started with (this driver fits other axes, from more rows).
+    second = train(cfg(4, pca_rows=200))
     assert second["resumed_from"] == 2 and second["step"] == 4
+    resumed_client = torch.load(
+        Path(second["checkpoint"]) / "ds" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    torch.testing.assert_close(resumed_client["rotation"], client["rotation"])
+    from rayembed.io import read_dataset
+    from rayembed.train import fit_rotation
+
+    refit = fit_rotation(cfg(4, pca_rows=200), read_dataset(str(snli_triples)))
+    assert not np.allclose(np.abs(refit), np.abs(client["rotation"].numpy()), atol=1e-2)
 
     # The run report: per-step history carried across the resume, eval before/after, a plot.
     report_dir = Path(second["report"])
@@ -114,7 +126,7 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
     tiny_model: Path, scifact_docs: Path, tmp_path: Path
 ) -> None:
     """Teacher embeddings come from the batch pipeline (text passed through), not from the loop;
-    the student is the teacher's second layer alone (student_layers)."""
+    the student is the teacher's second layer alone (student_layers), with a PCA-rotated output."""
     from rayembed.config import EmbedConfig
     from rayembed.embed import embed
 
@@ -143,6 +155,8 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
             lr=1e-3,
             max_steps=2,
             checkpoint_every=2,
+            pca_rotation=True,
+            matryoshka_dims=[32, 8],
         )
     )
     ckpt = Path(result["checkpoint"]) / "ds"
@@ -150,10 +164,26 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
         assert (ckpt / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
         assert (ckpt / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
     assert result["step"] == 2 and np.isfinite(result["loss"]) and result["peak_mem_mb"] > 0
+    # pca_rotation: the axes of the teacher's vectors, kept in the checkpoint; the export has them as a
+    # sentence-transformers Dense layer, started at those axes and trained since.
+    import pyarrow.parquet as pq
+
+    from rayembed.pca import principal_axes
+
+    teacher_vecs = np.stack(pq.read_table(teacher_out, columns=["embedding"])["embedding"].to_numpy(False))
+    client = torch.load(ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
+    axes = client["rotation"].numpy()
+    np.testing.assert_allclose(np.abs(axes.T @ principal_axes(teacher_vecs)), np.eye(32), atol=1e-3)
     exported = Embedder.load(result["output_dir"], device="cpu")
-    assert exported.backbone.config.num_hidden_layers == 1
-    before = Embedder.load(tiny_model, device="cpu").keep_layers([1]).encode(PROBE)
-    assert float(np.abs(exported.encode(PROBE) - before).max()) > 1e-4  # trained away from its init
+    assert exported.backbone.config.num_hidden_layers == 1 and exported.projection is not None
+    start = Embedder.load(tiny_model, device="cpu").keep_layers([1]).rotate(axes)
+    moved = float(np.abs(exported.projection.weight.detach().numpy() - axes.T).max())
+    assert 1e-4 < moved < 0.1  # trained from the axes, not far
+    assert float(np.abs(exported.encode(PROBE) - start.encode(PROBE)).max()) > 1e-4  # trained away from init
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(result["output_dir"], device="cpu").encode(PROBE)
+    np.testing.assert_allclose(exported.encode(PROBE), st, atol=1e-5)
 
 
 def test_gist_with_in_loop_guide_gathers_across_workers(

@@ -51,11 +51,7 @@ def soup(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[st
 
 def with_weights(base: Embedder, state: dict[str, torch.Tensor], what: str) -> Embedder:
     """A copy of `base` holding `state`; every weight must fit."""
-    model = copy.deepcopy(base)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "position_ids" not in k]:
-        raise ValueError(f"{what} does not fit the base model: missing={missing} unexpected={unexpected}")
-    return model
+    return copy.deepcopy(base).load_weights(state, what)
 
 
 def merge(cfg: MergeConfig) -> dict[str, object]:

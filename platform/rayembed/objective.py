@@ -67,9 +67,11 @@ def objective(
     teacher: Embedder | None,
     device: torch.device,
     loss_fn: nn.Module | None = None,
+    rotation: Tensor | None = None,
 ) -> tuple[list[list[str]], LossOf]:
     """(text towers, loss of their embeddings: one matrix per tower). `loss_fn`: the run's loss module
-    (kept across steps when it has parameters, e.g. a learnable scale); default: a fresh one."""
+    (kept across steps when it has parameters, e.g. a learnable scale); default: a fresh one.
+    `rotation` (pca_rotation): distillation targets are rotated by it, as the model's output is."""
     loss_fn = loss_fn or build_loss(cfg).to(device)
     if cfg.loss in CONTRASTIVE:
         towers, loss_at = _contrastive(cfg, batch, loss_fn)
@@ -78,7 +80,7 @@ def objective(
         towers, loss_at = _guided(cfg, batch, teacher, loss_fn)
     else:
         assert isinstance(loss_fn, EmbeddingDistill)
-        towers, loss_at = _distill(cfg, batch, teacher, device, loss_fn)
+        towers, loss_at = _distill(cfg, batch, teacher, device, loss_fn, rotation)
     return towers, _over_sub_models(cfg, loss_at)
 
 
@@ -143,6 +145,7 @@ def _distill(
     teacher: Embedder | None,
     device: torch.device,
     loss_fn: EmbeddingDistill,
+    rotation: Tensor | None,
 ) -> tuple[list[list[str]], LossAt]:
     texts = texts_of(batch[cfg.text_column])
     if cfg.teacher_column:
@@ -152,6 +155,8 @@ def _distill(
         assert teacher is not None
         with torch.no_grad():
             target = teacher.embed_texts(texts)
+    if rotation is not None:
+        target = target.float() @ rotation.to(device)
 
     def loss_at(
         reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None

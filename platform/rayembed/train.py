@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,6 +29,7 @@ from rayembed.io import is_s3, upload_dir
 from rayembed.losses import GUIDED
 from rayembed.model import Embedder
 from rayembed.objective import LossState, build_loss, input_columns, objective, sub_model_layers
+from rayembed.pca import principal_axes
 from rayembed.report import write_report
 
 CKPT_TAG = "ds"
@@ -92,26 +94,49 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _save_and_report(
-    engine: Any, state: dict[str, int], metrics: dict[str, float], history: list[Any], loss: LossState
+    engine: Any,
+    state: dict[str, int],
+    metrics: dict[str, float],
+    history: list[Any],
+    loss: LossState,
+    rotation: Tensor | None,
 ) -> None:
-    """Every worker saves its ZeRO shard (and the loss's own state); rank 0 adds the metric history
-    (history.json) for the report."""
+    """Every worker saves its ZeRO shard (and the loss's own state, and the pca rotation); rank 0 adds
+    the metric history (history.json) for the report."""
     import ray.train
 
+    client = {**state, **loss.state_dict(), **({"rotation": rotation.cpu()} if rotation is not None else {})}
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={**state, **loss.state_dict()})
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=client)
         if ray.train.get_context().get_world_rank() == 0:
             Path(tmp, HISTORY).write_text(json.dumps(history))
         ray.train.report({**metrics, **state}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _build(cfg: TrainConfig, device: torch.device) -> tuple[Any, Embedder | None]:
-    """The DeepSpeed engine around the (optionally layer-pruned) model, and the in-loop teacher if any."""
-    import deepspeed
-
-    model = Embedder.load(cfg.model, device=str(device))
+def starting_model(cfg: TrainConfig, device: str = "cpu", rotation: Any = None) -> Embedder:
+    """The model as training starts: `model`, cut to `student_layers`, rotated by `rotation` if given."""
+    model = Embedder.load(cfg.model, device=device)
     if cfg.student_layers:
         model.keep_layers(cfg.student_layers)
+    return model.rotate(rotation) if rotation is not None else model
+
+
+def fit_rotation(cfg: TrainConfig, ds: Any) -> np.ndarray:
+    """pca_rotation: principal axes of what the model learns to match, from the first `pca_rows` rows:
+    teacher vectors when distilling (the column, or the in-loop teacher's), else its own embeddings."""
+    rows = ds.take_batch(cfg.pca_rows, batch_format="numpy")
+    if cfg.loss == "distill" and cfg.teacher_column:
+        return principal_axes(np.stack(list(rows[cfg.teacher_column])).astype(np.float32))
+    texts = [str(t) for c in input_columns(cfg) for t in rows[c]]
+    model = Embedder.load(cfg.teacher) if cfg.loss == "distill" and cfg.teacher else starting_model(cfg)
+    return principal_axes(model.encode(texts, batch_size=64))
+
+
+def _build(cfg: TrainConfig, device: torch.device, rotation: Tensor | None) -> tuple[Any, Embedder | None]:
+    """The DeepSpeed engine around the (optionally layer-pruned, rotated) model, and the in-loop teacher."""
+    import deepspeed
+
+    model = starting_model(cfg, str(device), rotation)
     model.max_length = cfg.max_length or model.max_length
     model.train()
     teacher = (
@@ -125,8 +150,11 @@ def _build(cfg: TrainConfig, device: torch.device) -> tuple[Any, Embedder | None
     return engine, teacher
 
 
-def _resume(engine: Any, loss: LossState) -> tuple[dict[str, int], list[Any]]:
-    """Position (step, epoch, batch in epoch), loss state and metric history from the latest checkpoint."""
+def _resume(
+    engine: Any, loss: LossState, rotation: Tensor | None
+) -> tuple[dict[str, int], list[Any], Tensor | None]:
+    """Position (step, epoch, batch in epoch), loss state, metric history and the pca rotation the run
+    started with, from the latest checkpoint."""
     import ray.train
 
     state, history = {"step": 0, "epoch": 0, "batch_in_epoch": 0}, []
@@ -138,12 +166,13 @@ def _resume(engine: Any, loss: LossState) -> tuple[dict[str, int], list[Any]]:
                 history = json.loads(Path(d, HISTORY).read_text())
         state.update({k: int(client[k]) for k in state})
         loss.load_state_dict(client)
-    return state, [h for h in history if h["step"] <= state["step"]]
+        rotation = client.get("rotation", rotation)
+    return state, [h for h in history if h["step"] <= state["step"]], rotation
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    cfg = TrainConfig(**config)
+    """Runs on every Ray Train worker: config = {"cfg": TrainConfig fields, "rotation": pca axes or None}."""
+    cfg = TrainConfig(**config["cfg"])
     os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
     import deepspeed
     import ray.train
@@ -151,9 +180,10 @@ def train_loop(config: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    engine, teacher = _build(cfg, device)
+    rotation = None if config["rotation"] is None else torch.as_tensor(config["rotation"])
+    engine, teacher = _build(cfg, device, rotation)
     loss_state = LossState(build_loss(cfg).to(device), cfg.scale_lr)
-    state, history = _resume(engine, loss_state)
+    state, history, rotation = _resume(engine, loss_state, rotation)
     resumed_from, started = state["step"], time.perf_counter()
     shard = ray.train.get_dataset_shard("train")
     max_steps = cfg.max_steps or 10**12
@@ -181,7 +211,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if not ready:
                 break
             assert batch is not None
-            towers, loss_of = objective(cfg, batch, teacher, device, loss_state.loss_fn)
+            towers, loss_of = objective(cfg, batch, teacher, device, loss_state.loss_fn, rotation)
             loss = float(backward_step(engine, cfg, towers, loss_of))
             engine.step()
             loss_state.step()
@@ -197,7 +227,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 {"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started} | extra
             )
             if state["step"] % cfg.checkpoint_every == 0:
-                _save_and_report(engine, state, metrics, history, loss_state)
+                _save_and_report(engine, state, metrics, history, loss_state, rotation)
                 saved, last_report = state["step"], time.perf_counter()
             elif report:
                 ray.train.report({**metrics, **state})
@@ -208,7 +238,7 @@ def train_loop(config: dict[str, Any]) -> None:
         state["batch_in_epoch"] = 0
     if saved != state["step"] or state["step"] == 0:
         metrics |= {"resumed_from": resumed_from, "peak_mem_mb": peak_memory_mb(device)}
-        _save_and_report(engine, state, metrics, history, loss_state)
+        _save_and_report(engine, state, metrics, history, loss_state, rotation)
 
 
 def consolidate(checkpoint_dir: str | Path, base_model: str, layers: list[int] | None = None) -> Embedder:
@@ -220,11 +250,7 @@ def consolidate(checkpoint_dir: str | Path, base_model: str, layers: list[int] |
     model = Embedder.load(base_model, device="cpu")
     if layers:
         model.keep_layers(layers)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "position_ids" not in k]:
-        raise RuntimeError(
-            f"checkpoint does not match {base_model}: missing={missing} unexpected={unexpected}"
-        )
+    model.load_weights(state, f"the checkpoint's weights (base {base_model})")  # adds a pca projection
     # The base model's max length is kept: `max_length` in training is a speed setting, not the model's limit.
     return model
 
@@ -243,16 +269,15 @@ def publish(write: Callable[[Path], Any], output_dir: str) -> str:
     return str(out)
 
 
-def run_evals(cfg: TrainConfig, trained: Embedder) -> dict[str, Any] | None:
-    """The run's `eval` section applied to the starting model and to the trained one."""
+def run_evals(cfg: TrainConfig, trained: Embedder, rotation: np.ndarray | None) -> dict[str, Any] | None:
+    """The run's `eval` section applied to the starting model (rotated as training started) and to the
+    trained one."""
     if not cfg.eval:
         return None
     from rayembed.config import EvalConfig
     from rayembed.evaluate import evaluate
 
-    before = Embedder.load(cfg.model)
-    if cfg.student_layers:
-        before.keep_layers(cfg.student_layers)
+    before = starting_model(cfg, str(trained.device), rotation)
     settings = {**cfg.eval, "model": cfg.model, "output": None}
     return {
         "before": evaluate(EvalConfig(**settings), before),
@@ -275,9 +300,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ds = read_dataset(cfg.data)
     needed = input_columns(cfg)
     require_columns(ds, needed, "train")
+    rotation = fit_rotation(cfg, ds) if cfg.pca_rotation else None
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=dataclasses.asdict(cfg),
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "rotation": rotation},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -306,6 +332,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         **(result.metrics or {}),
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    evals = run_evals(cfg, model.to("cuda" if torch.cuda.is_available() else "cpu"))
+    evals = run_evals(cfg, model.to("cuda" if torch.cuda.is_available() else "cpu"), rotation)
     summary["report"] = publish(lambda p: write_report(p, summary, history, evals), f"{root}/report")
     return summary

@@ -6,8 +6,11 @@
 2. Teacher vectors by the batch pipeline (`rayembed embed`, text passed through).
 3. `rayembed train`: student = the teacher's layers 0, 2, 5; loss = cosine alignment + similarity-matrix KL
    + spread-out, at Matryoshka widths 384/256/128/64; teacher vectors read from the column (ZeRO-2, 2 CPU workers).
-4. nDCG@10 on SciFact test (full corpus) and Spearman on STS-B test for teacher, student before and after,
-   at 384/256/128/64 and float32/int8/binary. Goals: student-after nDCG@10 >= 95% of the teacher's at full
+   With `pca_rotation` (default; --no-pca-rotation to leave it out) the student gets an output layer set to
+   the principal axes of the teacher's vectors and learns the teacher's vectors rotated alike.
+4. nDCG@10 on SciFact test (full corpus) and Spearman on STS-B test for teacher, teacher-pca (the teacher
+   rotated by the same axes), student before (as training starts) and after, at 384/256/128/64 and
+   float32/int8/binary. Goals: student-after nDCG@10 >= 95% of the teacher's at full
    width; 128-d >= 95% of full; int8 >= 99% of float32.
 """
 
@@ -22,11 +25,15 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
+
 from rayembed.config import SHARED_DATA, EmbedConfig, EvalConfig, TrainConfig
 from rayembed.data import read_jsonl, write_jsonl
 from rayembed.embed import embed
 from rayembed.evaluate import evaluate
 from rayembed.model import Embedder
+from rayembed.pca import principal_axes
 from rayembed.train import train
 
 LAYERS = [0, 2, 5]  # keeping the last layer matters: [0, 2, 4] starts at a third of the nDCG
@@ -78,8 +85,9 @@ def main() -> None:
     ap.add_argument(
         "--matryoshka-weights", type=float, nargs=4, default=None, help="weights of widths 384 256 128 64"
     )
+    ap.add_argument("--no-pca-rotation", dest="pca_rotation", action="store_false")
     ap.add_argument(
-        "--models", default="teacher,student-before,student-after", help="which to evaluate (comma list)"
+        "--models", default="teacher,teacher-pca,student-before,student-after", help="which to evaluate"
     )
     args = ap.parse_args()
     import ray
@@ -105,17 +113,23 @@ def main() -> None:
             spread_out_weight=0.1, matryoshka_dims=[384, *DIMS], num_workers=2, zero_stage=2,
             batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, warmup_steps=10,
             epochs=args.epochs, shuffle_buffer=2000, checkpoint_every=10**6,
-            matryoshka_weights=args.matryoshka_weights,
+            matryoshka_weights=args.matryoshka_weights, pca_rotation=args.pca_rotation, pca_rows=len(rows),
         )
     )  # fmt: skip
     t2 = time.perf_counter()
     cfg = EvalConfig(dims=DIMS, precisions=["float32", "int8", "binary"])
+    vectors = pq.read_table(tmp / "teacher", columns=["embedding"])["embedding"].to_numpy(
+        zero_copy_only=False
+    )
+    axes = principal_axes(np.stack(vectors))  # what training fits from the same rows
+    rotate = (lambda m: m.rotate(axes)) if args.pca_rotation else (lambda m: m)
     loaders = {
         "teacher": lambda: Embedder.load("default"),
-        "student-before": lambda: Embedder.load("default").keep_layers(LAYERS),
+        "teacher-pca": lambda: Embedder.load("default").rotate(axes),
+        "student-before": lambda: rotate(Embedder.load("default").keep_layers(LAYERS)),
         "student-after": lambda: Embedder.load(result["output_dir"]),
     }
-    names = args.models.split(",")
+    names = [n for n in args.models.split(",") if args.pca_rotation or n != "teacher-pca"]
     rows_out = [r for name in names for r in table(name, evaluate(cfg, loaders[name]()))]
     t3 = time.perf_counter()
     get = {(r["model"], r["dim"], r["precision"]): r for r in rows_out}
@@ -131,9 +145,10 @@ def main() -> None:
         "student_after_128_vs_full": ratio(("student-after", 128, "float32"), after),
         "student_after_int8_vs_float32": ratio(("student-after", 384, "int8"), after),
         "teacher_128_vs_full": ratio(("teacher", 128, "float32"), teacher),
+        "teacher_pca_128_vs_full": ratio(("teacher-pca", 128, "float32"), teacher),
     }
     print(json.dumps({
-        "matryoshka_weights": args.matryoshka_weights, "texts": len(rows), "steps": result["step"],
+        "pca_rotation": args.pca_rotation, "matryoshka_weights": args.matryoshka_weights, "texts": len(rows), "steps": result["step"],
         "final_loss": round(result["loss"], 4),
         "seconds": {"teacher_vectors": round(t1 - t0), "train": round(t2 - t1), "eval": round(t3 - t2)},
         "goals": goals, "rows": rows_out,

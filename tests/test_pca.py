@@ -1,0 +1,106 @@
+"""PCA rotation for Matryoshka prefixes: the axes, the model's projection layer, save/load in the
+sentence-transformers layout, and distillation targets rotated alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rayembed.config import TrainConfig
+from rayembed.model import Embedder
+from rayembed.objective import objective
+from rayembed.pca import principal_axes
+
+TEXTS = ["a dog runs in the park", "a cat sleeps", "rain falls on the roof", "two men talk", "hello"]
+
+
+def test_principal_axes_by_hand() -> None:
+    # Points on the line y = x (spread 2) with a little spread across it (0.1): the first axis is
+    # (1, 1)/sqrt(2), the second (-1, 1)/sqrt(2) up to sign; signs make each axis's largest entry positive
+    # (a tie here: argmax takes the first entry).
+    s = 1 / np.sqrt(2)
+    pts = np.array([[2, 2], [-2, -2], [0.1, -0.1], [-0.1, 0.1]]) + np.array([5.0, -3.0])  # mean is removed
+    axes = principal_axes(pts)
+    np.testing.assert_allclose(axes, [[s, s], [s, -s]], atol=1e-6)
+    rotated = (pts - pts.mean(0)) @ axes
+    np.testing.assert_allclose(rotated[:, 0], [2 / s, -2 / s, 0, 0], atol=1e-6)
+    with pytest.raises(ValueError, match="rows >= 2"):
+        principal_axes(np.ones((1, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        principal_axes(np.array([[0.0, np.nan], [1.0, 2.0]]))
+
+
+def test_axes_are_orthogonal_and_sort_variance() -> None:
+    g = np.random.default_rng(0)
+    x = g.normal(size=(500, 16)) * np.linspace(0.1, 3, 16)  # variance grows along the columns
+    axes = principal_axes(x)
+    np.testing.assert_allclose(axes.T @ axes, np.eye(16), atol=1e-5)
+    var = (x @ axes).var(axis=0)
+    assert np.all(np.diff(var) <= 1e-9) and var[0] > 8 * var[-1]
+
+
+def test_rotated_model_keeps_full_width_similarity_and_loads_in_sentence_transformers(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    model = Embedder.load(tiny_model, device="cpu")
+    plain = model.encode(TEXTS)
+    axes = principal_axes(plain)
+    model.rotate(axes)
+    rotated = model.encode(TEXTS)
+    assert model.dim == 32 and model.projection is not None
+    np.testing.assert_allclose(rotated, plain @ axes, atol=1e-5)  # unit vectors stay unit vectors
+    np.testing.assert_allclose(rotated @ rotated.T, plain @ plain.T, atol=1e-5)  # full width: unchanged
+    # Rotating again composes with the projection already there.
+    twice = Embedder.load(tiny_model, device="cpu").rotate(axes).rotate(axes.T)
+    np.testing.assert_allclose(twice.encode(TEXTS), plain, atol=1e-5)
+
+    saved = model.save(tmp_path / "rotated")
+    assert (saved / "2_Dense" / "model.safetensors").is_file() and (saved / "3_Normalize").is_dir()
+    again = Embedder.load(saved, device="cpu")
+    np.testing.assert_allclose(again.encode(TEXTS), rotated, atol=1e-6)
+    theirs = SentenceTransformer(str(saved), device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(theirs, rotated, atol=1e-5)
+    bf16 = Embedder.load(saved, device="cpu", dtype=torch.bfloat16)  # projection follows the model's dtype
+    assert bf16.projection is not None and bf16.projection.weight.dtype == torch.bfloat16
+    assert (bf16.encode(TEXTS) * rotated).sum(1).min() > 0.99
+
+    with pytest.raises(ValueError, match="orthogonal"):
+        Embedder.load(tiny_model, device="cpu").rotate(2 * axes)
+    # A Dense module of another kind (here with a tanh, sentence-transformers' default) is refused, not
+    # loaded as if it were linear.
+    config = saved / "2_Dense" / "config.json"
+    config.write_text(config.read_text().replace("linear.Identity", "activation.Tanh"))
+    with pytest.raises(ValueError, match="bias-free Dense module with identity activation"):
+        Embedder.load(saved, device="cpu")
+
+
+def test_load_weights_adds_the_projection_a_checkpoint_has(tiny_model: Path) -> None:
+    rotated = Embedder.load(tiny_model, device="cpu").rotate(np.eye(32)[::-1].copy())
+    fresh = Embedder.load(tiny_model, device="cpu").load_weights(rotated.state_dict())
+    np.testing.assert_allclose(fresh.encode(TEXTS), rotated.encode(TEXTS), atol=1e-6)
+    state = {k: v for k, v in rotated.state_dict().items() if "layer.1." not in k}
+    with pytest.raises(ValueError, match="do not fit the model: missing"):
+        Embedder.load(tiny_model, device="cpu").load_weights(state)
+
+
+def test_distill_targets_are_rotated_like_the_model(tiny_model: Path) -> None:
+    from rayembed.losses import EmbeddingDistill, matryoshka
+
+    teacher = Embedder.load(tiny_model, device="cpu").eval()
+    column = teacher.encode(TEXTS)
+    axes = torch.as_tensor(principal_axes(column))
+    cfg = TrainConfig(data="x", output_dir="y", loss="distill", teacher_column="e", matryoshka_dims=[32, 8])
+    batch = {"text": np.array(TEXTS, dtype=object), "e": np.array(list(column), dtype=object)}
+    _, loss_of = objective(cfg, batch, None, torch.device("cpu"), rotation=axes)
+    student = torch.randn(len(TEXTS), 32, generator=torch.Generator().manual_seed(0))
+    want = matryoshka(EmbeddingDistill(), [32, 8], None, student, torch.as_tensor(column) @ axes)
+    torch.testing.assert_close(loss_of([student]), want)
+    # A student that is exactly the rotated teacher has no loss at any width; the unrotated one has.
+    assert float(loss_of([torch.as_tensor(column) @ axes])) < 1e-5 < float(loss_of([torch.as_tensor(column)]))
+    with pytest.raises(ValueError, match="pca_rows"):
+        TrainConfig(data="x", output_dir="y", pca_rotation=True, pca_rows=1)
