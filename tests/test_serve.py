@@ -63,6 +63,22 @@ def test_openai_client_matches_encode(endpoint: str, tiny_model: Path) -> None:
     assert client.models.list().data[0].id == "tiny-bert"
 
 
+def test_ingress_is_haproxy_in_front_of_the_replica(endpoint: str) -> None:
+    """rayembed sets RAY_SERVE_ENABLE_HA_PROXY: the endpoint's port belongs to HAProxy, which sends
+    requests straight to the replica's own HTTP server (no Python proxy actor on the request path)."""
+    import psutil
+
+    port = int(endpoint.rsplit(":", 1)[1])
+    owners = {
+        psutil.Process(c.pid).name()
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid
+    }
+    assert owners == {"haproxy"}
+    with urllib.request.urlopen(f"{endpoint}/healthz", timeout=10) as r:
+        assert r.status == 200
+
+
 def test_base64_int8_extension(endpoint: str, tiny_model: Path) -> None:
     body = {"input": TEXTS, "model": "tiny-bert", "encoding_format": "base64", "precision": "int8"}
     status, resp = _post(f"{endpoint}/v1/embeddings", json.dumps(body).encode())

@@ -2,7 +2,9 @@
 
     .venv/bin/python tests/bench/bench_serve.py [--requests 200] [--concurrency 1 8 32 64]
 
-Both servers run the bundled all-MiniLM-L6-v2 on this machine's CPUs, on loopback.
+Both servers run the bundled all-MiniLM-L6-v2 on this machine's CPUs, on loopback. rayembed's ingress is
+HAProxy (set by `import rayembed`); `RAY_SERVE_ENABLE_HA_PROXY=0 python tests/bench/bench_serve.py`
+measures it behind Serve's Python proxy instead.
 A bounded asyncio client (aiohttp) sends a fixed number of requests at each concurrency; each request
 carries 1-4 real SNLI sentences. Both servers stay up and every level alternates between them for
 `--rounds` rounds (this VM's speed drifts between minutes); reported per level: median req/s, inputs/s,
@@ -136,7 +138,12 @@ def main() -> None:
     ap.add_argument("--batch-wait-s", type=float, default=0.005)
     args = ap.parse_args()
     bodies = payloads(args.requests)
-    report: dict[str, object] = {"cpus": os.cpu_count(), "requests_per_level": args.requests}
+    ingress = "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "serve-proxy"
+    report: dict[str, object] = {
+        "cpus": os.cpu_count(),
+        "requests_per_level": args.requests,
+        "ingress": ingress,
+    }
 
     import ray
     from ray import serve
