@@ -113,7 +113,7 @@ class TrainConfig:
     (distill: the teacher's; otherwise its own embeddings of the first `pca_rows` rows), and rotate
     teacher vectors alike. Full-width similarities stay as they were while every prefix starts with the
     most variance it can hold (rayembed.pca; all-MiniLM-L6-v2 on SciFact, 128-d: 93.3% of full nDCG@10
-    as it is, 97.2% rotated). The rotation is kept in checkpoints, so a resumed run uses the same one."""
+    as it is, 97.6% rotated). The rotation is kept in checkpoints, so a resumed run uses the same one."""
     pca_rows: int = 8192
     """Rows read to fit `pca_rotation` (texts are embedded on the driver unless teacher_column has them)."""
     matryoshka_2d: list[list[int]] = field(default_factory=list)

@@ -86,6 +86,7 @@ def main() -> None:
         "--matryoshka-weights", type=float, nargs=4, default=None, help="weights of widths 384 256 128 64"
     )
     ap.add_argument("--no-pca-rotation", dest="pca_rotation", action="store_false")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (init of dropout, shuffling)")
     ap.add_argument(
         "--models", default="teacher,teacher-pca,student-before,student-after", help="which to evaluate"
     )
@@ -113,7 +114,7 @@ def main() -> None:
             spread_out_weight=0.1, matryoshka_dims=[384, *DIMS], num_workers=2, zero_stage=2,
             batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, warmup_steps=10,
             epochs=args.epochs, shuffle_buffer=2000, checkpoint_every=10**6,
-            matryoshka_weights=args.matryoshka_weights, pca_rotation=args.pca_rotation, pca_rows=len(rows),
+            matryoshka_weights=args.matryoshka_weights, pca_rotation=args.pca_rotation, pca_rows=len(rows), seed=args.seed,
         )
     )  # fmt: skip
     t2 = time.perf_counter()
@@ -148,7 +149,7 @@ def main() -> None:
         "teacher_pca_128_vs_full": ratio(("teacher-pca", 128, "float32"), teacher),
     }
     print(json.dumps({
-        "pca_rotation": args.pca_rotation, "matryoshka_weights": args.matryoshka_weights, "texts": len(rows), "steps": result["step"],
+        "pca_rotation": args.pca_rotation, "seed": args.seed, "matryoshka_weights": args.matryoshka_weights, "texts": len(rows), "steps": result["step"],
         "final_loss": round(result["loss"], 4),
         "seconds": {"teacher_vectors": round(t1 - t0), "train": round(t2 - t1), "eval": round(t3 - t2)},
         "goals": goals, "rows": rows_out,
