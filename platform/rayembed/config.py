@@ -114,8 +114,9 @@ class TrainConfig:
     teacher vectors alike. Full-width similarities stay as they were while every prefix starts with the
     most variance it can hold (rayembed.pca; all-MiniLM-L6-v2 on SciFact, 128-d: 93.3% of full nDCG@10
     as it is, 97.6% rotated). The rotation is kept in checkpoints, so a resumed run uses the same one."""
-    pca_rows: int = 8192
-    """Rows read to fit `pca_rotation` (texts are embedded on the driver unless teacher_column has them)."""
+    pca_rows: int = 4096
+    """Rows read to fit `pca_rotation`: their teacher_column vectors, or else their texts embedded on the
+    driver (a one-off cost before the workers start; a few thousand vectors fit 384 axes well)."""
     matryoshka_2d: list[list[int]] = field(default_factory=list)
     """2D Matryoshka (Starbucks): [layers, dim] pairs, e.g. [[2, 128], [4, 256]]; each trains the model's
     first `layers` layers, pooled, at width `dim`, with the same loss (weight 1), besides the full model.
