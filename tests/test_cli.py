@@ -61,3 +61,19 @@ def test_run_only_some_sections_in_spec_order() -> None:
     assert [job for job, _ in planned] == ["embed", "train"]  # the spec's order, not --only's
     with pytest.raises(ValueError, match="the spec's sections are"):
         plan(parser().parse_args(["run", "--only", "serve", spec]))
+
+
+def test_a_multi_section_run_sizes_one_local_cluster_for_its_biggest_section() -> None:
+    """embed before train (distill, mine) must not start Ray with too few CPUs for training's reads."""
+    from rayembed.cli import cluster_cpus, parser, plan
+
+    jobs = Path(__file__).parents[1] / "jobs"
+    distill = plan(parser().parse_args(["run", str(jobs / "distill.yaml"), "train.num_workers=3"]))
+    assert [j for j, _ in distill][1:3] == ["embed", "train"]
+    assert cluster_cpus(distill) == 3 * 1.0 + 2  # train's workers + 2 read slots, though embed runs first
+    mine = plan(parser().parse_args(["run", str(jobs / "mine.yaml")]))
+    assert cluster_cpus(mine) == 2 * 1.0 + 2
+    assert (
+        cluster_cpus(plan(parser().parse_args(["run", "--only", "embed", str(jobs / "distill.yaml")])))
+        is None
+    )

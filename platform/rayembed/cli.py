@@ -95,10 +95,28 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Any]]:
     return [(name, build(CONFIGS[name], spec.get(name, {}))) for name in jobs]
 
 
+RAY_JOBS = ("train", "embed", "mine", "serve")
+
+
+def cluster_cpus(planned: list[tuple[str, Any]]) -> float | None:
+    """Logical CPUs for the one local Ray cluster a multi-section run shares: the most any section needs
+    (the first section to start Ray would otherwise size it for itself, e.g. embed before train leaves
+    training's data reads no CPU). None: fewer than two sections use Ray, each starts what it needs."""
+    from rayembed.io import cpus_needed
+
+    needs = [cpus_needed(cfg) for job, cfg in planned if job in RAY_JOBS]
+    return max(needs) if len(needs) > 1 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        for name, cfg in plan(args):
+        planned = plan(args)
+        if (cpus := cluster_cpus(planned)) is not None:
+            from rayembed.io import ensure_ray
+
+            ensure_ray(cpus)
+        for name, cfg in planned:
             print(json.dumps({name: run_job(name, cfg)}, indent=2, default=str))
     except (ValueError, FileNotFoundError) as e:
         print(f"rayembed {args.command}: error: {e}", file=sys.stderr)

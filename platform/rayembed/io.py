@@ -14,6 +14,18 @@ if TYPE_CHECKING:
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
+def cpus_needed(cfg: Any) -> float:
+    """Logical CPUs a local cluster needs for a job: train workers plus 2 slots for Ray Data's reads
+    (with none free the reads never run), serve replicas plus 1, else 1."""
+    from rayembed.config import ServeConfig, TrainConfig
+
+    if isinstance(cfg, TrainConfig):
+        return cfg.num_workers * cfg.cpus_per_worker + 2
+    if isinstance(cfg, ServeConfig):
+        return cfg.num_cpus * cfg.max_replicas + 1
+    return 1
+
+
 def ensure_ray(min_cpus: float = 1) -> None:
     """Connect to the running cluster (RAY_ADDRESS) or start a local one with room for the job.
 

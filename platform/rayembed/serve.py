@@ -174,12 +174,12 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
 def run(cfg: ServeConfig, blocking: bool = True) -> str:
     """Start Serve on the current Ray cluster and deploy; returns the base URL."""
-    from rayembed.io import ensure_ray
+    from rayembed.io import cpus_needed, ensure_ray
     from rayembed.model import resolve_model_path
 
     resolve_model_path(cfg.model)
     load_api_keys(cfg.api_keys_file)  # a missing keys file fails here, not in every replica
-    ensure_ray(cfg.num_cpus * cfg.max_replicas + 1)
+    ensure_ray(cpus_needed(cfg))
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name="rayembed", route_prefix="/", blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}"

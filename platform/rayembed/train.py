@@ -290,13 +290,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rayembed.io import ensure_ray, read_dataset, require_columns
+    from rayembed.io import cpus_needed, ensure_ray, read_dataset, require_columns
     from rayembed.model import resolve_model_path
 
     resolve_model_path(cfg.model)  # unknown model: fail before starting workers
     if cfg.teacher and not cfg.teacher_column:
         resolve_model_path(cfg.teacher)
-    ensure_ray(cfg.num_workers * cfg.cpus_per_worker + 2)
+    ensure_ray(cpus_needed(cfg))
     ds = read_dataset(cfg.data)
     needed = input_columns(cfg)
     require_columns(ds, needed, "train")
