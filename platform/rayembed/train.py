@@ -34,6 +34,7 @@ from rayembed.report import write_report
 
 CKPT_TAG = "ds"
 HISTORY = "history.json"  # rank 0's per-step metrics, kept with each checkpoint
+ROTATION = "pca_rotation.npy"  # the axes a pca_rotation run started with, kept with each checkpoint
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -101,15 +102,16 @@ def _save_and_report(
     loss: LossState,
     rotation: Tensor | None,
 ) -> None:
-    """Every worker saves its ZeRO shard (and the loss's own state, and the pca rotation); rank 0 adds
-    the metric history (history.json) for the report."""
+    """Every worker saves its ZeRO shard (and the loss's own state); rank 0 adds the metric history
+    (history.json) for the report and the pca rotation the run started with (pca_rotation.npy)."""
     import ray.train
 
-    client = {**state, **loss.state_dict(), **({"rotation": rotation.cpu()} if rotation is not None else {})}
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=client)
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={**state, **loss.state_dict()})
         if ray.train.get_context().get_world_rank() == 0:
             Path(tmp, HISTORY).write_text(json.dumps(history))
+            if rotation is not None:
+                np.save(Path(tmp, ROTATION), rotation.cpu().numpy())
         ray.train.report({**metrics, **state}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -166,8 +168,14 @@ def _resume(
                 history = json.loads(Path(d, HISTORY).read_text())
         state.update({k: int(client[k]) for k in state})
         loss.load_state_dict(client)
-        rotation = client.get("rotation", rotation)
+        rotation = saved_rotation(d, rotation)
     return state, [h for h in history if h["step"] <= state["step"]], rotation
+
+
+def saved_rotation(checkpoint_dir: str | Path, default: Any = None) -> Any:
+    """The pca rotation kept in a checkpoint folder (as a tensor), else `default`."""
+    path = Path(checkpoint_dir, ROTATION)
+    return torch.from_numpy(np.load(path)) if path.is_file() else default
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -269,7 +277,7 @@ def publish(write: Callable[[Path], Any], output_dir: str) -> str:
     return str(out)
 
 
-def run_evals(cfg: TrainConfig, trained: Embedder, rotation: np.ndarray | None) -> dict[str, Any] | None:
+def run_evals(cfg: TrainConfig, trained: Embedder, rotation: Any) -> dict[str, Any] | None:
     """The run's `eval` section applied to the starting model (rotated as training started) and to the
     trained one."""
     if not cfg.eval:
@@ -324,6 +332,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     with result.checkpoint.as_directory() as d:
         model = consolidate(d, cfg.model, cfg.student_layers)
         history = json.loads(Path(d, HISTORY).read_text()) if Path(d, HISTORY).is_file() else []
+        rotation = saved_rotation(d, rotation)  # a resumed run's own axes, not the ones fitted just now
     model.name = f"{model.name}-{cfg.run_name}"
     root = cfg.output_dir.rstrip("/")
     summary = {
