@@ -120,7 +120,7 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def snli_triples(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """200 real SNLI (premise, entailment, contradiction) triples as JSONL."""
-    from rayembed.data import prepare
+    from rayembed.data.prepare import prepare
 
     path = tmp_path_factory.mktemp("data") / "snli.jsonl"
     prepare("snli", str(DATA / "snli-esnli"), str(path), split="dev", limit=200)
@@ -130,7 +130,7 @@ def snli_triples(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def scifact_docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 300 real SciFact documents (ids are strings)."""
-    from rayembed.data import read_jsonl, write_jsonl
+    from rayembed.data.readers import read_jsonl, write_jsonl
 
     path = tmp_path_factory.mktemp("data") / "scifact300.jsonl"
     rows = read_jsonl(DATA / "scifact" / "corpus.jsonl")

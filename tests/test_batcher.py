@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from rayembed.batcher import Overloaded, TokenBatcher
+from rayembed.serve.batcher import Overloaded, TokenBatcher
 
 
 class FakeModel:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from rayembed.cli import parser, plan
-from rayembed.config import EmbedConfig, TrainConfig
-from rayembed.spec import CONFIGS, JOBS, build, load_spec
+from rayembed.config import CONFIGS, JOBS, EmbedConfig, TrainConfig
+from rayembed.spec import build, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "jobs").glob("*.yaml"))
@@ -79,6 +79,7 @@ def test_cli_flags_mix_with_overrides() -> None:
         ("embed", {"input": "x", "output": "y", "precision": "fp8"}, "precision must be"),
         ("serve", {"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
         ("serve", {"dtype": "float16"}, "float16 with num_gpus > 0"),
+        ("serve", {"look_back_period_s": 2.0}, "must exceed the 10.0 s at which replicas push"),
         ("embed", {"input": "x", "output": "y", "cpu_dtype": "float16"}, "cpu_dtype must be"),
         ("prepare", {"kind": "csv", "source": "x", "output": "y"}, "kind must be"),
     ],

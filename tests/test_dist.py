@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rayembed.dist import agree, gather_with_grad
-from rayembed.losses import InfoNCE
+from rayembed.train.dist import agree, gather_with_grad
+from rayembed.train.losses import InfoNCE
 
 B, D = 3, 8
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -129,6 +130,11 @@ def test_bad_rows_are_rejected_and_counted(tiny_model: Path, tmp_path: Path) -> 
     summary = embed(cfg)
     assert summary["rows_in"] == 5 and summary["rows"] == 3 and summary["truncated"] == 1
     assert summary["rejected_by_reason"] == {"empty": 1, "null": 1}
+    # One fragment: its one actor reserves the free CPUs, and runs as many threads as there are cores
+    # for it (a local cluster has more logical CPUs than cores); the plan shows both.
+    plan = summary["plan"]
+    assert plan["actors"] == 1 and plan["cpus_per_actor"] >= 1
+    assert plan["threads_per_actor"] == min(plan["cpus_per_actor"], len(os.sched_getaffinity(0)))
     rejects = pq.read_table(next((out / "_rejects").glob("*.parquet")))
     assert sorted(zip(rejects["id"].to_pylist(), rejects["reason"].to_pylist(), strict=True)) == [
         ("b", "null"),
@@ -178,7 +184,7 @@ def test_bad_input_is_refused_with_a_clear_error(tiny_model: Path, tmp_path: Pat
 def test_actor_plan_follows_free_cpus_and_fragments() -> None:
     import ray
 
-    from rayembed.embed import plan_actors
+    from rayembed.embed.job import plan_actors
 
     cfg = EmbedConfig(input="in", output="out")
     deadline = time.time() + 60  # actors of the tests before may still be handing their CPUs back
@@ -196,7 +202,7 @@ def test_actor_plan_follows_free_cpus_and_fragments() -> None:
 
 
 def test_gpu_actor_plan_takes_the_nodes_cpus_as_tokenizer_threads() -> None:
-    from rayembed.embed import plan_for
+    from rayembed.embed.job import plan_for
 
     cfg = EmbedConfig(input="in", output="out")
     nodes = [{"CPU": 16.0, "GPU": 2.0}, {"CPU": 32.0, "GPU": 1.0}, {"CPU": 4.0}]
@@ -217,7 +223,7 @@ def test_gpu_actor_plan_takes_the_nodes_cpus_as_tokenizer_threads() -> None:
 def test_actor_threads_never_exceed_the_cores_it_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from rayembed.embed import cores_for
+    from rayembed.embed.actor import cores_for
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine, 4 logical CPUs
     assert (cores_for(4), cores_for(2), cores_for(1), cores_for(0)) == (2, 2, 1, 1)

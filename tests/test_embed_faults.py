@@ -40,7 +40,7 @@ def cluster() -> Iterator[Any]:
 @pytest.fixture
 def lake(tmp_path: Path) -> tuple[Path, set[str]]:
     """8 JSONL files x 100 real SciFact documents, ids unique across files."""
-    from rayembed.data import read_jsonl
+    from rayembed.data.readers import read_jsonl
 
     docs = [d for _, d in zip(range(ROWS), read_jsonl(DATA / "scifact" / "corpus.jsonl"), strict=False)]
     ids = set()

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import DATA
 from rayembed.config import EvalConfig
-from rayembed.evaluate import evaluate, ndcg_at_k, recall_at_k, retrieval_metrics
+from rayembed.eval.job import evaluate
+from rayembed.eval.metrics import ndcg_at_k, recall_at_k, retrieval_metrics
 
 
 def test_ndcg_and_recall_by_hand() -> None:

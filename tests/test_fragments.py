@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from rayembed.manifest import list_fragments, read_lines
+from rayembed.embed.manifest import list_fragments, read_lines
 
 
 def test_byte_ranges_cover_every_line_once(tmp_path: Path) -> None:

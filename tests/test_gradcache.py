@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from rayembed.gradcache import grad_cache_step
-from rayembed.losses import InfoNCE
 from rayembed.model import Embedder
+from rayembed.train.gradcache import grad_cache_step
+from rayembed.train.losses import InfoNCE
 
 Q = [
     "a dog runs",
@@ -102,8 +102,8 @@ def _compare_worker(config: dict[str, Any]) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from rayembed.config import TrainConfig
-    from rayembed.objective import objective
-    from rayembed.train import backward_step, deepspeed_config
+    from rayembed.train.loop import backward_step, deepspeed_config
+    from rayembed.train.objective import objective
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rayembed.losses import LOSSES, EmbeddingDistill, InfoNCE, matryoshka
+from rayembed.train.losses import LOSSES, EmbeddingDistill, InfoNCE, matryoshka
 
 
 def test_infonce_hand_computed() -> None:

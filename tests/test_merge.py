@@ -12,9 +12,9 @@ import torch
 from conftest import DATA, build_tiny
 from rayembed.cli import main
 from rayembed.config import EvalConfig, MergeConfig
-from rayembed.evaluate import evaluate
-from rayembed.merge import merge
+from rayembed.eval.job import evaluate
 from rayembed.model import Embedder
+from rayembed.train.merge import merge
 
 
 def test_weighted_soup(tiny_model: Path, tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from rayembed.config import MineConfig
-from rayembed.data import read_jsonl, write_jsonl
-from rayembed.mine import mine
+from rayembed.data.readers import read_jsonl, write_jsonl
+from rayembed.embed.mine import mine
 from rayembed.model import Embedder
 
 pytestmark = pytest.mark.usefixtures("ray_local")

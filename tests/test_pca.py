@@ -11,8 +11,8 @@ import torch
 
 from rayembed.config import TrainConfig
 from rayembed.model import Embedder
-from rayembed.objective import objective
-from rayembed.pca import principal_axes
+from rayembed.model.pca import principal_axes
+from rayembed.train.objective import objective
 
 TEXTS = ["a dog runs in the park", "a cat sleeps", "rain falls on the roof", "two men talk", "hello"]
 
@@ -89,7 +89,7 @@ def test_load_weights_adds_the_projection_a_checkpoint_has(tiny_model: Path) -> 
 
 
 def test_distill_targets_are_rotated_like_the_model(tiny_model: Path) -> None:
-    from rayembed.losses import EmbeddingDistill, matryoshka
+    from rayembed.train.losses import EmbeddingDistill, matryoshka
 
     teacher = Embedder.load(tiny_model, device="cpu").eval()
     column = teacher.encode(TEXTS)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rayembed.losses import InfoNCE
-from rayembed.regularizers import (
+from rayembed.train.losses import InfoNCE
+from rayembed.train.regularizers import (
     GISTLoss,
     HardnessWeightedInfoNCE,
     ScoreDistill,
@@ -115,8 +115,8 @@ def test_matryoshka_2d_sums_layer_dim_pairs() -> None:
 @pytest.mark.parametrize("name", ["infonce", "symmetric_infonce", "hard_infonce"])
 def test_contrastive_losses_build_from_the_train_config(name: str) -> None:
     from rayembed.config import TrainConfig
-    from rayembed.losses import LOSSES
-    from rayembed.objective import build_loss
+    from rayembed.train.losses import LOSSES
+    from rayembed.train.objective import build_loss
 
     loss = build_loss(TrainConfig(data="x", output_dir="y", loss=name, scale=7.0))
     assert type(loss) is LOSSES[name]

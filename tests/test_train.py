@@ -73,6 +73,12 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
     assert Embedder.load(model_dir, device="cpu").max_length == 64  # training's max_length=32 is not exported
 
     rotation = torch.from_numpy(np.load(ckpt / "pca_rotation.npy"))  # before keep_checkpoints prunes it
+    # What the driver of a resumed run reads instead of fitting the axes again.
+    from rayembed.train.job import checkpoint_rotation
+
+    kept_axes = checkpoint_rotation(str(tmp_path / "run" / "checkpoints"), "rayembed-train")
+    assert kept_axes is not None and np.array_equal(kept_axes, rotation.numpy())
+    assert checkpoint_rotation(str(tmp_path / "run" / "checkpoints"), "another-run") is None
     # Same run name and storage: the rerun resumes at step 2 and trains only steps 3-4, keeping the
     # rotation it started with (this driver fits other axes, from more rows).
     second = train(cfg(4, pca_rows=200))
@@ -81,7 +87,7 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
         torch.from_numpy(np.load(Path(second["checkpoint"]) / "pca_rotation.npy")), rotation
     )
     from rayembed.io import read_dataset
-    from rayembed.train import fit_rotation
+    from rayembed.train.job import fit_rotation
 
     refit = fit_rotation(cfg(4, pca_rows=200), read_dataset(str(snli_triples)))
     assert not np.allclose(np.abs(refit), np.abs(rotation.numpy()), atol=1e-2)
@@ -106,7 +112,7 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
 
     # Soup of the run's two kept DeepSpeed checkpoints (ZeRO shards consolidated per checkpoint).
     from rayembed.config import MergeConfig
-    from rayembed.merge import merge, state_of
+    from rayembed.train.merge import merge, state_of
 
     soup = merge(
         MergeConfig(models=[str(p) for p in kept], base=str(tiny_model), output=str(tmp_path / "soup"))
@@ -168,7 +174,7 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
     # sentence-transformers Dense layer, started at those axes and trained since.
     import pyarrow.parquet as pq
 
-    from rayembed.pca import principal_axes
+    from rayembed.model.pca import principal_axes
 
     teacher_vecs = np.stack(pq.read_table(teacher_out, columns=["embedding"])["embedding"].to_numpy(False))
     axes = np.load(Path(result["checkpoint"]) / "pca_rotation.npy")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from rayembed.config import TrainConfig
 from rayembed.model import Embedder
-from rayembed.objective import objective
+from rayembed.train.objective import objective
 
 TEXTS = ["a dog runs", "a cat sleeps", "rain falls on the roof", "two men talk"]
 
@@ -53,8 +53,8 @@ def test_contrastive_towers_and_config_checks() -> None:
 
 
 def test_spread_out_weight_adds_the_regulariser() -> None:
-    from rayembed.losses import InfoNCE
-    from rayembed.regularizers import SpreadOut
+    from rayembed.train.losses import InfoNCE
+    from rayembed.train.regularizers import SpreadOut
 
     batch = {"query": np.array(["q1", "q2", "q3"]), "positive": np.array(["p1", "p2", "p3"])}
     q, d = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), torch.randn(3, 8)
@@ -72,7 +72,7 @@ PAIRS = {"query": np.array(TEXTS[:2] * 2, dtype=object), "positive": np.array(TE
 
 @pytest.mark.parametrize("loss", ["gist", "score_distill"])
 def test_guided_losses_use_the_teacher_in_the_loop_on_full_width(loss: str, tiny_model: Path) -> None:
-    from rayembed.regularizers import GISTLoss, ScoreDistill
+    from rayembed.train.regularizers import GISTLoss, ScoreDistill
 
     teacher = Embedder.load(tiny_model, device="cpu").eval()
     cfg = TrainConfig(
@@ -105,7 +105,7 @@ def test_guided_and_learnable_scale_config_checks() -> None:
 
 
 def test_learnable_scale_steps_with_its_own_optimizer_and_round_trips() -> None:
-    from rayembed.objective import LossState, build_loss
+    from rayembed.train.objective import LossState, build_loss
 
     cfg = TrainConfig(data="x", output_dir="y", loss="symmetric_infonce", learnable_scale=True, scale=2.0)
     state = LossState(build_loss(cfg), lr=0.1)
@@ -125,7 +125,7 @@ def test_learnable_scale_steps_with_its_own_optimizer_and_round_trips() -> None:
 
 
 def test_2d_matryoshka_adds_each_sub_models_loss_at_its_width() -> None:
-    from rayembed.losses import InfoNCE, matryoshka
+    from rayembed.train.losses import InfoNCE, matryoshka
 
     cfg = TrainConfig(data="x", output_dir="y", matryoshka_dims=[32, 16], matryoshka_2d=[[1, 8]])
     batch = {"query": np.array(["q1", "q2", "q3"]), "positive": np.array(["p1", "p2", "p3"])}

@@ -17,7 +17,8 @@ import json
 import sys
 from typing import Any
 
-from rayembed.spec import CONFIGS, JOBS, build, load_spec
+from rayembed.config import CONFIGS, JOBS
+from rayembed.spec import build, load_spec
 
 
 def _flags(args: argparse.Namespace) -> list[str]:
@@ -27,30 +28,30 @@ def _flags(args: argparse.Namespace) -> list[str]:
 
 def run_job(job: str, cfg: Any) -> dict[str, Any]:
     if job == "prepare":
-        from rayembed.data import prepare
+        from rayembed.data.prepare import prepare
 
         return {"output": cfg.output, "rows": prepare(cfg.kind, cfg.source, cfg.output, cfg.split, cfg.limit)}
     if job == "train":
-        from rayembed.train import train
+        from rayembed.train.job import train
 
         return train(cfg)
     if job == "merge":
-        from rayembed.merge import merge
+        from rayembed.train.merge import merge
 
         return merge(cfg)
     if job == "mine":
-        from rayembed.mine import mine
+        from rayembed.embed.mine import mine
 
         return mine(cfg)
     if job == "eval":
-        from rayembed.evaluate import evaluate
+        from rayembed.eval.job import evaluate
 
         return evaluate(cfg)
     if job == "embed":
-        from rayembed.embed import embed
+        from rayembed.embed.job import embed
 
         return embed(cfg)
-    from rayembed.serve import run
+    from rayembed.serve.deployment import run
 
     url = run(cfg, blocking=True)
     return {"url": url}
@@ -102,9 +103,7 @@ def cluster_cpus(planned: list[tuple[str, Any]]) -> float | None:
     """Logical CPUs for the one local Ray cluster a multi-section run shares: the most any section needs
     (the first section to start Ray would otherwise size it for itself, e.g. embed before train leaves
     training's data reads no CPU). None: fewer than two sections use Ray, each starts what it needs."""
-    from rayembed.io import cpus_needed
-
-    needs = [cpus_needed(cfg) for job, cfg in planned if job in RAY_JOBS]
+    needs = [getattr(cfg, "local_cpus", lambda: 1)() for job, cfg in planned if job in RAY_JOBS]
     return max(needs) if len(needs) > 1 else None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
@@ -12,18 +13,6 @@ if TYPE_CHECKING:
     import ray.data
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def cpus_needed(cfg: Any) -> float:
-    """Logical CPUs a local cluster needs for a job: train workers plus 2 slots for Ray Data's reads
-    (with none free the reads never run), serve replicas plus 1, else 1."""
-    from rayembed.config import ServeConfig, TrainConfig
-
-    if isinstance(cfg, TrainConfig):
-        return cfg.num_workers * cfg.cpus_per_worker + 2
-    if isinstance(cfg, ServeConfig):
-        return cfg.num_cpus * cfg.max_replicas + 1
-    return 1
 
 
 def ensure_ray(min_cpus: float = 1) -> None:
@@ -40,6 +29,11 @@ def ensure_ray(min_cpus: float = 1) -> None:
         ray.init()
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)))
+
+
+def local_abspath(path: str) -> str:
+    """Absolute form of a local path; URIs (s3://...) unchanged. Ray workers run in their own folders."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def is_s3(path: str) -> bool:

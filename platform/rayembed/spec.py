@@ -8,34 +8,14 @@ A spec maps job names (`prepare`, `train`, `mine`, `eval`, `embed`, `serve`, ...
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
-from rayembed.config import (
-    EmbedConfig,
-    EvalConfig,
-    MergeConfig,
-    MineConfig,
-    PrepareConfig,
-    ServeConfig,
-    TrainConfig,
-)
-
-T = TypeVar("T")
-JOBS = ("prepare", "train", "merge", "mine", "eval", "embed", "serve")
-CONFIGS: dict[str, type] = {
-    "prepare": PrepareConfig,
-    "train": TrainConfig,
-    "merge": MergeConfig,
-    "mine": MineConfig,
-    "eval": EvalConfig,
-    "embed": EmbedConfig,
-    "serve": ServeConfig,
-}
+from rayembed.config import JOBS
+from rayembed.settings import build
 
 
 def _expand(value: Any) -> Any:
@@ -68,14 +48,4 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), job: str | Non
     return spec
 
 
-def build(cls: type[T], values: dict[str, Any] | None) -> T:
-    """Instantiate a job dataclass, rejecting unknown keys with the list of known ones."""
-    values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown setting(s) {unknown}; known: {sorted(known)}")
-    try:
-        return cls(**values)
-    except TypeError as e:  # missing required field
-        raise ValueError(f"{cls.__name__}: {e}") from None
+__all__ = ["build", "load_spec"]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from rayembed.config import SHARED_DATA, EmbedConfig
-from rayembed.data import read_jsonl
+from rayembed.data.readers import read_jsonl
 from rayembed.model import Embedder, resolve_model_path
 
 
@@ -112,7 +112,7 @@ def main() -> None:
         }
 
     model = Embedder.load("default", device=device, dtype=dtype)
-    if device == "cuda":  # as the pipeline's GPU actor does (rayembed.embed.plan_for)
+    if device == "cuda":  # as the pipeline's GPU actor does (rayembed.embed.job.plan_for)
         model.tokenize_threads = args.threads_per_actor or min(8, os.cpu_count() or 1)
     results["encode_loop_tokenize_threads"] = model.tokenize_threads
     t = time.perf_counter()

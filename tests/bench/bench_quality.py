@@ -29,11 +29,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rayembed.config import SHARED_DATA, EmbedConfig, EvalConfig, TrainConfig
-from rayembed.data import read_jsonl, write_jsonl
+from rayembed.data.readers import read_jsonl, write_jsonl
 from rayembed.embed import embed
-from rayembed.evaluate import evaluate
+from rayembed.eval.job import evaluate
 from rayembed.model import Embedder
-from rayembed.pca import principal_axes
+from rayembed.model.pca import principal_axes
 from rayembed.train import train
 
 LAYERS = [0, 2, 5]  # keeping the last layer matters: [0, 2, 4] starts at a third of the nDCG

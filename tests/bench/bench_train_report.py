@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from rayembed.config import SHARED_DATA, TrainConfig
-from rayembed.data import prepare
+from rayembed.data.prepare import prepare
 from rayembed.train import train
 
 

@@ -1,12 +1,12 @@
 """Readers for the public evaluation/training sets (BEIR, STS Benchmark, SNLI) and a JSONL writer.
 
-The data itself stays where it is (../shared/data); `rayembed prepare` writes derived training files.
+The data itself stays where it is (../shared/data); `rayembed prepare` (prepare.py) writes derived
+training files.
 """
 
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -81,21 +81,3 @@ def snli_triples(folder: str | Path, split: str = "dev") -> Iterator[dict[str, s
     for premise, hyps in by_premise.items():
         if "entailment" in hyps and "contradiction" in hyps:
             yield {"query": premise, "positive": hyps["entailment"], "negative": hyps["contradiction"]}
-
-
-def prepare(kind: str, source: str, output: str, split: str = "dev", limit: int | None = None) -> int:
-    """Write a training JSONL: kind 'snli' (query/positive/negative) or 'beir' (query/positive from qrels);
-    every row also gets an `id` (its line number) so `rayembed embed` can run over the file."""
-    if kind == "snli":
-        rows: Iterable[dict[str, str]] = snli_triples(source, split)
-    elif kind == "beir":
-        corpus, queries, qrels = load_beir(source, split)
-        rows = (
-            {"query": queries[q], "positive": corpus[d]}
-            for q, docs in qrels.items()
-            for d in docs
-            if d in corpus
-        )
-    else:
-        raise ValueError(f"unknown prepare kind {kind!r}: use snli or beir")
-    return write_jsonl(output, ({"id": str(i), **r} for i, r in enumerate(itertools.islice(rows, limit))))

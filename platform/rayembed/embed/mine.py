@@ -25,10 +25,11 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from rayembed.config import EmbedConfig, MineConfig
-from rayembed.embed import embed, fs_for
+from rayembed.embed.actor import fs_for
+from rayembed.embed.config import EmbedConfig, MineConfig
+from rayembed.embed.job import embed
+from rayembed.embed.manifest import REJECTS
 from rayembed.io import strip_scheme
-from rayembed.manifest import REJECTS
 
 
 def embed_runs(cfg: MineConfig) -> dict[str, EmbedConfig]:

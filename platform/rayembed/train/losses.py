@@ -68,7 +68,7 @@ class EmbeddingDistill(nn.Module):
 
 
 def _registry() -> dict[str, type[nn.Module]]:
-    from rayembed.regularizers import GISTLoss, HardnessWeightedInfoNCE, ScoreDistill, SymmetricInfoNCE
+    from rayembed.train.regularizers import GISTLoss, HardnessWeightedInfoNCE, ScoreDistill, SymmetricInfoNCE
 
     return {
         "infonce": InfoNCE,

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rayembed.config import TrainConfig
-from rayembed.dist import gather_with_grad
-from rayembed.gradcache import LossOf
-from rayembed.losses import CONTRASTIVE, GUIDED, LOSSES, EmbeddingDistill, matryoshka
 from rayembed.model import Embedder
-from rayembed.regularizers import SpreadOut
+from rayembed.train.config import TrainConfig
+from rayembed.train.dist import gather_with_grad
+from rayembed.train.gradcache import LossOf
+from rayembed.train.losses import CONTRASTIVE, GUIDED, LOSSES, EmbeddingDistill, matryoshka
+from rayembed.train.regularizers import SpreadOut
 
 
 def build_loss(cfg: TrainConfig) -> nn.Module:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 DEFAULT_MODEL_ALIASES = ("default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -96,19 +95,6 @@ def write_layout(out: Path, layout: Layout, hidden_size: int, dim: int) -> None:
         out / "config_sentence_transformers.json", {"similarity_fn_name": "cosine", "prompts": layout.prompts}
     )
     _write_json(out / "rayembed.json", {"name": layout.name, "dim": dim, "pooling": layout.pooling})
-
-
-def load_backbone(path: Path, dtype: torch.dtype | None) -> nn.Module:
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    kwargs: dict[str, Any] = {"local_files_only": True, "config": config}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    try:  # the HF pooler is unused by mean/CLS pooling; dropping it keeps DDP/ZeRO free of unused params
-        return AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
-    except TypeError:
-        return AutoModel.from_pretrained(path, **kwargs)
 
 
 def _is(module: dict[str, Any], kind: str) -> bool:

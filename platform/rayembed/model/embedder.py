@@ -1,16 +1,15 @@
-"""The one embedding model: HF backbone + pooling + L2 normalise, and the one `encode` function.
+"""The one embedding model: HF backbone + pooling (+ optional Dense) + L2 normalise, and `encode`.
 
 Training-time eval, the Ray Data UDF and the Serve deployment all call `Embedder.encode`, so the same
-text gives the same vector everywhere. Models are saved in the sentence-transformers folder layout.
+text gives the same vector everywhere. Pooling kinds (pooling.py), backbone loading and layer stacks
+(backbone.py) and the sentence-transformers folder layout (layout.py) live in their own modules.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,57 +27,13 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 hf_logging.set_verbosity_error()  # load reports about the unused HF pooler are noise here
 hf_logging.disable_progress_bar()
 
-from rayembed.layout import (  # noqa: E402
-    Layout,
-    default_model_path,
-    load_backbone,
-    read_layout,
-    resolve_model_path,
-    write_layout,
-)
+from rayembed.model.backbone import layer_stack, load_backbone  # noqa: E402
+from rayembed.model.batching import Tokens, length_batches, pad_batch, validate_texts  # noqa: E402
+from rayembed.model.layout import Layout, read_layout, resolve_model_path, write_layout  # noqa: E402
+from rayembed.model.pooling import POOLINGS, pool  # noqa: E402
+from rayembed.model.vectors import PRECISIONS, postprocess  # noqa: E402
 
-__all__ = ["Embedder", "Tokens", "default_model_path", "postprocess", "resolve_model_path"]
-
-PRECISIONS = ("float32", "int8", "binary")
 MIN_TOKENIZE_PART = 256  # texts per tokenizer thread, at least: fewer are not worth a thread
-POOLINGS = ("mean", "cls")
-
-
-def validate_texts(texts: Sequence[Any]) -> list[str]:
-    """Return `texts` as a list of non-empty strings or raise ValueError naming the first bad item."""
-    if isinstance(texts, str):
-        raise ValueError("texts must be a list of strings, not a single string")
-    out = list(texts)
-    for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise ValueError(f"input {i} is {type(t).__name__}, expected a string")
-        if not t.strip():
-            raise ValueError(f"input {i} is empty")
-    return out
-
-
-def postprocess(emb: np.ndarray, dim: int | None = None, precision: str = "float32") -> np.ndarray:
-    """Matryoshka-truncate to `dim`, re-normalise, then quantise.
-
-    int8: round(x * 127) of the unit vector (no calibration set, so every caller gets the same codes).
-    binary: sign bits packed 8 per byte (`np.packbits`), so `dim` must be a multiple of 8.
-    """
-    full = emb.shape[-1]
-    if dim is not None:
-        if not 0 < dim <= full:
-            raise ValueError(f"dim must be in 1..{full}, got {dim}")
-        emb = emb[..., :dim]
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
-    emb = emb.astype(np.float32, copy=False)
-    if precision == "float32":
-        return emb
-    if precision == "int8":
-        return np.clip(np.rint(emb * 127.0), -127, 127).astype(np.int8)
-    if precision == "binary":
-        if emb.shape[-1] % 8:
-            raise ValueError(f"binary precision needs a dim divisible by 8, got {emb.shape[-1]}")
-        return np.packbits(emb > 0, axis=-1)
-    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 class Embedder(nn.Module):
@@ -96,7 +51,7 @@ class Embedder(nn.Module):
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
         self.backbone: Any = backbone  # an HF PreTrainedModel (save_pretrained, config)
         self.tokenizer = tokenizer
         self.pooling = pooling
@@ -144,14 +99,11 @@ class Embedder(nn.Module):
     def keep_layers(self, layers: Sequence[int]) -> Embedder:
         """Keep only these transformer layers, in this order (a student initialised from a bigger
         model's layers, as EmbeddingGemma is); embeddings and pooling are kept as they are."""
-        stack = getattr(getattr(self.backbone, "encoder", None), "layer", None)
-        if not isinstance(stack, nn.ModuleList):
-            raise ValueError(
-                f"keep_layers supports BERT-style encoders (encoder.layer); got {type(self.backbone)}"
-            )
+        owner, attr = layer_stack(self.backbone)
+        stack = getattr(owner, attr)
         if not layers or any(not 0 <= i < len(stack) for i in layers):
             raise ValueError(f"layers must be indices in [0, {len(stack)}), got {list(layers)}")
-        self.backbone.encoder.layer = nn.ModuleList([stack[i] for i in layers])
+        setattr(owner, attr, nn.ModuleList([stack[i] for i in layers]))
         self.backbone.config.num_hidden_layers = len(layers)
         return self
 
@@ -234,12 +186,7 @@ class Embedder(nn.Module):
         return torch.cat(pooled, dim=1) if layers else pooled[0]
 
     def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()  # pool in float32 whatever the model's dtype (bf16 sums lose digits)
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        pooled = pool(self.pooling, hidden, attention_mask)
         if self.projection is not None:
             pooled = self.projection(pooled.to(self.projection.weight.dtype)).float()
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
@@ -314,38 +261,3 @@ class Embedder(nn.Module):
                 stats["padded_tokens"] = stats.get("padded_tokens", 0) + mask.numel()
         self.train(was_training)
         return postprocess(out, dim, precision)
-
-
-@dataclass
-class Tokens:
-    """Token ids of a list of texts, unpadded, and which of them were cut at max_length."""
-
-    ids: list[list[int]]
-    truncated: list[bool]
-
-
-def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token ids to the longest row: (input_ids, attention_mask)."""
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    mask = np.arange(int(lengths.max())) < lengths[:, None]
-    input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
-    # a boolean-mask assignment fills row by row, left to right: the rows' ids in order
-    input_ids[mask] = np.fromiter(
-        itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())
-    )
-    return torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))
-
-
-def length_batches(
-    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None
-) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length: <= batch_size rows and <= max_tokens padded tokens."""
-    order = np.argsort(np.asarray(lengths), kind="stable")[::-1]  # longest first: OOM shows up at once
-    batches: list[np.ndarray] = []
-    start = 0
-    while start < len(order):
-        longest = lengths[order[start]]
-        rows = batch_size if not max_tokens else max(1, min(batch_size, max_tokens // max(longest, 1)))
-        batches.append(order[start : start + rows])
-        start += rows
-    return batches

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rayembed.config import MergeConfig
 from rayembed.model import Embedder
+from rayembed.train.config import MergeConfig
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
@@ -68,9 +68,9 @@ def merge(cfg: MergeConfig) -> dict[str, object]:
         "name": merged.name,
     }
     if cfg.eval:
-        from rayembed.config import EvalConfig
-        from rayembed.evaluate import evaluate
-        from rayembed.report import eval_rows
+        from rayembed.eval.config import EvalConfig
+        from rayembed.eval.job import evaluate
+        from rayembed.train.report import eval_rows
 
         settings = EvalConfig(**{**cfg.eval, "output": None})
         evals = {

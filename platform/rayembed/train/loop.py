@@ -1,20 +1,18 @@
-"""Train job: Ray Train `TorchTrainer` workers running DeepSpeed ZeRO, checkpoint/resume, export.
+"""The training loop every Ray Train worker runs: DeepSpeed ZeRO engine, steps, checkpoints, resume.
 
-Workers get everything through the config dict; nothing is read from module globals.
-The final model is consolidated from the last ZeRO checkpoint on the driver (fp32, any stage)
-and written in the sentence-transformers layout to <output_dir>/model; checkpoints live in
-<output_dir>/checkpoints/<run_name> unless storage_path says otherwise.
+Workers get everything through the config dict (`train_loop(config)`); nothing is read from module
+globals. Each step turns a batch into text towers and a loss of their embeddings (objective.py), runs
+forward + backward plainly or in GradCache chunks, and steps the engine; every `checkpoint_every` steps
+each worker saves its ZeRO shard into one Ray Train checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rayembed.config import TrainConfig
-from rayembed.dist import agree
-from rayembed.gradcache import LossOf, grad_cache_step
-from rayembed.io import is_s3, upload_dir
-from rayembed.losses import GUIDED
 from rayembed.model import Embedder
-from rayembed.objective import LossState, build_loss, input_columns, objective, sub_model_layers
-from rayembed.pca import principal_axes
-from rayembed.report import write_report
-
-CKPT_TAG = "ds"
-HISTORY = "history.json"  # rank 0's per-step metrics, kept with each checkpoint
-ROTATION = "pca_rotation.npy"  # the axes a pca_rotation run started with, kept with each checkpoint
+from rayembed.train.config import TrainConfig
+from rayembed.train.dist import agree
+from rayembed.train.export import CKPT_TAG, HISTORY, ROTATION, saved_rotation
+from rayembed.train.gradcache import LossOf, grad_cache_step
+from rayembed.train.losses import GUIDED
+from rayembed.train.objective import LossState, build_loss, objective, sub_model_layers
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -105,6 +97,7 @@ def _save_and_report(
     """Every worker saves its ZeRO shard (and the loss's own state); rank 0 adds the metric history
     (history.json) for the report and the pca rotation the run started with (pca_rotation.npy)."""
     import ray.train
+    import ray.train.torch
 
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={**state, **loss.state_dict()})
@@ -121,17 +114,6 @@ def starting_model(cfg: TrainConfig, device: str = "cpu", rotation: Any = None) 
     if cfg.student_layers:
         model.keep_layers(cfg.student_layers)
     return model.rotate(rotation) if rotation is not None else model
-
-
-def fit_rotation(cfg: TrainConfig, ds: Any) -> np.ndarray:
-    """pca_rotation: principal axes of what the model learns to match, from the first `pca_rows` rows:
-    teacher vectors when distilling (the column, or the in-loop teacher's), else its own embeddings."""
-    rows = ds.take_batch(cfg.pca_rows, batch_format="numpy")
-    if cfg.loss == "distill" and cfg.teacher_column:
-        return principal_axes(np.stack(list(rows[cfg.teacher_column])).astype(np.float32))
-    texts = [str(t) for c in input_columns(cfg) for t in rows[c]]
-    model = Embedder.load(cfg.teacher) if cfg.loss == "distill" and cfg.teacher else starting_model(cfg)
-    return principal_axes(model.encode(texts, batch_size=64))
 
 
 def _build(cfg: TrainConfig, device: torch.device, rotation: Tensor | None) -> tuple[Any, Embedder | None]:
@@ -158,6 +140,7 @@ def _resume(
     """Position (step, epoch, batch in epoch), loss state, metric history and the pca rotation the run
     started with, from the latest checkpoint."""
     import ray.train
+    import ray.train.torch
 
     state, history = {"step": 0, "epoch": 0, "batch_in_epoch": 0}, []
     checkpoint = ray.train.get_checkpoint()
@@ -172,10 +155,24 @@ def _resume(
     return state, [h for h in history if h["step"] <= state["step"]], rotation
 
 
-def saved_rotation(checkpoint_dir: str | Path, default: Any = None) -> Any:
-    """The pca rotation kept in a checkpoint folder (as a tensor), else `default`."""
-    path = Path(checkpoint_dir, ROTATION)
-    return torch.from_numpy(np.load(path)) if path.is_file() else default
+def _epoch_batches(shard: Any, cfg: TrainConfig, state: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """This worker's batches of the current epoch (shuffled with a per-epoch seed if asked), past the
+    ones a resumed run already trained on."""
+    shuffle = {
+        "local_shuffle_buffer_size": cfg.shuffle_buffer,
+        "local_shuffle_seed": cfg.seed + state["epoch"],
+    }
+    it = iter(
+        shard.iter_batches(
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            batch_format="numpy",
+            **(shuffle if cfg.shuffle_buffer else {}),
+        )
+    )
+    for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: skip what was trained on
+        next(it, None)
+    return it
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -184,6 +181,7 @@ def train_loop(config: dict[str, Any]) -> None:
     os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
     import deepspeed
     import ray.train
+    import ray.train.torch
 
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     torch.manual_seed(cfg.seed)
@@ -198,20 +196,7 @@ def train_loop(config: dict[str, Any]) -> None:
     metrics: dict[str, float] = {"loss": float("nan")}
     saved, last_report = -1, 0.0
     while state["epoch"] < cfg.epochs and state["step"] < max_steps:
-        shuffle = {
-            "local_shuffle_buffer_size": cfg.shuffle_buffer,
-            "local_shuffle_seed": cfg.seed + state["epoch"],
-        }
-        it = iter(
-            shard.iter_batches(
-                batch_size=cfg.batch_size,
-                drop_last=True,
-                batch_format="numpy",
-                **(shuffle if cfg.shuffle_buffer else {}),
-            )
-        )
-        for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: skip what was trained on
-            next(it, None)
+        it = _epoch_batches(shard, cfg, state)
         while state["step"] < max_steps:
             batch = next(it, None)
             due = time.perf_counter() - last_report >= cfg.report_interval_s
@@ -247,100 +232,3 @@ def train_loop(config: dict[str, Any]) -> None:
     if saved != state["step"] or state["step"] == 0:
         metrics |= {"resumed_from": resumed_from, "peak_mem_mb": peak_memory_mb(device)}
         _save_and_report(engine, state, metrics, history, loss_state, rotation)
-
-
-def consolidate(checkpoint_dir: str | Path, base_model: str, layers: list[int] | None = None) -> Embedder:
-    """The fp32 model of a ZeRO checkpoint (any stage) on CPU; `layers`: the run's student_layers."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CKPT_TAG)
-    model = Embedder.load(base_model, device="cpu")
-    if layers:
-        model.keep_layers(layers)
-    model.load_weights(state, f"the checkpoint's weights (base {base_model})")  # adds a pca projection
-    # The base model's max length is kept: `max_length` in training is a speed setting, not the model's limit.
-    return model
-
-
-def publish(write: Callable[[Path], Any], output_dir: str) -> str:
-    """Write a folder with `write(path)` at a local path or s3:// URI, replacing what was there."""
-    if is_s3(output_dir):
-        with tempfile.TemporaryDirectory() as tmp:
-            write(Path(tmp))
-            upload_dir(tmp, output_dir)
-        return output_dir
-    out = Path(output_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    write(out)
-    return str(out)
-
-
-def run_evals(cfg: TrainConfig, trained: Embedder, rotation: Any) -> dict[str, Any] | None:
-    """The run's `eval` section applied to the starting model (rotated as training started) and to the
-    trained one."""
-    if not cfg.eval:
-        return None
-    from rayembed.config import EvalConfig
-    from rayembed.evaluate import evaluate
-
-    before = starting_model(cfg, str(trained.device), rotation)
-    settings = {**cfg.eval, "model": cfg.model, "output": None}
-    return {
-        "before": evaluate(EvalConfig(**settings), before),
-        "after": evaluate(EvalConfig(**settings), trained),
-    }
-
-
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the job on the current Ray cluster (starting a local one if none); returns a summary."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from rayembed.io import cpus_needed, ensure_ray, read_dataset, require_columns
-    from rayembed.model import resolve_model_path
-
-    resolve_model_path(cfg.model)  # unknown model: fail before starting workers
-    if cfg.teacher and not cfg.teacher_column:
-        resolve_model_path(cfg.teacher)
-    ensure_ray(cpus_needed(cfg))
-    ds = read_dataset(cfg.data)
-    needed = input_columns(cfg)
-    require_columns(ds, needed, "train")
-    rotation = fit_rotation(cfg, ds) if cfg.pca_rotation else None
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "rotation": rotation},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=cfg.run_name,
-            storage_path=cfg.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        ),
-        datasets={"train": ds.select_columns(needed)},
-    )
-    started = time.perf_counter()
-    result = trainer.fit()
-    assert result.checkpoint is not None
-    with result.checkpoint.as_directory() as d:
-        model = consolidate(d, cfg.model, cfg.student_layers)
-        history = json.loads(Path(d, HISTORY).read_text()) if Path(d, HISTORY).is_file() else []
-        rotation = saved_rotation(d, rotation)  # a resumed run's own axes, not the ones fitted just now
-    model.name = f"{model.name}-{cfg.run_name}"
-    root = cfg.output_dir.rstrip("/")
-    summary = {
-        "output_dir": publish(model.save, f"{root}/model"),
-        "checkpoint": result.checkpoint.path,
-        **(result.metrics or {}),
-        "wall_s": round(time.perf_counter() - started, 1),
-    }
-    evals = run_evals(cfg, model.to("cuda" if torch.cuda.is_available() else "cpu"), rotation)
-    summary["report"] = publish(lambda p: write_report(p, summary, history, evals), f"{root}/report")
-    return summary

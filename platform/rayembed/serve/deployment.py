@@ -17,48 +17,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from rayembed.api import APIError, Limits, check_auth, load_api_keys, parse_request, response_body
-from rayembed.batcher import Overloaded, TokenBatcher
-from rayembed.config import ServeConfig
 from rayembed.model import Embedder, Tokens, postprocess
+from rayembed.serve.api import APIError, Limits, check_auth, load_api_keys, parse_request, response_body
+from rayembed.serve.batcher import Overloaded, TokenBatcher
+from rayembed.serve.config import ServeConfig
+from rayembed.serve.metrics import Metrics
 
 app = FastAPI(title="rayembed", description="OpenAI-compatible embeddings on Ray Serve")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
-
-
-class Metrics:
-    """Prometheus metrics of one replica (scraped at /metrics)."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("rayembed_requests", "Requests by HTTP status", ["status"], registry=r)
-        self.inputs = Counter("rayembed_inputs", "Inputs embedded", registry=r)
-        self.tokens = Counter("rayembed_tokens", "Tokens embedded", registry=r)
-        self.rejections = Counter(
-            "rayembed_rejections", "Requests refused, by reason", ["reason"], registry=r
-        )
-        self.latency = Histogram("rayembed_request_latency_seconds", "Request latency", registry=r)
-        buckets = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-        self.batch_inputs = Histogram(
-            "rayembed_batch_inputs", "Inputs per model call", buckets=buckets, registry=r
-        )
-        self.batch_tokens = Histogram(
-            "rayembed_batch_tokens",
-            "Tokens per model call",
-            buckets=tuple(64 * b for b in buckets),
-            registry=r,
-        )
-
-    def on_batch(self, inputs: int, tokens: int) -> None:
-        self.batch_inputs.observe(inputs)
-        self.batch_tokens.observe(tokens)
-
-    def exposition(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
 
 
 @serve.deployment
@@ -167,19 +133,19 @@ def build_app(cfg: ServeConfig) -> serve.Application:
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """`serve run rayembed.serve:app_builder model=...` / RayService entry: args are ServeConfig fields."""
-    from rayembed.spec import build
+    from rayembed.settings import build
 
     return build_app(build(ServeConfig, args))
 
 
 def run(cfg: ServeConfig, blocking: bool = True) -> str:
     """Start Serve on the current Ray cluster and deploy; returns the base URL."""
-    from rayembed.io import cpus_needed, ensure_ray
+    from rayembed.io import ensure_ray
     from rayembed.model import resolve_model_path
 
     resolve_model_path(cfg.model)
     load_api_keys(cfg.api_keys_file)  # a missing keys file fails here, not in every replica
-    ensure_ray(cpus_needed(cfg))
+    ensure_ray(cfg.local_cpus())
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name="rayembed", route_prefix="/", blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}"

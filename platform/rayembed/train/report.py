@@ -2,7 +2,7 @@
 
 report.json holds the run summary, rank 0's per-step history (step, loss, time_s: seconds since that
 worker attempt started, so it restarts after a resume) and, when the run has
-an `eval` section, the eval reports of the model before and after training (same `rayembed.evaluate`).
+an `eval` section, the eval reports of the model before and after training (same `rayembed.eval.job.evaluate`).
 """
 
 from __future__ import annotations

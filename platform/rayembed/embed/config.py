@@ -1,0 +1,134 @@
+"""`embed` and `mine` job settings: one `@dataclass` each, a docstring per field, checks in
+`__post_init__`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rayembed.io import local_abspath
+from rayembed.settings import check
+
+
+@dataclass
+class EmbedConfig:
+    input: str
+    """Input JSONL/Parquet file or folder, local or s3://."""
+    output: str
+    """Output folder (Parquet + _manifest.json, _committed/, _rejects/, _summary.json), local or s3://."""
+    model: str = "default"
+    """Model folder or 'default'."""
+    text_column: str = "text"
+    """Column with the text to embed."""
+    title_column: str | None = None
+    """Optional title column, prepended to the text (BEIR style: title + ' ' + text)."""
+    id_column: str = "id"
+    """Column with a unique id per row; copied to the output."""
+    passthrough_columns: list[str] = field(default_factory=list)
+    """Input columns copied unchanged to the output."""
+    partition_by: str | None = None
+    """Write hive-style subfolders <column>=<value>/ by this input column."""
+    dim: int | None = None
+    """Matryoshka output width (default: full)."""
+    precision: str = "float32"
+    """Output precision: float32, int8 or binary."""
+    prompt_name: str | None = None
+    """One of the model's prompts (e.g. 'document') to prefix every text with."""
+    batch_size: int = 64
+    """Most rows per model call."""
+    max_tokens: int | None = 16384
+    """Most padded tokens per model call (length-bucketed batches)."""
+    chunk_rows: int = 4096
+    """Rows read, sorted by length and embedded together (the length-bucketing window)."""
+    fragment_rows: int = 100_000
+    """Parquet row groups are grouped into fragments of at least this many rows (units of exactly-once work)."""
+    fragment_bytes: int = 128 << 20
+    """JSONL files bigger than this are split into line-aligned byte ranges of this size (units of
+    exactly-once work that actors share); smaller files are one fragment each."""
+    num_actors: int | None = None
+    """Embedding actors (default: one per GPU, or CPUs / threads_per_actor)."""
+    threads_per_actor: int | None = None
+    """CPUs reserved per actor, used as torch and tokenizer threads. CPU actors: default 1, as more
+    one-thread actors beat fewer multi-thread ones; more when there are fewer fragments than free CPUs;
+    capped by the smallest node. GPU actors: default the node's CPUs per GPU, up to 8."""
+    use_gpu: bool | None = None
+    """One embedding actor per GPU (default: when the cluster has GPUs)."""
+    gpu_dtype: str = "float16"
+    """Model dtype on GPU actors: float16, bfloat16 or float32."""
+    cpu_dtype: str = "float32"
+    """Model dtype on CPU actors: float32 or bfloat16 (~2.5x faster on CPUs with AVX512-BF16 or AMX,
+    vectors within cosine 0.9995 of float32; docs/benchmarks.md). Serve with the same dtype for the
+    same vectors online."""
+    s3_endpoint_url: str | None = None
+    """Endpoint of an S3-compatible store (default: AWS, or $AWS_ENDPOINT_URL)."""
+    overwrite: bool = False
+    """Delete what the output folder holds first (otherwise a rerun resumes; other settings are refused)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        self.input, self.output = (
+            local_abspath(self.input).rstrip("/"),
+            local_abspath(self.output).rstrip("/"),
+        )
+        check(
+            self.precision in ("float32", "int8", "binary"),
+            f"precision must be float32|int8|binary, got {self.precision!r}",
+        )
+        check(
+            self.gpu_dtype in ("float16", "bfloat16", "float32"),
+            f"gpu_dtype must be float16|bfloat16|float32, got {self.gpu_dtype!r}",
+        )
+        check(
+            self.cpu_dtype in ("float32", "bfloat16"),
+            f"cpu_dtype must be float32|bfloat16, got {self.cpu_dtype!r}",
+        )
+        check(self.dim is None or self.dim > 0, "dim must be positive")
+        check(
+            min(self.batch_size, self.chunk_rows, self.fragment_rows, self.fragment_bytes) >= 1,
+            "batch_size, chunk_rows, fragment_rows, fragment_bytes must be >= 1",
+        )
+        check(bool(self.output) and self.input != self.output, "output must be a folder other than the input")
+
+
+@dataclass
+class MineConfig:
+    pairs: str
+    """Training pairs (JSONL/Parquet, local or s3://) with id, query and positive columns."""
+    corpus: str
+    """Corpus to draw negatives from (JSONL/Parquet) with id and text (and optional title) columns."""
+    output: str
+    """Folder: _vectors/ (the three embed runs), mined.jsonl, _rejects.jsonl, _summary.json."""
+    model: str = "default"
+    """Model that embeds queries, positives and corpus (normally the model about to be trained)."""
+    id_column: str = "id"
+    """Pairs: id column."""
+    query_column: str = "query"
+    """Pairs: query text column."""
+    positive_column: str = "positive"
+    """Pairs: positive text column."""
+    corpus_id_column: str = "id"
+    """Corpus: id column."""
+    corpus_text_column: str = "text"
+    """Corpus: text column."""
+    corpus_title_column: str | None = None
+    """Corpus: optional title column, embedded as "title text" (and written so in the negatives)."""
+    index: str = "exact"
+    """exact (blocked matrix products) or faiss (HNSW graph; approximate, for corpora too big to scan)."""
+    top_k: int = 50
+    """Candidates retrieved per query."""
+    skip_top: int = 0
+    """Ignore the first N candidates (the very top is where unlabelled positives hide)."""
+    margin: float = 0.05
+    """False-negative margin: drop candidates scoring above (positive score - margin) (TopK-MarginPos)."""
+    num_negatives: int = 1
+    """Negatives per pair; each becomes one output row (query, positive, negative)."""
+    s3_endpoint_url: str | None = None
+    """Endpoint of an S3-compatible store."""
+
+    def __post_init__(self) -> None:
+        self.pairs, self.corpus, self.output = (
+            local_abspath(p).rstrip("/") for p in (self.pairs, self.corpus, self.output)
+        )
+        check(self.index in ("exact", "faiss"), f"index must be exact or faiss, got {self.index!r}")
+        check(self.top_k >= 1 and self.num_negatives >= 1, "top_k and num_negatives must be >= 1")
+        check(0 <= self.skip_top < self.top_k, "skip_top must be in [0, top_k)")

@@ -1,0 +1,197 @@
+"""The embed job's driver: input fragments -> Ray Data actor pool (actor.py) -> committed Parquet.
+
+Exactly-once and resumable (manifest.py): each fragment of the input (a JSONL file or byte range, or a
+run of Parquet row groups) is embedded by one actor, written to a deterministic file name and committed
+with a marker; a rerun skips committed fragments, and a retried fragment overwrites its own file.
+Counts, tokens, padding and speed go to `_summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from rayembed.embed.actor import EmbedFragments, check_columns, fs_for, needed_columns, peek_columns
+from rayembed.embed.config import EmbedConfig
+from rayembed.embed.manifest import (
+    COMMITTED,
+    TMP,
+    Fragment,
+    list_dir,
+    list_fragments,
+    model_revision,
+    open_output,
+    read_json,
+    write_json,
+)
+from rayembed.io import ensure_ray, strip_scheme
+from rayembed.model import Embedder, resolve_model_path
+
+
+def plan_actors(cfg: EmbedConfig, fragments: int) -> tuple[int, float, float, int]:
+    """(actors, CPUs per actor, GPUs per actor, threads per actor) from the cluster's resources."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return plan_for(cfg, fragments, nodes, int(ray.available_resources().get("CPU", 0)))
+
+
+def plan_for(
+    cfg: EmbedConfig, fragments: int, nodes: list[dict[str, float]], free: int
+) -> tuple[int, float, float, int]:
+    """`plan_actors` for these alive nodes' resources and `free` CPUs."""
+    gpus = int(sum(r.get("GPU", 0) for r in nodes))
+    use_gpu = gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
+    if use_gpu:
+        if not gpus:
+            raise ValueError("use_gpu=true but the Ray cluster has no GPUs")
+        # A GPU waits on tokenizing (docs/benchmarks.md): each GPU actor takes its node's share of
+        # CPUs, up to 8, as tokenizer threads.
+        per_gpu = min(int(r.get("CPU", 0)) // int(r["GPU"]) for r in nodes if r.get("GPU", 0) >= 1)
+        threads = cfg.threads_per_actor or max(1, min(8, per_gpu))
+        return min(cfg.num_actors or gpus, fragments), float(threads), 1.0, threads
+    node_cpus = [int(r.get("CPU", 0)) for r in nodes if r.get("CPU", 0) >= 1] or [1]
+    # `free`: other jobs (e.g. Serve replicas) may hold some CPUs
+    # By default one thread per actor (N one-thread actors out-ran N/2 two-thread ones, docs/benchmarks.md),
+    # unless there are fewer fragments than CPUs: then the few actors share the free CPUs as threads.
+    # An actor must fit on the smallest node and in what is free now.
+    wanted = cfg.threads_per_actor or max(1, (free or 1) // max(1, min(fragments, free or 1)))
+    threads = max(1, min(wanted, min(node_cpus), free or 1))
+    actors = cfg.num_actors or max(1, min(sum(n // threads for n in node_cpus), free // threads))
+    return max(1, min(actors, fragments)), float(threads), 0.0, threads
+
+
+def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """(manifest settings: what shapes the vectors, Parquet schema metadata)."""
+    path = resolve_model_path(cfg.model)
+    model = Embedder.load(path, device="cpu")
+    dim = cfg.dim or model.dim
+    if cfg.dim and cfg.dim > model.dim:
+        raise ValueError(f"dim {cfg.dim} is larger than the model's {model.dim}")
+    if cfg.precision == "binary" and dim % 8:
+        raise ValueError(f"binary precision needs a dim divisible by 8, got {dim}")
+    settings = {
+        "model": model.name,
+        "revision": model_revision(path),
+        "dim": dim,
+        "precision": cfg.precision,
+        "normalized": model.normalize,
+        "max_length": model.max_length,
+        "text": [cfg.title_column, cfg.text_column],
+        "prompt": model.with_prompt([""], cfg.prompt_name)[0],
+        "id_column": cfg.id_column,
+    }
+    meta = {
+        f"rayembed.{k}": str(v).lower() if isinstance(v, bool) else str(v)
+        for k, v in settings.items()
+        if k != "text"
+    }
+    return settings, meta
+
+
+def embed(cfg: EmbedConfig) -> dict[str, Any]:
+    """Run (or resume) the job on the current Ray cluster, starting a local one if none; returns the summary."""
+    import ray.data
+
+    start = time.time()
+    settings, meta = settings_of(cfg)
+    in_fs, out_fs = fs_for(cfg.input, cfg.s3_endpoint_url), fs_for(cfg.output, cfg.s3_endpoint_url)
+    root = strip_scheme(cfg.output)
+    fragments = list_fragments(strip_scheme(cfg.input), in_fs, cfg.fragment_rows, cfg.fragment_bytes)
+    check_columns(peek_columns(fragments[0], in_fs), needed_columns(cfg), fragments[0].path)  # fail fast
+    done = open_output(root, out_fs, settings, cfg.overwrite)
+    pending = [f for f in fragments if f.name not in done]
+    run: Counter[str] = Counter()
+    plan: dict[str, float] = {}  # this run's actors (none when everything was committed before)
+    if pending:
+        ensure_ray()
+        actors, cpus, gpus, threads = plan_actors(cfg, len(pending))
+        plan = {"actors": actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus}
+        items = [{"fragment": json.dumps(dataclasses.asdict(f))} for f in pending]
+        out = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            EmbedFragments,
+            batch_size=1,
+            fn_constructor_kwargs={
+                "cfg": dataclasses.asdict(cfg),
+                "meta": meta,
+                "device": "cuda" if gpus else "cpu",
+                "threads": threads,
+            },
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus,
+            num_gpus=gpus,
+        )
+        with _progress(len(pending), cfg.progress) as tick:
+            for row in out.iter_rows():
+                stats = json.loads(row["stats"])
+                run.update(stats)
+                # threads the actors run, which a local cluster's spare logical CPUs do not raise
+                plan["threads_per_actor"] = max(plan.get("threads_per_actor", 0), int(row["threads"]))
+                tick(stats.get("rows_out", 0), run["rows_out"] / max(time.time() - start, 1e-9))
+    if out_fs.get_file_info(f"{root}/{TMP}").type == pafs.FileType.Directory:
+        out_fs.delete_dir(f"{root}/{TMP}")
+    summary = summarize(cfg, root, out_fs, run, fragments, len(fragments) - len(pending), time.time() - start)
+    summary["plan"] = plan
+    write_json(out_fs, f"{root}/_summary.json", summary)
+    return summary
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    """A tqdm bar over fragments (rows and docs/s in the postfix) as a context manager yielding tick()."""
+    from contextlib import contextmanager
+
+    from tqdm.auto import tqdm
+
+    @contextmanager
+    def bar() -> Iterator[Callable[[int, float], None]]:
+        with tqdm(total=total, unit="fragment", disable=not enabled, desc="embed") as b:
+            rows = 0
+
+            def tick(n: int, rate: float) -> None:
+                nonlocal rows
+                rows += n
+                b.update(1)
+                b.set_postfix(rows=rows, docs_s=f"{rate:.0f}")
+
+            yield tick
+
+    return bar()
+
+
+def summarize(
+    cfg: EmbedConfig,
+    root: str,
+    fs: pafs.FileSystem,
+    run: Counter[str],
+    fragments: list[Fragment],
+    skipped: int,
+    wall: float,
+) -> dict[str, Any]:
+    """Totals over every committed fragment, plus this run's speed."""
+    total: Counter[str] = Counter()
+    for record in (read_json(fs, i.path) for i in list_dir(fs, f"{root}/{COMMITTED}")):
+        total.update({k: v for k, v in record.items() if isinstance(v, int)})
+    rejects = {k.split(":", 1)[1]: v for k, v in sorted(total.items()) if k.startswith("rejected:")}
+    padded = total["padded_tokens"]
+    return {
+        "output": cfg.output,
+        "fragments": len(fragments),
+        "fragments_skipped": skipped,
+        "rows_in": total["rows_in"],
+        "rows": total["rows_out"],
+        "rejected": sum(rejects.values()),
+        "rejected_by_reason": rejects,
+        "truncated": total["truncated"],
+        "tokens": total["tokens"],
+        "padding_ratio": round(1 - total["tokens"] / padded, 4) if padded else 0.0,
+        "wall_s": round(wall, 2),
+        "run_rows": run["rows_out"],
+        "docs_per_s": round(run["rows_out"] / wall, 1) if wall else 0.0,
+        "tokens_per_s": round(run["tokens"] / wall, 1) if wall else 0.0,
+    }

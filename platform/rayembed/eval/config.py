@@ -1,0 +1,43 @@
+"""`eval` job settings: a docstring per field, checks in `__post_init__`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rayembed.data import SHARED_DATA
+from rayembed.settings import check
+
+
+@dataclass
+class EvalConfig:
+    model: str = "default"
+    """Model folder or 'default'."""
+    beir_dir: str | None = f"{SHARED_DATA}/scifact"
+    """BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); null to skip."""
+    split: str = "test"
+    """qrels split."""
+    sts_file: str | None = f"{SHARED_DATA}/stsbenchmark/stsbenchmark/sts-test.csv"
+    """STS Benchmark CSV; null to skip."""
+    max_queries: int | None = None
+    """Evaluate at most this many queries (subset for quick runs)."""
+    max_docs: int | None = None
+    """Keep every judged document plus distractors up to this many (subset for quick runs)."""
+    dims: list[int] = field(default_factory=list)
+    """Also evaluate these Matryoshka widths."""
+    precisions: list[str] = field(default_factory=lambda: ["float32"])
+    """Evaluate each width at these output precisions (float32, int8, binary: as `rayembed embed` writes)."""
+    batch_size: int = 64
+    """Rows per model call."""
+    output: str | None = None
+    """Write the metrics JSON here."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.beir_dir or self.sts_file), "eval needs beir_dir or sts_file")
+        check(
+            bool(self.precisions) and set(self.precisions) <= {"float32", "int8", "binary"},
+            f"precisions must be a non-empty list of float32|int8|binary, got {self.precisions}",
+        )
+        check(
+            "binary" not in self.precisions or all(d % 8 == 0 for d in self.dims),
+            "binary precision needs dims divisible by 8",
+        )

@@ -1,0 +1,59 @@
+"""Token ids in, padded batches out: input checks, length-sorted batches cut by a token budget, padding."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Tokens:
+    """Token ids of a list of texts, unpadded, and which of them were cut at max_length."""
+
+    ids: list[list[int]]
+    truncated: list[bool]
+
+
+def validate_texts(texts: Sequence[Any]) -> list[str]:
+    """Return `texts` as a list of non-empty strings or raise ValueError naming the first bad item."""
+    if isinstance(texts, str):
+        raise ValueError("texts must be a list of strings, not a single string")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise ValueError(f"input {i} is {type(t).__name__}, expected a string")
+        if not t.strip():
+            raise ValueError(f"input {i} is empty")
+    return out
+
+
+def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token ids to the longest row: (input_ids, attention_mask)."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    mask = np.arange(int(lengths.max())) < lengths[:, None]
+    input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    # a boolean-mask assignment fills row by row, left to right: the rows' ids in order
+    input_ids[mask] = np.fromiter(
+        itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())
+    )
+    return torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))
+
+
+def length_batches(
+    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None
+) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length: <= batch_size rows and <= max_tokens padded tokens."""
+    order = np.argsort(np.asarray(lengths), kind="stable")[::-1]  # longest first: OOM shows up at once
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        longest = lengths[order[start]]
+        rows = batch_size if not max_tokens else max(1, min(batch_size, max_tokens // max(longest, 1)))
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches

@@ -1,0 +1,55 @@
+"""From a run's checkpoints to model folders: the checkpoint file names, ZeRO consolidation, publishing
+a folder locally or to s3://."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayembed.io import is_s3, upload_dir
+from rayembed.model import Embedder
+
+CKPT_TAG = "ds"
+HISTORY = "history.json"  # rank 0's per-step metrics, kept with each checkpoint
+ROTATION = "pca_rotation.npy"  # the axes a pca_rotation run started with, kept with each checkpoint
+
+
+def saved_rotation(checkpoint_dir: str | Path, default: Any = None) -> Any:
+    """The pca rotation kept in a checkpoint folder (as a tensor), else `default`."""
+    path = Path(checkpoint_dir, ROTATION)
+    return torch.from_numpy(np.load(path)) if path.is_file() else default
+
+
+def consolidate(checkpoint_dir: str | Path, base_model: str, layers: list[int] | None = None) -> Embedder:
+    """The fp32 model of a ZeRO checkpoint (any stage) on CPU; `layers`: the run's student_layers."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CKPT_TAG)
+    model = Embedder.load(base_model, device="cpu")
+    if layers:
+        model.keep_layers(layers)
+    model.load_weights(state, f"the checkpoint's weights (base {base_model})")  # adds a pca projection
+    # The base model's max length is kept: `max_length` in training is a speed setting, not the model's limit.
+    return model
+
+
+def publish(write: Callable[[Path], Any], output_dir: str) -> str:
+    """Write a folder with `write(path)` at a local path or s3:// URI, replacing what was there."""
+    if is_s3(output_dir):
+        with tempfile.TemporaryDirectory() as tmp:
+            write(Path(tmp))
+            upload_dir(tmp, output_dir)
+        return output_dir
+    out = Path(output_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    write(out)
+    return str(out)
