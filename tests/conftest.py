@@ -49,6 +49,26 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny")
 
 
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """tiny_decoder(family, **settings) -> path of a random 2-layer decoder (hidden 64) with a stand-in
+    tokenizer, built once per session for each family and settings (rayembed.model.random_models)."""
+    from rayembed.model.random_models import build_random_model
+
+    root, built = tmp_path_factory.mktemp("decoders"), {}
+
+    def get(family: str, **settings: Any) -> Path:
+        key = (family, tuple(sorted((k, repr(v)) for k, v in settings.items())))
+        if key not in built:
+            built[key] = build_random_model(family, root / f"{family}-{len(built)}", **settings)
+        return built[key]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def _ray_shutdown_at_end() -> Iterator[None]:
     yield

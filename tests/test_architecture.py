@@ -12,12 +12,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "rayembed"
 # eval sits below the jobs: the train job's run report and merge measure with it.
 LAYERS = {
     "settings": 0, "io": 0,  # what job configs share; filesystems and Ray start-up
-    "model": 1, "data": 1,  # the shared model; public data sets and their readers
-    "eval": 2,
-    "train": 3, "embed": 3, "serve": 3,  # the jobs
-    "config": 4, "__init__": 4,  # the registry of job configs; the package's face
-    "spec": 5,  # YAML specs + key=value overrides
-    "cli": 6,
+    "model": 1,  # the shared model
+    "data": 2,  # public data sets, training formats, prepare (which may build a random model)
+    "eval": 3,
+    "train": 4, "embed": 4, "serve": 4,  # the jobs
+    "config": 5, "__init__": 5,  # the registry of job configs; the package's face
+    "spec": 6,  # YAML specs + key=value overrides
+    "cli": 7,
 }  # fmt: skip
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60

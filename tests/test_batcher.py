@@ -16,10 +16,12 @@ class FakeModel:
 
     def __init__(self, fail_on: int | None = None) -> None:
         self.batches: list[list[list[int]]] = []
+        self.prompt_lengths: list[list[int] | None] = []
         self.fail_on = fail_on
 
-    def __call__(self, ids: list[list[int]]) -> np.ndarray:
+    def __call__(self, ids: list[list[int]], prompt_lengths: list[int] | None = None) -> np.ndarray:
         self.batches.append(ids)
+        self.prompt_lengths.append(prompt_lengths)
         if self.fail_on is not None and any(x[0] == self.fail_on for x in ids):
             raise RuntimeError("model failed")
         return np.array([[x[0], len(x)] for x in ids], dtype=np.float32)
@@ -52,7 +54,7 @@ class Gated(FakeModel):
         super().__init__()
         self.gate = threading.Event()
 
-    def __call__(self, ids: list[list[int]]) -> np.ndarray:
+    def __call__(self, ids: list[list[int]], prompt_lengths: list[int] | None = None) -> np.ndarray:
         self.batches.append(ids)
         self.gate.wait(10)
         return np.array([[x[0], len(x)] for x in ids], dtype=np.float32)
@@ -127,3 +129,16 @@ def test_a_failing_batch_fails_only_its_requests() -> None:
     assert isinstance(failed, RuntimeError)
     assert isinstance(ok, np.ndarray) and ok.shape == (2, 2)
     assert isinstance(later, np.ndarray) and later[0, 0] == 3000
+
+
+def test_prompt_lengths_travel_with_their_rows_into_merged_batches() -> None:
+    model = FakeModel()
+
+    async def go() -> None:
+        b = TokenBatcher(model, dim=2, max_batch_inputs=16, wait_s=0.01)
+        await asyncio.gather(b.embed(_req(1, 2), [3, 3]), b.embed(_req(2, 1)), b.embed(_req(3, 1), [5]))
+
+    asyncio.run(go())
+    [batch] = model.batches
+    by_tag = {row[0] // 1000: n for row, n in zip(batch, model.prompt_lengths[0] or [], strict=True)}
+    assert by_tag == {1: 3, 2: 0, 3: 5} and len(model.prompt_lengths[0] or []) == 4

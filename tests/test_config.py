@@ -33,13 +33,15 @@ def test_every_spec_builds(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for job, cfg in planned:
         assert isinstance(cfg, CONFIGS[job])
         if job == "prepare":
-            assert Path(cfg.source).is_dir(), cfg.source
+            assert cfg.kind == "random_model" or Path(cfg.source).is_dir(), cfg.source
             produced.add(str(Path(cfg.output).resolve()))
         if job == "mine":
             assert str(Path(cfg.pairs).resolve()) in produced or Path(cfg.pairs).exists(), cfg.pairs
             produced.add(str(Path(cfg.output, "mined.jsonl").resolve()))
-        if job == "train":  # data comes from the spec's prepare step or exists already
+        if job == "train":  # data and model come from the spec's prepare step or exist already
             assert cfg.data in produced or Path(cfg.data).exists(), cfg.data
+            model = cfg.model if cfg.model == "default" else str(Path(cfg.model).resolve())
+            assert model == "default" or model in produced or Path(model).exists(), cfg.model
         if job == "eval":
             assert cfg.beir_dir is None or Path(cfg.beir_dir).is_dir()
             assert cfg.sts_file is None or Path(cfg.sts_file).is_file()
@@ -82,6 +84,19 @@ def test_cli_flags_mix_with_overrides() -> None:
         ("serve", {"look_back_period_s": 2.0}, "must exceed the 10.0 s at which replicas push"),
         ("embed", {"input": "x", "output": "y", "cpu_dtype": "float16"}, "cpu_dtype must be"),
         ("prepare", {"kind": "csv", "source": "x", "output": "y"}, "kind must be"),
+        (
+            "prepare",
+            {"kind": "random_model", "family": "gpt9", "output": "y"},
+            "random_model needs family in",
+        ),
+        ("prepare", {"kind": "snli", "output": "y"}, "needs a source folder"),
+        ("train", {"data": "x", "output_dir": "y", "attention": "sideways"}, "attention must be one of"),
+        ("train", {"data": "x", "output_dir": "y", "offload": "optimizer"}, "it needs use_gpu=true"),
+        (
+            "train",
+            {"data": "x", "output_dir": "y", "data_format": "flagembedding", "loss": "hard_infonce"},
+            "trains with loss=infonce",
+        ),  # fmt: skip
     ],
 )
 def test_bad_settings_are_refused(job: str, values: dict, message: str) -> None:

@@ -28,9 +28,9 @@ def _flags(args: argparse.Namespace) -> list[str]:
 
 def run_job(job: str, cfg: Any) -> dict[str, Any]:
     if job == "prepare":
-        from rayembed.data.prepare import prepare
+        from rayembed.data.prepare import prepare_job
 
-        return {"output": cfg.output, "rows": prepare(cfg.kind, cfg.source, cfg.output, cfg.split, cfg.limit)}
+        return prepare_job(cfg)
     if job == "train":
         from rayembed.train.job import train
 

@@ -1,11 +1,26 @@
-"""The `prepare` job: training JSONL from the public sets (SNLI triples, BEIR query/positive pairs)."""
+"""The `prepare` job: training JSONL from the public sets (SNLI triples, BEIR query/positive pairs), or a
+random-weight model of a real family (a CPU stand-in for a recipe's LLM backbone, no weights needed)."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from typing import Any
 
+from rayembed.data.config import PrepareConfig
 from rayembed.data.readers import load_beir, snli_triples, write_jsonl
+
+
+def prepare_job(cfg: PrepareConfig) -> dict[str, Any]:
+    """Run a prepare section; returns what it wrote."""
+    if cfg.kind == "random_model":
+        from rayembed.model.random_models import build_random_model
+
+        assert cfg.family is not None
+        path = build_random_model(cfg.family, cfg.output, cfg.size, pooling=cfg.pooling)
+        return {"output": str(path), "family": cfg.family, "size": cfg.size}
+    assert cfg.source is not None
+    return {"output": cfg.output, "rows": prepare(cfg.kind, cfg.source, cfg.output, cfg.split, cfg.limit)}
 
 
 def prepare(kind: str, source: str, output: str, split: str = "dev", limit: int | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rayembed.io import local_abspath
+from rayembed.model.layout import model_ref
 from rayembed.settings import check
 
 
@@ -66,6 +67,7 @@ class EmbedConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        self.model = model_ref(self.model)  # actors run in their own folders
         self.input, self.output = (
             local_abspath(self.input).rstrip("/"),
             local_abspath(self.output).rstrip("/"),
@@ -126,6 +128,7 @@ class MineConfig:
     """Endpoint of an S3-compatible store."""
 
     def __post_init__(self) -> None:
+        self.model = model_ref(self.model)
         self.pairs, self.corpus, self.output = (
             local_abspath(p).rstrip("/") for p in (self.pairs, self.corpus, self.output)
         )

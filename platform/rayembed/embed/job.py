@@ -84,7 +84,7 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
         "normalized": model.normalize,
         "max_length": model.max_length,
         "text": [cfg.title_column, cfg.text_column],
-        "prompt": model.with_prompt([""], cfg.prompt_name)[0],
+        "prompt": model.prompt(cfg.prompt_name),
         "id_column": cfg.id_column,
     }
     meta = {

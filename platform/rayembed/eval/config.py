@@ -26,6 +26,10 @@ class EvalConfig:
     """Also evaluate these Matryoshka widths."""
     precisions: list[str] = field(default_factory=lambda: ["float32"])
     """Evaluate each width at these output precisions (float32, int8, binary: as `rayembed embed` writes)."""
+    query_prompt_name: str | None = None
+    """One of the model's prompts put before every query (e.g. 'query' for an instruction-trained model)."""
+    document_prompt_name: str | None = None
+    """One of the model's prompts put before every document and STS sentence."""
     batch_size: int = 64
     """Rows per model call."""
     output: str | None = None

@@ -51,15 +51,21 @@ def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
         corpus, queries, qrels = load_beir(cfg.beir_dir, cfg.split)
         corpus, queries = subset(corpus, queries, qrels, cfg.max_queries, cfg.max_docs)
         qids, dids = list(queries), list(corpus)
-        q = model.encode([queries[i] for i in qids], batch_size=cfg.batch_size)
-        d = model.encode([corpus[i] for i in dids], batch_size=cfg.batch_size)
+        q = model.encode(
+            [queries[i] for i in qids], batch_size=cfg.batch_size, prompt_name=cfg.query_prompt_name
+        )
+        d = model.encode(
+            [corpus[i] for i in dids], batch_size=cfg.batch_size, prompt_name=cfg.document_prompt_name
+        )
         report["beir"] = {"set": Path(cfg.beir_dir).name, "queries": len(qids), "docs": len(dids)}
         for key, dim, prec in variants(cfg, model.dim):
             qv, dv = (comparable(postprocess(x, dim, prec), prec) for x in (q, d))
             report["beir"][key] = retrieval_metrics(qv, dv, qids, dids, qrels)
     if cfg.sts_file:
         s1, s2, gold = load_sts(cfg.sts_file)
-        a, b = model.encode(s1, batch_size=cfg.batch_size), model.encode(s2, batch_size=cfg.batch_size)
+        a, b = (
+            model.encode(s, batch_size=cfg.batch_size, prompt_name=cfg.document_prompt_name) for s in (s1, s2)
+        )
         report["sts"] = {"pairs": len(gold)}
         for key, dim, prec in variants(cfg, model.dim):
             cos = (

@@ -12,7 +12,7 @@ endpoint alike.
 
 from rayembed.model.batching import Tokens, length_batches, pad_batch, validate_texts
 from rayembed.model.embedder import Embedder
-from rayembed.model.layout import default_model_path, resolve_model_path
+from rayembed.model.layout import default_model_path, model_ref, resolve_model_path
 from rayembed.model.vectors import PRECISIONS, postprocess
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Tokens",
     "default_model_path",
     "length_batches",
+    "model_ref",
     "pad_batch",
     "postprocess",
     "resolve_model_path",

@@ -10,13 +10,19 @@ from typing import Any
 import numpy as np
 import torch
 
+# A text, or (prompt, text): an instruction before the text (`Instruct: ...\nQuery: `), which pooling
+# leaves out when the model's include_prompt is False (training towers with per-row instructions).
+Text = str | tuple[str, str]
+
 
 @dataclass
 class Tokens:
-    """Token ids of a list of texts, unpadded, and which of them were cut at max_length."""
+    """Token ids of a list of texts, unpadded; which of them were cut at max_length; and, when pooling
+    leaves a prompt out, how many tokens of each row the prompt takes."""
 
     ids: list[list[int]]
     truncated: list[bool]
+    prompt_lengths: list[int] | None = None
 
 
 def validate_texts(texts: Sequence[Any]) -> list[str]:

@@ -1,8 +1,10 @@
 """The one embedding model: HF backbone + pooling (+ optional Dense) + L2 normalise, and `encode`.
 
 Training-time eval, the Ray Data UDF and the Serve deployment all call `Embedder.encode`, so the same
-text gives the same vector everywhere. Pooling kinds (pooling.py), backbone loading and layer stacks
-(backbone.py) and the sentence-transformers folder layout (layout.py) live in their own modules.
+text gives the same vector everywhere. Encoders and decoders alike: pooling kinds (pooling.py, with the
+NV-Embed head in latent_attention.py), families, attention and layer stacks (backbone.py), tokenizer
+behaviour (tokenizer.py) and the sentence-transformers folder layout (layout.py) live in their own
+modules; this one keeps the math.
 """
 
 from __future__ import annotations
@@ -27,17 +29,19 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 hf_logging.set_verbosity_error()  # load reports about the unused HF pooler are noise here
 hf_logging.disable_progress_bar()
 
-from rayembed.model.backbone import layer_stack, load_backbone  # noqa: E402
-from rayembed.model.batching import Tokens, length_batches, pad_batch, validate_texts  # noqa: E402
+from rayembed.model import backbone as families  # noqa: E402
+from rayembed.model.batching import Text, Tokens, length_batches, pad_batch, validate_texts  # noqa: E402
+from rayembed.model.latent_attention import LatentAttention  # noqa: E402
 from rayembed.model.layout import Layout, read_layout, resolve_model_path, write_layout  # noqa: E402
-from rayembed.model.pooling import POOLINGS, pool  # noqa: E402
+from rayembed.model.pooling import POOLINGS, pool, pool_mask  # noqa: E402
+from rayembed.model.tokenizer import prepare_tokenizer, save_tokenizer  # noqa: E402
 from rayembed.model.vectors import PRECISIONS, postprocess  # noqa: E402
 
 MIN_TOKENIZE_PART = 256  # texts per tokenizer thread, at least: fewer are not worth a thread
 
 
 class Embedder(nn.Module):
-    """Transformer backbone + mean/CLS pooling + optional L2 normalisation."""
+    """Transformer backbone (encoder or decoder) + pooling + optional Dense + optional L2 normalisation."""
 
     def __init__(
         self,
@@ -48,63 +52,102 @@ class Embedder(nn.Module):
         max_length: int = 256,
         name: str = "",
         prompts: dict[str, str] | None = None,
+        include_prompt: bool = True,
     ) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
-        self.backbone: Any = backbone  # an HF PreTrainedModel (save_pretrained, config)
+        self.backbone: Any = backbone  # an HF PreTrainedModel (save_pretrained, config), or a peft wrapper
         self.tokenizer = tokenizer
-        self.pooling = pooling
         self.normalize = normalize
         self.max_length = max_length
         self.name = name
         self.prompts = dict(prompts or {})  # prompt name -> prefix (sentence-transformers `prompts`)
+        self.include_prompt = include_prompt  # False: pooling leaves the prompt's tokens out
         # Threads that tokenize in parallel (the Rust tokenizer drops the GIL). 1 on one-CPU workers;
         # GPU actors raise it, as tokenizing is what a GPU waits on (docs/benchmarks.md).
         self.tokenize_threads = 1
         # Optional bias-free linear layer after pooling (sentence-transformers `Dense`, identity
         # activation); `rotate` sets it to an orthogonal matrix (PCA axes for Matryoshka prefixes).
         self.projection: nn.Linear | None = None
+        self.latent: LatentAttention | None = None  # the latent_attention pooling head
+        self.attention: str | None = None  # decoders: causal | bidirectional; None: as trained
+        self._mask_4d = False  # bidirectional without a native switch: forward passes a 4D mask
+        self._prompt_lengths: dict[str, int] = {}
+        self.set_pooling(pooling)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, name_or_path: str | os.PathLike[str], device: str | None = None, dtype: torch.dtype | None = None
+        cls,
+        name_or_path: str | os.PathLike[str],
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        zero3: Any = None,
     ) -> Embedder:
-        """Load a sentence-transformers (or plain HF) folder; 'default' is the bundled MiniLM."""
+        """Load a sentence-transformers (or plain HF) folder; 'default' is the bundled MiniLM. A plain
+        decoder folder pools by its last token, a plain encoder by the mean. `zero3`: see load_backbone."""
         path = resolve_model_path(name_or_path)
         layout = read_layout(path)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        backbone = families.load_backbone(path, dtype, families.attn_implementation(device), zero3)
+        pooling = layout.pooling or ("lasttoken" if families.is_decoder(backbone) else "mean")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         max_length = int(layout.max_length or min(tokenizer.model_max_length, 512))
-        backbone = load_backbone(path, dtype)
-        model = cls(
-            backbone, tokenizer, layout.pooling, layout.normalize, max_length, layout.name, layout.prompts
-        )
+        first = "mean" if layout.latent is not None else pooling  # the saved head, not a new random one
+        model = cls(backbone, tokenizer, first, layout.normalize, max_length, layout.name, layout.prompts)
+        model.include_prompt = layout.include_prompt
+        if layout.attention is not None:
+            model.set_attention(layout.attention)
+        if layout.latent is not None:
+            model.latent = layout.latent
+            model.set_pooling(pooling)
         if layout.projection is not None:
             model.set_projection(layout.projection)
         model.eval()
-        return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return model if zero3 is not None else model.to(device)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the sentence-transformers folder layout (loads with `SentenceTransformer(path)`)."""
+        """Write the sentence-transformers folder layout (mean/cls/lasttoken: loads with
+        `SentenceTransformer(path)`). LoRA adapters must be merged first (lora.merge)."""
+        if hasattr(self.backbone, "peft_config"):
+            raise ValueError(
+                "merge the LoRA adapters into the backbone before saving (rayembed.model.lora.merge)"
+            )
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(out, safe_serialization=True)
-        self.tokenizer.save_pretrained(out)
+        save_tokenizer(self.tokenizer, out)
         projection = self.projection.weight if self.projection is not None else None
-        layout = Layout(self.pooling, self.normalize, self.max_length, self.name, self.prompts, projection)
+        layout = Layout(
+            self.pooling, self.normalize, self.max_length, self.name, self.prompts, projection,
+            self.include_prompt, self.attention, self.latent,
+        )  # fmt: skip
         write_layout(out, layout, self.hidden_size, self.dim)
         return out
+
+    def set_pooling(self, pooling: str, **latent: int) -> Embedder:
+        """Pool by `pooling` (pooling.POOLINGS); latent_attention adds its head (sized by `latent`:
+        num_latents, heads, mlp_ratio) unless the model has one."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
+        prepare_tokenizer(self.tokenizer, pooling)
+        self.pooling = pooling
+        if pooling == "latent_attention" and self.latent is None:
+            head = LatentAttention(self.hidden_size, **latent)
+            self.latent = head.to(device=self.device, dtype=next(self.backbone.parameters()).dtype)
+        elif pooling != "latent_attention":
+            self.latent = None
+        return self
+
+    def set_attention(self, attention: str) -> Embedder:
+        """causal | bidirectional (decoders only; an encoder is refused with the reason)."""
+        self._mask_4d = families.set_attention(self.backbone, attention)
+        self.attention = attention
+        return self
 
     def keep_layers(self, layers: Sequence[int]) -> Embedder:
         """Keep only these transformer layers, in this order (a student initialised from a bigger
         model's layers, as EmbeddingGemma is); embeddings and pooling are kept as they are."""
-        owner, attr = layer_stack(self.backbone)
-        stack = getattr(owner, attr)
-        if not layers or any(not 0 <= i < len(stack) for i in layers):
-            raise ValueError(f"layers must be indices in [0, {len(stack)}), got {list(layers)}")
-        setattr(owner, attr, nn.ModuleList([stack[i] for i in layers]))
-        self.backbone.config.num_hidden_layers = len(layers)
+        families.keep_layers(self.backbone, list(layers))
         return self
 
     def set_projection(self, weight: torch.Tensor) -> Embedder:
@@ -126,13 +169,16 @@ class Embedder(nn.Module):
         old = self.projection.weight.detach().float().cpu() if self.projection is not None else None
         return self.set_projection(r.T if old is None else r.T @ old)
 
-    def load_weights(self, state: dict[str, torch.Tensor], what: str = "the weights") -> Embedder:
-        """Load a full state dict (e.g. consolidated from ZeRO shards), adding the projection layer it
-        has if this model has none; every weight must fit."""
+    def load_weights(
+        self, state: dict[str, torch.Tensor], what: str = "the weights", partial: bool = False
+    ) -> Embedder:
+        """Load a state dict (e.g. consolidated from ZeRO shards), adding the projection layer it has if
+        this model has none. Every weight must fit; unless `partial` (only what trained, e.g. LoRA
+        adapters and the pooling head), every weight of the model must be given too."""
         if "projection.weight" in state and self.projection is None:
             self.set_projection(state["projection.weight"].float())
         missing, unexpected = self.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if "position_ids" not in k]:
+        if unexpected or (not partial and [k for k in missing if "position_ids" not in k]):
             raise ValueError(f"{what} do not fit the model: missing={missing} unexpected={unexpected}")
         return self
 
@@ -151,67 +197,90 @@ class Embedder(nn.Module):
         return next(self.parameters()).device
 
     # ---- the math -----------------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return dict(
-            self.tokenizer(
-                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-        )
-
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         layers: Sequence[int] | None = None,
-        **kw: torch.Tensor,
+        prompt_length: torch.Tensor | None = None,
+        **_: torch.Tensor,
     ) -> torch.Tensor:
-        """Pooled (and, if configured, unit-length) embeddings of a tokenized batch: [B, dim].
+        """Pooled (and, if configured, unit-length) embeddings of a right-padded tokenized batch: [B, dim].
 
+        `prompt_length` [B]: each row's prompt tokens, left out of pooling unless include_prompt.
         `layers` (training, 2D Matryoshka): also pool the output after each of these first-L-layer
         sub-models, which is what `keep_layers(range(L))` would give; returns [B, dim * (1 + len(layers))],
         the full model's embedding first, then one per entry of `layers`.
+        (token_type_ids are not passed: single texts have all zeros, the encoders' own default.)
         """
-        kw = {k: v for k, v in kw.items() if k == "token_type_ids"}
-        out = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers), **kw
-        )
-        pooled = [self._pool(out.last_hidden_state, attention_mask)]
+        mask = attention_mask
+        if self._mask_4d:
+            impl = getattr(self.backbone.config, "_attn_implementation", "sdpa")
+            mask = families.padding_mask_4d(attention_mask, impl, next(self.backbone.parameters()).dtype)
+        out = self.backbone(input_ids=input_ids, attention_mask=mask, output_hidden_states=bool(layers))
+        keep = pool_mask(attention_mask, None if self.include_prompt else prompt_length)
+        pooled = [self._pool(out.last_hidden_state, keep)]
         if layers:
             n = len(out.hidden_states) - 1
             if any(not 1 <= k <= n for k in layers):
                 raise ValueError(
                     f"layers must be in [1, {n}] (sub-models of the first L layers), got {list(layers)}"
                 )
-            pooled += [self._pool(out.hidden_states[k], attention_mask) for k in layers]
+            pooled += [self._pool(out.hidden_states[k], keep) for k in layers]
         return torch.cat(pooled, dim=1) if layers else pooled[0]
 
-    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        pooled = pool(self.pooling, hidden, attention_mask)
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.latent is not None:
+            hidden = self.latent(hidden.to(self.latent.latents.dtype))
+        pooled = pool(self.pooling, hidden, mask)
         if self.projection is not None:
             pooled = self.projection(pooled.to(self.projection.weight.dtype)).float()
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
-    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Differentiable embeddings of raw texts (the training path)."""
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens a prompt takes at the start of a text: its tokens alone, less a trailing special
+        token (EOS, [SEP]) — how sentence-transformers counts, so include_prompt=False agrees with it."""
+        if prompt not in self._prompt_lengths:
+            ids = self.tokenizer(prompt)["input_ids"]
+            special = bool(ids) and ids[-1] in set(self.tokenizer.all_special_ids)
+            self._prompt_lengths[prompt] = len(ids) - int(special)
+        return self._prompt_lengths[prompt]
+
+    def tokenize(self, texts: Sequence[Text]) -> dict[str, torch.Tensor]:
+        """Padded tokens of texts, each a string or (prompt, text); the training path."""
+        pairs = [t if isinstance(t, tuple) else ("", t) for t in texts]
+        feats = dict(
+            self.tokenizer(
+                [p + t for p, t in pairs], padding=True, truncation=True, max_length=self.max_length,
+                return_tensors="pt",
+            )
+        )  # fmt: skip
+        if any(p for p, _ in pairs):
+            feats["prompt_length"] = torch.tensor([self.prompt_length(p) if p else 0 for p, _ in pairs])
+        return feats
+
+    def embed_texts(self, texts: Sequence[Text]) -> torch.Tensor:
+        """Differentiable embeddings of raw texts, each a string or (prompt, text) (the training path)."""
         feats = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
         return self(**feats)
 
-    def with_prompt(self, texts: Sequence[str], prompt_name: str | None) -> list[str]:
-        """Prefix texts with a named prompt of the model (e.g. 'query'); None: unchanged."""
+    def prompt(self, prompt_name: str | None) -> str:
+        """The prefix a named prompt of the model (e.g. 'query') puts before texts; None: ''."""
         if prompt_name is None:
-            return list(texts)
+            return ""
         if prompt_name not in self.prompts:
             raise ValueError(
                 f"unknown prompt_name {prompt_name!r}; this model has {sorted(self.prompts) or 'none'}"
             )
-        return [self.prompts[prompt_name] + t for t in texts]
+        return self.prompts[prompt_name]
 
     def tokenize_ids(self, texts: Sequence[str], prompt_name: str | None = None) -> Tokens:
         """Validate and tokenize (truncating to max_length) without padding: the CPU half of `encode`.
 
         Cut into `tokenize_threads` parts tokenized side by side; the result does not depend on it.
         """
-        texts = self.with_prompt(validate_texts(texts), prompt_name)
+        prompt = self.prompt(prompt_name)
+        texts = [prompt + t for t in validate_texts(texts)]
         if not texts:
             return Tokens([], [])
         step = max(MIN_TOKENIZE_PART, -(-len(texts) // max(1, self.tokenize_threads)))
@@ -221,7 +290,8 @@ class Embedder(nn.Module):
         else:
             with ThreadPoolExecutor(len(parts)) as pool:
                 done = list(pool.map(self._tokenize_part, parts))
-        return Tokens([x for p in done for x in p.ids], [x for p in done for x in p.truncated])
+        lengths = [self.prompt_length(prompt)] * len(texts) if prompt and not self.include_prompt else None
+        return Tokens([x for p in done for x in p.ids], [x for p in done for x in p.truncated], lengths)
 
     def _tokenize_part(self, texts: list[str]) -> Tokens:
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
@@ -248,14 +318,18 @@ class Embedder(nn.Module):
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        ids = (texts if isinstance(texts, Tokens) else self.tokenize_ids(texts, prompt_name)).ids
+        tokens = texts if isinstance(texts, Tokens) else self.tokenize_ids(texts, prompt_name)
+        ids, lengths = tokens.ids, tokens.prompt_lengths
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         was_training = self.training
         self.eval()
         pad_id = self.tokenizer.pad_token_id or 0
         for idx in length_batches([len(x) for x in ids], batch_size, max_tokens):
             input_ids, mask = pad_batch([ids[i] for i in idx], pad_id)
-            out[idx] = self(input_ids.to(self.device), mask.to(self.device)).cpu().numpy()
+            prompt = torch.tensor([lengths[i] for i in idx]) if lengths else None
+            out[idx] = (
+                self(input_ids.to(self.device), mask.to(self.device), prompt_length=prompt).cpu().numpy()
+            )
             if stats is not None:
                 stats["tokens"] = stats.get("tokens", 0) + int(mask.sum())
                 stats["padded_tokens"] = stats.get("padded_tokens", 0) + mask.numel()

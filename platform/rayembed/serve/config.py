@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from rayembed.model.layout import model_ref
 from rayembed.settings import check
 
 
@@ -63,6 +64,7 @@ class ServeConfig:
     for the same vectors online as in batch."""
 
     def __post_init__(self) -> None:
+        self.model = model_ref(self.model)  # replicas run in their own folders
         check(1 <= self.min_replicas <= self.max_replicas, "need 1 <= min_replicas <= max_replicas")
         push = float(os.environ.get("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", 10))
         check(

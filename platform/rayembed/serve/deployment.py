@@ -50,10 +50,10 @@ class EmbeddingService:
             c.max_queued_inputs, self.metrics.on_batch,
         )  # fmt: skip
 
-    def _encode(self, ids: list[list[int]]) -> Any:
+    def _encode(self, ids: list[list[int]], prompt_lengths: list[int] | None) -> Any:
         c = self.cfg
         return self.embedder.encode(
-            Tokens(ids, []), batch_size=c.max_batch_inputs, max_tokens=c.max_batch_tokens
+            Tokens(ids, [], prompt_lengths), batch_size=c.max_batch_inputs, max_tokens=c.max_batch_tokens
         )
 
     async def handle(self, request: Request) -> dict[str, Any]:
@@ -67,7 +67,7 @@ class EmbeddingService:
                 400, f"input[{i}] is longer than {self.embedder.max_length} tokens", "input", "input_too_long"
             )
         try:
-            emb = await self.batcher.embed(tokens.ids)
+            emb = await self.batcher.embed(tokens.ids, tokens.prompt_lengths)
         except Overloaded as e:
             raise APIError(429, f"server busy: {e}; retry later", code="overloaded") from None
         n = sum(len(x) for x in tokens.ids)

@@ -8,6 +8,7 @@ from typing import Any
 
 from rayembed.eval.config import EvalConfig
 from rayembed.io import local_abspath
+from rayembed.model.layout import model_ref
 from rayembed.settings import check
 
 
@@ -15,11 +16,43 @@ from rayembed.settings import check
 class TrainConfig:
     data: str
     """JSONL/Parquet file or folder (local or s3://). Contrastive: query/positive[/negative] columns;
-    distill: a text column."""
+    distill: a text column; data_format=flagembedding: FlagEmbedding's files as they are."""
     output_dir: str
     """Run folder, local or s3://: the final model goes to <output_dir>/model (sentence-transformers layout)."""
     model: str = "default"
-    """Model to start from: a local folder or 'default' (bundled all-MiniLM-L6-v2)."""
+    """Model to start from: a local folder or 'default' (bundled all-MiniLM-L6-v2); any HF encoder or
+    decoder backbone (BERT, Llama/Mistral, Qwen2/3, Gemma/Gemma 3, ...)."""
+    pooling: str | None = None
+    """Pooling of the trained model: mean, cls, lasttoken (the final EOS token's state) or
+    latent_attention (NV-Embed's trainable head, then mean); null: the model's own (a plain decoder
+    folder pools by its last token, an encoder by the mean)."""
+    attention: str | None = None
+    """Decoder backbones: causal, or bidirectional (the causal mask removed, as NV-Embed, LLM2Vec and
+    Gemini Embedding do); kept in the exported model, so embed and serve attend the same way. Null: as
+    the model was saved (a plain decoder: causal). Encoders attend both ways already."""
+    include_prompt: bool | None = None
+    """Pool the instruction's tokens too (null: the model's own setting); false leaves them out of mean
+    pooling (NV-Embed; sentence-transformers' include_prompt)."""
+    num_latents: int = 512
+    """latent_attention: size of the latent array the token states attend to (NV-Embed: 512)."""
+    latent_heads: int = 8
+    """latent_attention: attention heads (the hidden size must divide by it)."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains every weight (full fine-tuning). With LoRA only the adapters (and a pooling
+    head or output layer) train and are checkpointed; the export merges them into a plain model."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA path."""
+    lora_target_modules: list[str] | None = None
+    """Linear layers (name suffixes, e.g. [q_proj, k_proj, v_proj, o_proj]) that get adapters; null:
+    every linear layer of the backbone. Names matching no layer are refused before training starts."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them (less memory for
+    about a third more compute; combine with grad_cache_chunk for very large batches)."""
+    output_dim: int | None = None
+    """Add a trainable bias-free output layer of this width (a sentence-transformers Dense), e.g. the
+    teacher's width when the student's hidden size differs (a decoder teacher, an encoder student)."""
     storage_path: str | None = None
     """Ray Train storage for checkpoints (local folder or s3://); default: <output_dir>/checkpoints."""
     run_name: str = "rayembed-train"
@@ -31,7 +64,11 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage: 1, 2 or 3."""
+    """DeepSpeed ZeRO stage: 0 (plain data parallel, as DDP), 1 (optimizer states sharded), 2 (+
+    gradients) or 3 (+ parameters: the model is built already sharded, no worker holds it whole)."""
+    offload: str | None = None
+    """ZeRO-Offload, a GPU lever: 'optimizer' keeps optimizer states (and their step) in CPU memory
+    (ZeRO 1-3); 'all' also the parameters (ZeRO-3)."""
     precision: str = "fp32"
     """Training precision: fp32, bf16 or fp16 (fp16 only on GPU)."""
     loss: str = "infonce"
@@ -88,7 +125,32 @@ class TrainConfig:
     positive_column: str = "positive"
     """Contrastive: positive document column."""
     negative_column: str | None = None
-    """Contrastive: optional hard-negative column."""
+    """Contrastive: optional hard-negative column: one text per row, or a list of texts (the same
+    number in every row: k negatives per query)."""
+    query_instruction: str | None = None
+    """Task instruction put before every query (documents get none), e.g. 'Given a web search query,
+    retrieve relevant passages that answer the query'; also saved as the exported model's `query`
+    prompt, so `rayembed embed prompt_name=query` and serve's `prompt_name` use it."""
+    instruction_column: str | None = None
+    """Per-row task instruction for the query (empty rows fall back to query_instruction)."""
+    instruction_template: str = "Instruct: {task}\nQuery:"
+    """How a task becomes the query's prefix (Qwen3-Embedding / E5-Mistral style); '{task}' alone
+    puts the instruction as it is."""
+    prompts: dict[str, str] = field(default_factory=dict)
+    """More named prompts saved with the exported model (sentence-transformers `prompts`)."""
+    data_format: str = "columns"
+    """columns (the *_column settings name them) or flagembedding: FlagEmbedding's fine-tuning files as
+    they are (query, pos list, neg list, prompt, type, pos_scores/neg_scores): per row one positive and
+    group_size - 1 sampled negatives, the row's prompt as its instruction, and folders whose name ends
+    in no_in_batch_neg trained without in-batch negatives."""
+    group_size: int = 8
+    """flagembedding: texts per query, 1 positive + group_size - 1 negatives (FlagEmbedding's
+    train_group_size); type only_1neg rows use 1 negative, symmetric_class rows at most their own."""
+    score_weight: float = 0.0
+    """flagembedding: weight of KL(teacher || student) over each query's group, the teacher's
+    distribution from the rows' pos_scores/neg_scores (rows without scores add nothing)."""
+    score_temperature: float = 1.0
+    """Temperature the teacher scores are divided by before their softmax."""
     text_column: str = "text"
     """Distillation: text column."""
     batch_size: int = 32
@@ -130,34 +192,10 @@ class TrainConfig:
     the model before and after training, for the run report; null: the report has the curves only."""
 
     def __post_init__(self) -> None:
-        from rayembed.train.losses import GUIDED, LOSSES
-
         if self.eval is not None:
             EvalConfig(**self.eval)  # unknown or bad eval settings fail here, not after training
-
-        check(self.zero_stage in (1, 2, 3), f"zero_stage must be 1, 2 or 3, got {self.zero_stage}")
-        check(
-            self.precision in ("fp32", "bf16", "fp16"),
-            f"precision must be fp32|bf16|fp16, got {self.precision}",
-        )
-        check(self.precision != "fp16" or self.use_gpu, "fp16 needs use_gpu=true; use bf16 or fp32 on CPU")
-        check(self.loss in LOSSES, f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
-        check(
-            self.loss != "distill" or bool(self.teacher or self.teacher_column),
-            "loss=distill needs a teacher model or a teacher_column",
-        )
-        check(
-            self.loss not in GUIDED or bool(self.teacher),
-            f"loss={self.loss} needs a teacher model (the guide / scorer run in the loop)",
-        )
-        check(
-            self.loss not in GUIDED or not self.negative_column,
-            f"loss={self.loss} takes query/positive pairs: no negative_column",
-        )
-        check(
-            not self.learnable_scale or self.loss == "symmetric_infonce",
-            "learnable_scale needs loss=symmetric_infonce",
-        )
+        self._check_loss()
+        self._check_model()
         check(
             self.grad_cache_chunk is None
             or (self.grad_cache_chunk >= 1 and self.batch_size % self.grad_cache_chunk == 0),
@@ -177,9 +215,85 @@ class TrainConfig:
             self.matryoshka_weights is None or len(self.matryoshka_weights) == len(self.matryoshka_dims),
             "matryoshka_weights must have one weight per dim",
         )
+        check("{task}" in self.instruction_template, "instruction_template must contain {task}")
         # Ray Train workers run in their own folders: local paths must be absolute.
         self.data, self.output_dir = local_abspath(self.data), local_abspath(self.output_dir)
+        self.model, self.teacher = model_ref(self.model), self.teacher and model_ref(self.teacher)
         self.storage_path = local_abspath(self.storage_path or f"{self.output_dir.rstrip('/')}/checkpoints")
+
+    def _check_loss(self) -> None:
+        from rayembed.train.losses import GUIDED, LOSSES
+
+        check(self.loss in LOSSES, f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
+        check(
+            self.loss != "distill" or bool(self.teacher or self.teacher_column),
+            "loss=distill needs a teacher model or a teacher_column",
+        )
+        check(
+            self.loss not in GUIDED or bool(self.teacher),
+            f"loss={self.loss} needs a teacher model (the guide / scorer run in the loop)",
+        )
+        check(
+            self.loss not in GUIDED or not self.negative_column,
+            f"loss={self.loss} takes query/positive pairs: no negative_column",
+        )
+        check(
+            not self.learnable_scale or self.loss == "symmetric_infonce",
+            "learnable_scale needs loss=symmetric_infonce",
+        )
+        check(
+            self.data_format in ("columns", "flagembedding"),
+            f"data_format must be columns|flagembedding, got {self.data_format!r}",
+        )
+        check(
+            self.data_format == "columns" or self.loss == "infonce",
+            "data_format=flagembedding trains with loss=infonce (groups, per-row in-batch negatives)",
+        )
+        check(self.group_size >= 1, "group_size must be >= 1")
+        check(
+            self.score_weight == 0 or self.data_format == "flagembedding",
+            "score_weight needs data_format=flagembedding",
+        )
+
+    def _check_model(self) -> None:
+        from rayembed.model.backbone import ATTENTIONS
+        from rayembed.model.pooling import POOLINGS
+
+        check(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check(
+            self.precision in ("fp32", "bf16", "fp16"),
+            f"precision must be fp32|bf16|fp16, got {self.precision}",
+        )
+        check(self.precision != "fp16" or self.use_gpu, "fp16 needs use_gpu=true; use bf16 or fp32 on CPU")
+        check(
+            self.pooling is None or self.pooling in POOLINGS,
+            f"pooling must be one of {sorted(POOLINGS)}, got {self.pooling!r}",
+        )
+        check(
+            self.attention is None or self.attention in ATTENTIONS,
+            f"attention must be one of {ATTENTIONS}, got {self.attention!r}",
+        )
+        check(
+            self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+            "lora_r >= 0, lora_alpha > 0, 0 <= lora_dropout < 1",
+        )
+        check(
+            self.lora_target_modules is None or bool(self.lora_target_modules),
+            "lora_target_modules: a non-empty list or null",
+        )
+        check(
+            self.offload in (None, "optimizer", "all"),
+            f"offload must be null, optimizer or all, got {self.offload!r}",
+        )
+        check(
+            self.offload is None or self.use_gpu,
+            "offload (ZeRO-Offload) moves GPU memory to the CPU: it needs use_gpu=true",
+        )
+        check(
+            self.offload != "all" or self.zero_stage == 3, "offload=all (parameters too) needs zero_stage=3"
+        )
+        check(self.output_dim is None or self.output_dim >= 1, "output_dim must be >= 1")
+        check(self.num_latents >= 1 and self.latent_heads >= 1, "num_latents and latent_heads must be >= 1")
 
     def local_cpus(self) -> float:
         """Logical CPUs a local cluster needs: the workers plus 2 slots for Ray Data's reads (with none

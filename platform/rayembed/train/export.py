@@ -15,6 +15,9 @@ import torch
 
 from rayembed.io import is_s3, upload_dir
 from rayembed.model import Embedder
+from rayembed.model.lora import has_lora, merge
+from rayembed.train.config import TrainConfig
+from rayembed.train.start import starting_model, trainable_model
 
 CKPT_TAG = "ds"
 HISTORY = "history.json"  # rank 0's per-step metrics, kept with each checkpoint
@@ -27,18 +30,25 @@ def saved_rotation(checkpoint_dir: str | Path, default: Any = None) -> Any:
     return torch.from_numpy(np.load(path)) if path.is_file() else default
 
 
-def consolidate(checkpoint_dir: str | Path, base_model: str, layers: list[int] | None = None) -> Embedder:
-    """The fp32 model of a ZeRO checkpoint (any stage) on CPU; `layers`: the run's student_layers."""
+def checkpoint_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a ZeRO checkpoint (any stage): every weight that trained (with LoRA: the adapters,
+    a pooling head, an output layer; frozen weights are not in checkpoints)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CKPT_TAG)
-    model = Embedder.load(base_model, device="cpu")
-    if layers:
-        model.keep_layers(layers)
-    model.load_weights(state, f"the checkpoint's weights (base {base_model})")  # adds a pca projection
+    return get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoint_dir), tag=CKPT_TAG, exclude_frozen_parameters=True
+    )
+
+
+def consolidate(checkpoint_dir: str | Path, cfg: TrainConfig) -> Embedder:
+    """The trained model of a run's checkpoint on CPU, as a plain model: the starting model (start.py)
+    with the checkpoint's weights, LoRA adapters merged into the backbone."""
+    model = trainable_model(cfg, starting_model(cfg, "cpu"))
+    state = checkpoint_state(checkpoint_dir)
+    model.load_weights(state, f"the checkpoint's weights (base {cfg.model})", partial=has_lora(model))
     # The base model's max length is kept: `max_length` in training is a speed setting, not the model's limit.
-    return model
+    return merge(model)
 
 
 def publish(write: Callable[[Path], Any], output_dir: str) -> str:

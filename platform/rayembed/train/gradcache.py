@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-Embed = Callable[[Sequence[str]], Tensor]
+from rayembed.model.batching import Text
+
+Embed = Callable[[Sequence[Text]], Tensor]
 LossOf = Callable[[list[Tensor]], Tensor]
 Backward = Callable[[Tensor, bool], None]
 
@@ -45,7 +47,7 @@ def chunks(rows: int, size: int) -> list[slice]:
 
 def grad_cache_step(
     embed: Embed,
-    towers: Sequence[Sequence[str]],
+    towers: Sequence[Sequence[Text]],
     loss_of: LossOf,
     chunk: int,
     backward: Backward,

@@ -18,14 +18,20 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
+from rayembed.data.flagembedding import normalize
 from rayembed.io import ensure_ray, filesystem, read_dataset, require_columns, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
+from rayembed.model import backbone as families
+from rayembed.model.layout import read_layout
+from rayembed.model.lora import check_targets
 from rayembed.model.pca import principal_axes
+from rayembed.model.tokenizer import prepare_tokenizer
 from rayembed.train.config import TrainConfig
 from rayembed.train.export import HISTORY, ROTATION, consolidate, publish, saved_rotation
-from rayembed.train.loop import starting_model, train_loop
+from rayembed.train.loop import train_loop
 from rayembed.train.objective import input_columns
 from rayembed.train.report import write_report
+from rayembed.train.start import starting_model
 
 
 def fit_rotation(cfg: TrainConfig, ds: Any) -> np.ndarray:
@@ -34,7 +40,8 @@ def fit_rotation(cfg: TrainConfig, ds: Any) -> np.ndarray:
     rows = ds.take_batch(cfg.pca_rows, batch_format="numpy")
     if cfg.loss == "distill" and cfg.teacher_column:
         return principal_axes(np.stack(list(rows[cfg.teacher_column])).astype(np.float32))
-    texts = [str(t) for c in input_columns(cfg) for t in rows[c]]
+    columns = ["query"] if cfg.data_format == "flagembedding" else input_columns(cfg)
+    texts = [str(t) for c in columns for t in rows[c]]
     model = Embedder.load(cfg.teacher) if cfg.loss == "distill" and cfg.teacher else starting_model(cfg)
     return principal_axes(model.encode(texts, batch_size=64))
 
@@ -56,18 +63,86 @@ def checkpoint_rotation(storage_path: str, run_name: str) -> np.ndarray | None:
 
 def run_evals(cfg: TrainConfig, trained: Embedder, rotation: Any) -> dict[str, Any] | None:
     """The run's `eval` section applied to the starting model (rotated as training started) and to the
-    trained one."""
+    trained one; both get the run's prompts, and queries its `query` prompt when it trained with one."""
     if not cfg.eval:
         return None
     from rayembed.eval.config import EvalConfig
     from rayembed.eval.job import evaluate
 
     before = starting_model(cfg, str(trained.device), rotation)
-    settings = {**cfg.eval, "model": cfg.model, "output": None}
+    before.prompts = exported_prompts(cfg, before)
+    query = {"query_prompt_name": "query"} if cfg.query_instruction else {}
+    settings = {**query, **cfg.eval, "model": cfg.model, "output": None}
     return {
         "before": evaluate(EvalConfig(**settings), before),
         "after": evaluate(EvalConfig(**settings), trained),
     }
+
+
+def check_model(cfg: TrainConfig) -> int:
+    """Fail before any worker starts if the model settings cannot work (bidirectional on an encoder,
+    LoRA targets that do not exist, last-token pooling without EOS, layers out of range); the backbone
+    is built on the meta device, so this costs no memory at any size. Returns the trained model's width."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = resolve_model_path(cfg.model)
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    if cfg.attention:
+        families.set_attention(backbone, cfg.attention)
+    if cfg.student_layers:
+        families.keep_layers(backbone, cfg.student_layers)
+    if cfg.lora_r:
+        check_targets(backbone, cfg.lora_target_modules)
+    layout = read_layout(path)
+    pooling = cfg.pooling or layout.pooling or ("lasttoken" if families.is_decoder(backbone) else "mean")
+    prepare_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True), pooling)
+    hidden = int(backbone.config.hidden_size)
+    if pooling == "latent_attention" and hidden % cfg.latent_heads:
+        raise ValueError(f"latent_heads={cfg.latent_heads} does not divide the hidden size {hidden}")
+    return cfg.output_dim or saved_width(path)
+
+
+def saved_width(path: Any) -> int:
+    """Width of a saved model's vectors: its Dense layer's output, else the backbone's hidden size."""
+    from transformers import AutoConfig
+
+    layout = read_layout(path)
+    if layout.projection is not None:
+        return int(layout.projection.shape[0])
+    return int(AutoConfig.from_pretrained(path, local_files_only=True).hidden_size)
+
+
+def teacher_dim(cfg: TrainConfig, ds: Any) -> int | None:
+    """Width of the vectors a distilled model must match (the teacher column's or the teacher's)."""
+    if cfg.loss != "distill":
+        return None
+    if cfg.teacher_column:
+        return len(ds.take_batch(1, batch_format="numpy")[cfg.teacher_column][0])
+    return saved_width(resolve_model_path(str(cfg.teacher)))
+
+
+def dataset(cfg: TrainConfig) -> Any:
+    """The training rows as a Ray Dataset of the columns the objective reads (FlagEmbedding files:
+    normalized per file, with each row's source path)."""
+    if cfg.data_format == "flagembedding":
+        ds = read_dataset(cfg.data, include_paths=True).map_batches(
+            normalize, batch_format="pyarrow", batch_size=None
+        )
+    else:
+        ds = read_dataset(cfg.data)
+    require_columns(ds, input_columns(cfg), "train")
+    return ds.select_columns(input_columns(cfg))
+
+
+def exported_prompts(cfg: TrainConfig, model: Embedder) -> dict[str, str]:
+    """The model's prompts plus the run's: `prompts`, and `query` from query_instruction."""
+    query = (
+        {"query": cfg.instruction_template.format(task=cfg.query_instruction)}
+        if cfg.query_instruction
+        else {}
+    )
+    return {**model.prompts, **cfg.prompts, **query}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -75,13 +150,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resolve_model_path(cfg.model)  # unknown model: fail before starting workers
+    width = check_model(cfg)  # bad model settings: fail before starting workers
     if cfg.teacher and not cfg.teacher_column:
         resolve_model_path(cfg.teacher)
     ensure_ray(cfg.local_cpus())
-    ds = read_dataset(cfg.data)
-    needed = input_columns(cfg)
-    require_columns(ds, needed, "train")
+    ds = dataset(cfg)
+    if (target := teacher_dim(cfg, ds)) not in (None, width):
+        raise ValueError(
+            f"the teacher's vectors are {target}-d, the student's {width}-d: set output_dim={target}"
+        )
     rotation = None
     if cfg.pca_rotation:  # a resumed run keeps the axes it started with; only a new run fits them
         rotation = checkpoint_rotation(str(cfg.storage_path), cfg.run_name)
@@ -101,16 +178,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
-        datasets={"train": ds.select_columns(needed)},
+        datasets={"train": ds},
     )
     started = time.perf_counter()
     result = trainer.fit()
     assert result.checkpoint is not None
     with result.checkpoint.as_directory() as d:
-        model = consolidate(d, cfg.model, cfg.student_layers)
+        model = consolidate(d, cfg)
         history = json.loads(Path(d, HISTORY).read_text()) if Path(d, HISTORY).is_file() else []
         rotation = saved_rotation(d, rotation)
-    model.name = f"{model.name}-{cfg.run_name}"
+    model.name, model.prompts = f"{model.name}-{cfg.run_name}", exported_prompts(cfg, model)
     root = cfg.output_dir.rstrip("/")
     summary = {
         "output_dir": publish(model.save, f"{root}/model"),

@@ -21,12 +21,15 @@ import torch
 from torch import Tensor
 
 from rayembed.model import Embedder
+from rayembed.model.batching import Text
+from rayembed.model.lora import has_lora
 from rayembed.train.config import TrainConfig
 from rayembed.train.dist import agree
 from rayembed.train.export import CKPT_TAG, HISTORY, ROTATION, saved_rotation
 from rayembed.train.gradcache import LossOf, grad_cache_step
 from rayembed.train.losses import GUIDED
 from rayembed.train.objective import LossState, build_loss, objective, sub_model_layers
+from rayembed.train.start import starting_model, trainable_model
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -36,7 +39,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.grad_cache_chunk or cfg.batch_size,
         "gradient_accumulation_steps": cfg.batch_size // (cfg.grad_cache_chunk or cfg.batch_size),
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage} | offload_config(cfg),
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True},
@@ -56,12 +59,20 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     return config
 
 
-def backward_step(engine: Any, cfg: TrainConfig, towers: list[list[str]], loss_of: LossOf) -> Tensor:
+def offload_config(cfg: TrainConfig) -> dict[str, Any]:
+    """ZeRO-Offload: optimizer states (and 'all': parameters) in pinned CPU memory."""
+    if not cfg.offload:
+        return {}
+    out = {"offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    return out | ({"offload_param": {"device": "cpu", "pin_memory": True}} if cfg.offload == "all" else {})
+
+
+def backward_step(engine: Any, cfg: TrainConfig, towers: list[Sequence[Text]], loss_of: LossOf) -> Tensor:
     """Forward + backward of one batch (plain, or GradCache in chunks); the caller calls engine.step()."""
     model: Embedder = engine.module
     layers = sub_model_layers(cfg)  # 2D Matryoshka: also pool these sub-models' outputs
 
-    def embed(texts: Sequence[str]) -> Tensor:
+    def embed(texts: Sequence[Text]) -> Tensor:
         feats = {k: v.to(engine.device) for k, v in model.tokenize(list(texts)).items()}
         return engine(**feats, layers=layers) if layers else engine(**feats)
 
@@ -94,13 +105,14 @@ def _save_and_report(
     loss: LossState,
     rotation: Tensor | None,
 ) -> None:
-    """Every worker saves its ZeRO shard (and the loss's own state); rank 0 adds the metric history
-    (history.json) for the report and the pca rotation the run started with (pca_rotation.npy)."""
+    """Every worker saves its ZeRO shard (and the loss's own state) — with LoRA only what trains; rank 0
+    adds the metric history (history.json) for the report and the pca rotation the run started with
+    (pca_rotation.npy)."""
     import ray.train
-    import ray.train.torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={**state, **loss.state_dict()})
+        client = {**state, **loss.state_dict()}
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=client, exclude_frozen_parameters=True)
         if ray.train.get_context().get_world_rank() == 0:
             Path(tmp, HISTORY).write_text(json.dumps(history))
             if rotation is not None:
@@ -108,19 +120,12 @@ def _save_and_report(
         ray.train.report({**metrics, **state}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def starting_model(cfg: TrainConfig, device: str = "cpu", rotation: Any = None) -> Embedder:
-    """The model as training starts: `model`, cut to `student_layers`, rotated by `rotation` if given."""
-    model = Embedder.load(cfg.model, device=device)
-    if cfg.student_layers:
-        model.keep_layers(cfg.student_layers)
-    return model.rotate(rotation) if rotation is not None else model
-
-
 def _build(cfg: TrainConfig, device: torch.device, rotation: Tensor | None) -> tuple[Any, Embedder | None]:
-    """The DeepSpeed engine around the (optionally layer-pruned, rotated) model, and the in-loop teacher."""
+    """The DeepSpeed engine around the starting model (start.py) with what trains, and the in-loop teacher."""
     import deepspeed
 
-    model = starting_model(cfg, str(device), rotation)
+    ds_config = deepspeed_config(cfg)
+    model = trainable_model(cfg, starting_model(cfg, str(device), rotation, ds_config), recompute=True)
     model.max_length = cfg.max_length or model.max_length
     model.train()
     teacher = (
@@ -128,9 +133,8 @@ def _build(cfg: TrainConfig, device: torch.device, rotation: Tensor | None) -> t
         if cfg.teacher and (cfg.loss in GUIDED or (cfg.loss == "distill" and not cfg.teacher_column))
         else None
     )
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg)
-    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     return engine, teacher
 
 
@@ -138,15 +142,16 @@ def _resume(
     engine: Any, loss: LossState, rotation: Tensor | None
 ) -> tuple[dict[str, int], list[Any], Tensor | None]:
     """Position (step, epoch, batch in epoch), loss state, metric history and the pca rotation the run
-    started with, from the latest checkpoint."""
+    started with, from the latest checkpoint (frozen weights, absent from it, stay as built)."""
     import ray.train
-    import ray.train.torch
 
     state, history = {"step": 0, "epoch": 0, "batch_in_epoch": 0}, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
+            _, client = engine.load_checkpoint(
+                d, tag=CKPT_TAG, load_module_strict=not has_lora(engine.module)
+            )
             if Path(d, HISTORY).is_file():
                 history = json.loads(Path(d, HISTORY).read_text())
         state.update({k: int(client[k]) for k in state})
@@ -187,11 +192,13 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     rotation = None if config["rotation"] is None else torch.as_tensor(config["rotation"])
+    fixed = {"base_mem_mb": peak_memory_mb(device)}  # the process before any model: Python, torch, Ray
     engine, teacher = _build(cfg, device, rotation)
     loss_state = LossState(build_loss(cfg).to(device), cfg.scale_lr)
     state, history, rotation = _resume(engine, loss_state, rotation)
-    resumed_from, started = state["step"], time.perf_counter()
+    fixed["resumed_from"], started = state["step"], time.perf_counter()
     shard = ray.train.get_dataset_shard("train")
+    rank = ray.train.get_context().get_world_rank()
     max_steps = cfg.max_steps or 10**12
     metrics: dict[str, float] = {"loss": float("nan")}
     saved, last_report = -1, 0.0
@@ -204,18 +211,15 @@ def train_loop(config: dict[str, Any]) -> None:
             if not ready:
                 break
             assert batch is not None
-            towers, loss_of = objective(cfg, batch, teacher, device, loss_state.loss_fn, rotation)
+            # seeded by position: a resumed run samples the same FlagEmbedding groups it would have
+            rng = np.random.default_rng([cfg.seed, state["epoch"], state["step"], rank])
+            towers, loss_of = objective(cfg, batch, teacher, device, loss_state.loss_fn, rotation, rng)
             loss = float(backward_step(engine, cfg, towers, loss_of))
             engine.step()
             loss_state.step()
-            state["step"] += 1
-            state["batch_in_epoch"] += 1
+            state["step"], state["batch_in_epoch"] = state["step"] + 1, state["batch_in_epoch"] + 1
             extra = loss_state.metrics()  # e.g. a learnable scale
-            metrics = {
-                "loss": loss,
-                "resumed_from": resumed_from,
-                "peak_mem_mb": peak_memory_mb(device),
-            } | extra
+            metrics = {"loss": loss, "peak_mem_mb": peak_memory_mb(device)} | fixed | extra
             history.append(
                 {"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started} | extra
             )
@@ -227,8 +231,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 last_report = time.perf_counter()
         else:
             break
-        state["epoch"] += 1
-        state["batch_in_epoch"] = 0
+        state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
     if saved != state["step"] or state["step"] == 0:
-        metrics |= {"resumed_from": resumed_from, "peak_mem_mb": peak_memory_mb(device)}
+        metrics |= fixed | {"peak_mem_mb": peak_memory_mb(device)}
         _save_and_report(engine, state, metrics, history, loss_state, rotation)

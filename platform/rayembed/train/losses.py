@@ -19,16 +19,22 @@ class InfoNCE(nn.Module):
     q: [B, D] queries; d: [N, D] documents where the positives of the B queries are d[offset:offset+B]
     (offset lets a worker score its local queries against documents gathered from every worker);
     neg: optional [M, D] extra hard negatives shared by all queries. Cosine similarity times `scale`.
+    mask: optional [B, N + M] booleans, the candidates each query may see (per-row groups without
+    in-batch negatives, unused negative slots); a query's own positive must be among them.
     """
 
     def __init__(self, scale: float = 20.0) -> None:
         super().__init__()
         self.scale = scale
 
-    def forward(self, q: Tensor, d: Tensor, neg: Tensor | None = None, offset: int = 0) -> Tensor:
+    def forward(
+        self, q: Tensor, d: Tensor, neg: Tensor | None = None, offset: int = 0, mask: Tensor | None = None
+    ) -> Tensor:
         q, d = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
         docs = d if neg is None else torch.cat([d, F.normalize(neg, dim=-1)])
         logits = self.scale * q @ docs.T
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
         labels = torch.arange(q.shape[0], device=q.device) + offset
         return F.cross_entropy(logits, labels)
 
@@ -92,11 +98,12 @@ def matryoshka(
     *embs: Tensor | None,
     **kw: int,
 ) -> Tensor:
-    """sum_k w_k * loss(x[:, :k] for x in embs). Empty `dims` means the full width only."""
+    """sum_k w_k * loss(x[..., :k] for x in embs): every embedding cut to its first k features (the last
+    axis, so [B, G, D] groups too). Empty `dims` means the full width only."""
     if not dims:
         return loss(*embs, **kw)
     ws = weights or [1.0] * len(dims)
     return sum(  # type: ignore[return-value]
-        w * loss(*(None if e is None else e[:, :k] for e in embs), **kw)
+        w * loss(*(None if e is None else e[..., :k] for e in embs), **kw)
         for k, w in zip(dims, ws, strict=True)
     )

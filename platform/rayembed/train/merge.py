@@ -17,6 +17,7 @@ import torch
 
 from rayembed.model import Embedder
 from rayembed.train.config import MergeConfig
+from rayembed.train.export import checkpoint_state
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
@@ -26,16 +27,17 @@ def is_deepspeed_checkpoint(path: str | Path) -> bool:
 def state_of(source: str, base: Embedder | None) -> dict[str, torch.Tensor]:
     """fp32 weights of one source, keyed like `Embedder.state_dict()`."""
     if is_deepspeed_checkpoint(source):
-        import os
-
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         if base is None:
             raise ValueError(
                 f"{source} is a DeepSpeed checkpoint: set base= to the model it was trained from"
             )
-        return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(source, tag="ds").items()}
+        state = checkpoint_state(source)
+        if any(".lora_" in k for k in state):
+            raise ValueError(
+                f"{source} holds LoRA adapters, not a whole model: merge the runs' exported models "
+                "(<output_dir>/model, adapters merged) instead"
+            )
+        return {k: v.float() for k, v in state.items()}
     return {k: v.float() for k, v in Embedder.load(source, device="cpu").state_dict().items()}
 
 

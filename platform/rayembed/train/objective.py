@@ -1,8 +1,10 @@
 """The training objective: from a batch of rows to text towers and the loss of their embeddings.
 
 Four kinds, chosen by `TrainConfig.loss`:
-- contrastive (infonce, symmetric_infonce, hard_infonce): queries vs positives (+ hard negatives),
-  documents and negatives gathered from every worker;
+- contrastive (infonce, symmetric_infonce, hard_infonce): queries (with their task instruction) vs
+  positives (+ k hard negatives per row, groups.py), documents and negatives gathered from every
+  worker; rows without in-batch negatives see only their own group, and rows with teacher scores add a
+  KL term over their group (FlagEmbedding's format);
 - guided (gist, score_distill): queries vs positives gathered likewise, plus the in-loop teacher's
   embeddings of both (GIST: the guide that masks false in-batch negatives; score_distill: the
   teacher whose query-document scores the student's should match);
@@ -23,12 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rayembed.data.flagembedding import COLUMNS as FLAG_COLUMNS
+from rayembed.data.flagembedding import Groups
 from rayembed.model import Embedder
+from rayembed.model.batching import Text
 from rayembed.train.config import TrainConfig
 from rayembed.train.dist import gather_with_grad
 from rayembed.train.gradcache import LossOf
+from rayembed.train.groups import candidate_mask, group_valid, groups_of, query_tower, texts_of
 from rayembed.train.losses import CONTRASTIVE, GUIDED, LOSSES, EmbeddingDistill, matryoshka
-from rayembed.train.regularizers import SpreadOut
+from rayembed.train.regularizers import GroupScoreDistill, SpreadOut
 
 
 def build_loss(cfg: TrainConfig) -> nn.Module:
@@ -45,16 +51,14 @@ def build_loss(cfg: TrainConfig) -> nn.Module:
 
 
 def input_columns(cfg: TrainConfig) -> list[str]:
-    """The columns a batch must have: query, positive (, negative) for pair losses; text (, teacher)."""
+    """The columns a batch must have: query, positive (, negative, instruction) for pair losses; text
+    (, teacher); FlagEmbedding's own for data_format=flagembedding."""
+    if cfg.data_format == "flagembedding":
+        return list(FLAG_COLUMNS)
     if cfg.loss in CONTRASTIVE | GUIDED:
-        return [cfg.query_column, cfg.positive_column] + (
-            [cfg.negative_column] if cfg.negative_column else []
-        )
+        optional = [c for c in (cfg.negative_column, cfg.instruction_column) if c]
+        return [cfg.query_column, cfg.positive_column, *optional]
     return [cfg.text_column] + ([cfg.teacher_column] if cfg.teacher_column else [])
-
-
-def texts_of(column: Any) -> list[str]:
-    return [str(t) for t in column]
 
 
 # loss_at(reps, dims, weights) -> (loss summed over the Matryoshka widths `dims`, q and d for spread-out)
@@ -68,13 +72,16 @@ def objective(
     device: torch.device,
     loss_fn: nn.Module | None = None,
     rotation: Tensor | None = None,
-) -> tuple[list[list[str]], LossOf]:
+    rng: np.random.Generator | None = None,
+) -> tuple[list[Sequence[Text]], LossOf]:
     """(text towers, loss of their embeddings: one matrix per tower). `loss_fn`: the run's loss module
     (kept across steps when it has parameters, e.g. a learnable scale); default: a fresh one.
-    `rotation` (pca_rotation): distillation targets are rotated by it, as the model's output is."""
+    `rotation` (pca_rotation): distillation targets are rotated by it, as the model's output is.
+    `rng`: samples FlagEmbedding groups (seeded by the loop from the run's position)."""
     loss_fn = loss_fn or build_loss(cfg).to(device)
     if cfg.loss in CONTRASTIVE:
-        towers, loss_at = _contrastive(cfg, batch, loss_fn)
+        groups = groups_of(cfg, batch, rng or np.random.default_rng(cfg.seed))
+        towers, loss_at = _contrastive(cfg, groups, loss_fn, device)
     elif cfg.loss in GUIDED:
         assert teacher is not None, f"loss={cfg.loss} needs the teacher model in the loop"
         towers, loss_at = _guided(cfg, batch, teacher, loss_fn)
@@ -106,22 +113,44 @@ def _over_sub_models(cfg: TrainConfig, loss_at: LossAt) -> LossOf:
 
 
 def _contrastive(
-    cfg: TrainConfig, batch: dict[str, Any], loss_fn: nn.Module
-) -> tuple[list[list[str]], LossAt]:
+    cfg: TrainConfig, groups: Groups, loss_fn: nn.Module, device: torch.device
+) -> tuple[list[Sequence[Text]], LossAt]:
+    towers: list[Sequence[Text]] = [query_tower(cfg, groups.queries, groups.instructions), groups.positives]
+    towers += groups.negatives
+    masks: dict[int, Tensor | None] = {}  # by offset, worked out once per step
+    scores = torch.as_tensor(groups.scores, dtype=torch.float32, device=device)
+    group_kl = GroupScoreDistill(cfg.scale, cfg.score_temperature)
+
     def loss_at(
         reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         d, offset = gather_with_grad(reps[1])
-        neg = gather_with_grad(reps[2])[0] if len(reps) > 2 else None
-        return matryoshka(loss_fn, dims, weights, reps[0], d, neg, offset=offset), reps[0], d
+        negs = [gather_with_grad(r)[0] for r in reps[2:]]
+        neg = torch.cat(negs) if negs else None
+        if offset not in masks:
+            masks[offset] = candidate_mask(groups, offset, device) if negs else None
+        kw: dict[str, Any] = {"offset": offset} | (
+            {"mask": masks[offset]} if masks[offset] is not None else {}
+        )
+        loss = matryoshka(loss_fn, dims, weights, reps[0], d, neg, **kw)
+        if cfg.score_weight:
+            group = torch.stack(reps[1:], dim=1)  # [B, 1 + k, D]: own positive, own negatives
 
-    return [texts_of(batch[c]) for c in input_columns(cfg)], loss_at
+            def kl(q: Tensor, g: Tensor) -> Tensor:
+                return group_kl(q, g, scores, group_valid(groups, device))
+
+            loss = loss + cfg.score_weight * matryoshka(kl, dims, weights, reps[0], group)
+        return loss, reps[0], d
+
+    return towers, loss_at
 
 
 def _guided(
     cfg: TrainConfig, batch: dict[str, Any], teacher: Embedder, loss_fn: nn.Module
-) -> tuple[list[list[str]], LossAt]:
-    towers = [texts_of(batch[cfg.query_column]), texts_of(batch[cfg.positive_column])]
+) -> tuple[list[Sequence[Text]], LossAt]:
+    queries = texts_of(batch[cfg.query_column])
+    tasks = list(batch[cfg.instruction_column]) if cfg.instruction_column else [None] * len(queries)
+    towers: list[Sequence[Text]] = [query_tower(cfg, queries, tasks), texts_of(batch[cfg.positive_column])]
     with torch.no_grad():
         guide_q, guide_own = (teacher.embed_texts(t) for t in towers)
     guide_d = gather_with_grad(guide_own)[0]  # no grad flows: a plain all_gather
@@ -146,7 +175,7 @@ def _distill(
     device: torch.device,
     loss_fn: EmbeddingDistill,
     rotation: Tensor | None,
-) -> tuple[list[list[str]], LossAt]:
+) -> tuple[list[Sequence[Text]], LossAt]:
     texts = texts_of(batch[cfg.text_column])
     if cfg.teacher_column:
         rows = np.stack(list(batch[cfg.teacher_column])).astype(np.float32)  # list column or 2-D array

@@ -4,6 +4,7 @@
 - `HardnessWeightedInfoNCE`: negatives re-weighted by their hardness, with false-negative masking (RzenEmbed).
 - `GISTLoss`: in-batch negatives the guide model scores above the positive are masked (GISTEmbed).
 - `ScoreDistill`: KL from a teacher's query-document scores to the student's (score distillation).
+- `GroupScoreDistill`: the same over each query's own group, from scores the training rows carry.
 - `SpreadOut`: global orthogonal regulariser pushing non-matching pairs towards orthogonal (EmbeddingGemma).
 - `matryoshka_2d`: a loss summed over (layer, dim) sub-models (Starbucks 2D Matryoshka).
 """
@@ -115,6 +116,30 @@ class ScoreDistill(nn.Module):
         log_p = F.log_softmax(self.scale * _cos(q, d) / self.temperature, dim=-1)
         p_t = F.softmax(teacher_scores.detach() / self.temperature, dim=-1)
         return F.kl_div(log_p, p_t, reduction="batchmean")
+
+
+class GroupScoreDistill(nn.Module):
+    """Per query, KL(softmax(teacher / T) || softmax(scale * cos(q, group))) over its group: its positive
+    and negatives, with teacher scores the rows carry (FlagEmbedding's pos_scores / neg_scores).
+
+    q: [B, D]; group: [B, G, D]; teacher: [B, G] (NaN: the row has no scores and adds nothing);
+    valid: [B, G] booleans, the slots that hold real texts. Mean over the rows with scores."""
+
+    def __init__(self, scale: float = 20.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.scale, self.temperature = scale, temperature
+
+    def forward(self, q: Tensor, group: Tensor, teacher: Tensor, valid: Tensor) -> Tensor:
+        rows = ~torch.isnan(teacher[:, 0])
+        if not rows.any():
+            return q.sum() * 0.0  # keeps the graph (and every worker's collectives) alike
+        cos = (F.normalize(q, dim=-1)[:, None, :] * F.normalize(group, dim=-1)).sum(-1)
+        student = F.log_softmax((self.scale * cos).masked_fill(~valid, float("-inf")), dim=-1)
+        target = F.softmax(
+            (teacher.nan_to_num(0.0) / self.temperature).masked_fill(~valid, float("-inf")), dim=-1
+        )
+        kl = (target * (target.clamp(min=1e-12).log() - student.masked_fill(~valid, 0.0))).sum(-1)
+        return kl[rows].mean()
 
 
 class SpreadOut(nn.Module):
