@@ -117,3 +117,22 @@ def test_every_field_is_documented() -> None:
         for f in dataclasses.fields(cls):
             after = source.split(f"\n    {f.name}:", 1)[1].split("\n", 2)[1].strip()
             assert after.startswith('"""'), f"{cls.__name__}.{f.name} has no docstring"
+
+
+def test_zero_working_sets_and_worker_allocator_follow_the_config() -> None:
+    from rayembed.train.config import TrainConfig
+    from rayembed.train.job import worker_env
+    from rayembed.train.loop import deepspeed_config
+
+    base = {"data": "x", "output_dir": "y"}
+    zero3 = deepspeed_config(TrainConfig(**base, zero_stage=3, zero_bucket_size=2_000_000))[
+        "zero_optimization"
+    ]
+    assert zero3["stage"] == 3 and zero3["sub_group_size"] == zero3["stage3_max_live_parameters"] == 2_000_000
+    zero2 = deepspeed_config(TrainConfig(**base, zero_stage=2))["zero_optimization"]
+    assert zero2["reduce_bucket_size"] == 50_000_000 and "sub_group_size" not in zero2
+    assert deepspeed_config(TrainConfig(**base, zero_stage=0))["zero_optimization"] == {"stage": 0}
+    assert worker_env(TrainConfig(**base)) == {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    assert worker_env(TrainConfig(**base, malloc_mmap_threshold=None)) == {}
+    with pytest.raises(ValueError, match="zero_bucket_size must be >= 1e6"):
+        TrainConfig(**base, zero_bucket_size=10)

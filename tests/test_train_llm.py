@@ -153,11 +153,14 @@ def test_decoder_teacher_to_encoder_student_and_decoder_student_layers(
     np.testing.assert_allclose(
         SentenceTransformer(bert["output_dir"], device="cpu").encode(PROBE), student.encode(PROBE), atol=1e-5
     )
+    plain = common | {"zero_stage": 0, "precision": "bf16"}  # plain data parallel: one bf16 module file
     small = train(
-        TrainConfig(output_dir=str(tmp_path / "small"), model=str(teacher), student_layers=[1], **common)
+        TrainConfig(output_dir=str(tmp_path / "small"), model=str(teacher), student_layers=[1], **plain)
     )
     one_layer = Embedder.load(small["output_dir"], device="cpu")
     assert one_layer.backbone.config.num_hidden_layers == 1 and one_layer.pooling == "lasttoken"
+    start = Embedder.load(teacher, device="cpu").backbone.layers[1].mlp.up_proj.weight
+    assert not torch.equal(one_layer.backbone.layers[0].mlp.up_proj.weight, start)  # it trained from layer 1
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ class PrepareConfig:
     family: str | None = None
     """random_model: llama, mistral, qwen2, qwen3, gemma or gemma3."""
     size: str = "tiny"
-    """random_model: tiny (2 layers, hidden 64) or 0.5b (Qwen2-0.5B's shape)."""
+    """random_model: tiny (2 layers, hidden 64), 0.5b (Qwen2-0.5B's shape) or 0.4b (its layers with a
+    32k vocabulary)."""
     pooling: str = "lasttoken"
     """random_model: the model's pooling."""
 

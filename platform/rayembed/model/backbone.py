@@ -26,9 +26,8 @@ def attn_implementation(device: str | torch.device | None) -> str:
     return "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
-def load_backbone(path: Path, dtype: torch.dtype | None, attn: str = "sdpa", zero3: Any = None) -> nn.Module:
-    """The HF backbone in `path` (no LM head, no unused BERT pooler). `zero3`: a live
-    `HfDeepSpeedConfig`, so transformers builds the model partitioned across workers (ZeRO-3)."""
+def load_backbone(path: Path, dtype: torch.dtype | None, attn: str = "sdpa") -> nn.Module:
+    """The HF backbone in `path` (no LM head, no unused BERT pooler), weights in `dtype`."""
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)

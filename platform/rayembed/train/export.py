@@ -31,11 +31,19 @@ def saved_rotation(checkpoint_dir: str | Path, default: Any = None) -> Any:
 
 
 def checkpoint_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of a ZeRO checkpoint (any stage): every weight that trained (with LoRA: the adapters,
-    a pooling head, an output layer; frozen weights are not in checkpoints)."""
+    """fp32 weights of a DeepSpeed checkpoint: every weight that trained (with LoRA: the adapters, a
+    pooling head, an output layer; frozen weights are not in checkpoints). ZeRO stages 1-3 keep fp32
+    masters in their partitions; stage 0 (plain data parallel) keeps the module's own weights (with
+    bf16 training those are bf16, upcast here)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    tag_dir = Path(checkpoint_dir, (Path(checkpoint_dir) / "latest").read_text().strip())
+    plain = tag_dir / "mp_rank_00_model_states.pt"
+    if plain.is_file():  # stage 0 writes this one file; ZeRO stages write per-rank files instead
+        state = torch.load(plain, map_location="cpu", weights_only=False)
+        if state.get("param_shapes") is None:
+            return {k: v.float() for k, v in state["module"].items()}
     return get_fp32_state_dict_from_zero_checkpoint(
         str(checkpoint_dir), tag=CKPT_TAG, exclude_frozen_parameters=True
     )

@@ -135,6 +135,15 @@ def dataset(cfg: TrainConfig) -> Any:
     return ds.select_columns(input_columns(cfg))
 
 
+def worker_env(cfg: TrainConfig) -> dict[str, str]:
+    """Environment of the training workers (set before they start)."""
+    import os
+
+    if cfg.malloc_mmap_threshold is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": str(cfg.malloc_mmap_threshold)}
+
+
 def exported_prompts(cfg: TrainConfig, model: Embedder) -> dict[str, str]:
     """The model's prompts plus the run's: `prompts`, and `query` from query_instruction."""
     query = (
@@ -177,6 +186,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             storage_path=cfg.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": worker_env(cfg)},  # type: ignore[call-arg]  # Train v2's field
         ),
         datasets={"train": ds},
     )

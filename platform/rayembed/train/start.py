@@ -48,7 +48,11 @@ def starting_model(
     """The model as training starts (no LoRA here: `trainable_model` adds it), in fp32. `ds_config`
     (workers): load the backbone in the training precision (bf16/fp16: DeepSpeed keeps fp32 master
     copies of what trains; a LoRA run's frozen base stays at 2 bytes a weight), partitioned when ZeRO-3."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if ds_config else None
+    dtype = (
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+        if ds_config
+        else torch.float32
+    )
     with zero3_init(ds_config):
         model = Embedder.load(cfg.model, device=device, dtype=dtype)
     if cfg.student_layers:
