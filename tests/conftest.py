@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAYEMBED_MODEL_CACHE", tempfile.mkdtemp(prefix="rayembed-models-"))  # s3:// models
 
 DATA = Path(SHARED_DATA)
 

@@ -142,3 +142,34 @@ def test_prompt_lengths_travel_with_their_rows_into_merged_batches() -> None:
     [batch] = model.batches
     by_tag = {row[0] // 1000: n for row, n in zip(batch, model.prompt_lengths[0] or [], strict=True)}
     assert by_tag == {1: 3, 2: 0, 3: 5} and len(model.prompt_lengths[0] or []) == 4
+
+
+def test_a_lone_request_takes_the_idle_model_and_arrivals_batch_after_it() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, gate = FakeModel(), threading.Event()
+    threads: set[str] = set()
+
+    def lone() -> str:
+        threads.add(threading.current_thread().name)
+        gate.wait(10)
+        return "alone"
+
+    async def go() -> tuple[str, list[np.ndarray]]:
+        b = TokenBatcher(model, dim=2, wait_s=0, executor=ThreadPoolExecutor(1, thread_name_prefix="model"))
+        assert b.idle
+        first = asyncio.ensure_future(b.alone(lone))
+        await asyncio.sleep(0.05)
+        assert not b.idle
+        later = [asyncio.ensure_future(b.embed(_req(t, 1))) for t in (2, 3)]
+        await asyncio.sleep(0.05)
+        assert model.batches == []  # queued behind the lone request, not run beside it
+        gate.set()
+        got = await asyncio.gather(*later)
+        assert b.idle
+        return await first, got
+
+    result, rows = asyncio.run(go())
+    assert result == "alone" and [int(r[0, 0]) for r in rows] == [2000, 3000]
+    assert len(model.batches) == 1  # both arrivals went as one batch after it
+    assert all(name.startswith("model") for name in threads)

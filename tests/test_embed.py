@@ -79,11 +79,14 @@ def test_embed_s3_parquet_binary(tiny_model: Path, scifact_docs: Path, s3_endpoi
     for part in range(2):  # 2 files x 3 row groups of 50 -> fragments of >= 100 rows: 2 per file
         with fs.open(f"rayembed/lake/part-{part}.parquet", "wb") as f:
             pq.write_table(table.slice(part * 150, 150), f, row_group_size=50)
+    from rayembed.io import upload_dir
+
+    upload_dir(tiny_model, "s3://rayembed/models/embed-tiny", s3_endpoint)  # data, model and output on S3
     summary = embed(
         EmbedConfig(
             input="s3://rayembed/lake/",
             output="s3://rayembed/emb/",
-            model=str(tiny_model),
+            model="s3://rayembed/models/embed-tiny",
             id_column="doc_id",
             text_column="body",
             dim=16,

@@ -94,9 +94,10 @@ def test_base64_int8_extension(endpoint: str, tiny_model: Path) -> None:
     [
         (b"{not json", 400, "invalid request"),
         (b'{"model": "tiny-bert"}', 400, "input"),
-        (b'{"input": [], "model": "tiny-bert"}', 400, "must not be empty"),
         (b'{"input": ["ok", "  "], "model": "tiny-bert"}', 400, "input[1] is empty"),
-        (b'{"input": [1, 2], "model": "tiny-bert"}', 400, "input"),
+        (b'{"input": [1.5, 2], "model": "tiny-bert"}', 400, "input"),
+        (b'{"input": [[1, 99999999]], "model": "tiny-bert"}', 400, "token ids must be in [0, 30522)"),
+        (b'{"input": [], "model": "tiny-bert"}', 400, "must not be empty"),
         (b'{"input": "x", "model": "tiny-bert", "dimensions": 64}', 400, "dimensions must be <= 32"),
         (b'{"input": "x", "model": "tiny-bert", "encoding_format": "hex"}', 400, "encoding_format"),
         (json.dumps({"input": ["x"] * 9, "model": "tiny-bert"}).encode(), 400, "too many inputs: 9 > 8"),
@@ -186,3 +187,60 @@ def test_openai_client_raises_on_unknown_model(endpoint: str) -> None:
 def test_health(endpoint: str) -> None:
     with urllib.request.urlopen(f"{endpoint}/healthz", timeout=10) as r:
         assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+
+
+def _get(url: str, key: str | None = KEY, method: str = "GET") -> tuple[int, dict, dict]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(url, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def test_tei_routes_with_the_huggingface_hub_client(
+    endpoint: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients written for text-embeddings-inference work unchanged: /embed, TEI's root route, /info,
+    /tokenize; normalize=false gives the pooled vectors as they are."""
+    from huggingface_hub import InferenceClient, constants
+
+    # rayembed sets HF_HUB_OFFLINE so that no model comes from a hub; a TEI client elsewhere has it unset.
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+
+    local = Embedder.load(tiny_model, device="cpu")
+    for url in (f"{endpoint}/embed", endpoint):  # the route, and TEI's root
+        got = InferenceClient(model=url, token=KEY).feature_extraction(TEXTS)
+        np.testing.assert_allclose(got, local.encode(TEXTS), atol=1e-6)
+    raw = InferenceClient(model=f"{endpoint}/embed", token=KEY).feature_extraction(TEXTS[0], normalize=False)
+    np.testing.assert_allclose(raw[0], local.encode(TEXTS[:1], normalize=False)[0], atol=1e-6)
+    assert abs(float(np.linalg.norm(raw[0])) - 1.0) > 1e-3
+    status, info, _ = _get(f"{endpoint}/info")
+    assert status == 200 and info["model_id"] == "tiny-bert" and info["max_input_length"] == 64
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}} and len(info["model_sha"]) == 16
+    status, tokens = _post(f"{endpoint}/tokenize", json.dumps({"inputs": ["Hello world"]}).encode())
+    assert status == 200 and [t["id"] for t in tokens[0]] == local.tokenizer("Hello world")["input_ids"]
+
+
+def test_every_error_has_the_openai_shape(endpoint: str) -> None:
+    for url, method, status in ((f"{endpoint}/no/such/route", "GET", 404), (f"{endpoint}/v1/embeddings", "GET", 405),
+                                (f"{endpoint}/info", "DELETE", 405)):  # fmt: skip
+        got, body, _ = _get(url, method=method)
+        assert got == status and set(body["error"]) == {"message", "type", "param", "code"}, body
+    got, body = _post(f"{endpoint}/embed", b"{oops")
+    assert got == 400 and body["error"]["type"] == "invalid_request_error"
+    assert _get(f"{endpoint}/info", key="wrong")[0] == 401
+
+
+def test_token_ids_and_the_revision_of_every_response(endpoint: str, tiny_model: Path) -> None:
+    from rayembed.model.layout import model_revision
+
+    local = Embedder.load(tiny_model, device="cpu")
+    ids = local.tokenizer(TEXTS[0])["input_ids"]
+    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key=KEY)
+    resp = client.embeddings.create(model="tiny-bert", input=[ids], encoding_format="float")
+    np.testing.assert_allclose(resp.data[0].embedding, local.encode(TEXTS[:1])[0], atol=1e-6)
+    raw = client.embeddings.with_raw_response.create(model="tiny-bert", input="x")
+    assert raw.headers["x-rayembed-revision"] == model_revision(tiny_model) == raw.parse().revision  # type: ignore[attr-defined]
+    assert client.models.list().data[0].revision == model_revision(tiny_model)  # type: ignore[attr-defined]

@@ -10,15 +10,18 @@ carries 1-4 real SNLI sentences. Both servers stay up and every level alternates
 `--rounds` rounds (this VM's speed drifts between minutes); reported per level: median req/s, inputs/s,
 p50/p99 latency (ms), errors by status summed over rounds.
 A last run at 2x the highest concurrency against rayembed with small queue bounds checks that overload
-only ever answers 429/503.
+only ever answers 429/503. Then the cold start of a model scaled to zero: the first request after its
+last replica went, timed (`--cold-starts` times). Figures go to docs/results/serve.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -127,6 +130,41 @@ def median_run(runs: list[dict[str, object]]) -> dict[str, object]:
     return out
 
 
+def cold_starts(times: int, threads: int) -> list[float]:
+    """Seconds the first request takes after a model scaled to zero (min_replicas 0) lost its last replica."""
+    from ray import serve
+
+    from rayembed.serve.config import ServeConfig
+    from rayembed.serve.deployment import run
+
+    cfg = ServeConfig(port=8414, min_replicas=0, max_replicas=1, torch_threads=threads, upscale_delay_s=0,
+                      downscale_delay_s=1, downscale_to_zero_delay_s=1, look_back_period_s=11)  # fmt: skip
+    url = run(cfg, blocking=False) + "/v1/embeddings"
+    body = json.dumps({"input": ["cold start"]}).encode()
+
+    def post() -> None:
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=300).read()
+
+    def running() -> int:
+        deployments = serve.status().applications["rayembed"].deployments
+        return int(
+            next(d for n, d in deployments.items() if n.startswith("Model0")).replica_states.get("RUNNING", 0)
+        )
+
+    out = []
+    for _ in range(times):
+        post()  # the model is up; now wait for it to go
+        deadline = time.time() + 300
+        while running() and time.time() < deadline:
+            time.sleep(0.5)
+        start = time.perf_counter()
+        post()
+        out.append(round(time.perf_counter() - start, 2))
+    serve.shutdown()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=200)
@@ -136,6 +174,10 @@ def main() -> None:
         "--torch-threads", type=int, default=None, help="replica torch threads (default: all CPUs)"
     )
     ap.add_argument("--batch-wait-s", type=float, default=0.005)
+    ap.add_argument("--cold-starts", type=int, default=3, help="scale-to-zero cold starts to time (0: none)")
+    ap.add_argument(
+        "--out", default=str(Path(__file__).resolve().parents[2] / "docs" / "results" / "serve.json")
+    )
     args = ap.parse_args()
     bodies = payloads(args.requests)
     ingress = "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "serve-proxy"
@@ -148,8 +190,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from rayembed.config import ServeConfig
-    from rayembed.serve import run
+    from rayembed.serve.config import ServeConfig
+    from rayembed.serve.deployment import run
 
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     threads = args.torch_threads or os.cpu_count() or 1
@@ -189,12 +231,20 @@ def main() -> None:
         load(f"{base}/v1/embeddings", bodies, 2 * max(args.concurrency))
     )
     serve.shutdown()
+    report["cold_start_s"] = cold_starts(args.cold_starts, threads) if args.cold_starts else []
     ray.shutdown()
     report["throughput_ratio"] = {
         str(c): round(float(np.median([r["req_per_s"] for r in runs["rayembed"][c]]))
                       / float(np.median([r["req_per_s"] for r in runs["baseline"][c]])), 2)  # type: ignore[misc]
         for c in args.concurrency
     }  # fmt: skip
+    if 1 in args.concurrency:  # rayembed's median p50 over the baseline's, at concurrency 1
+        p50 = [float(np.median([r["p50_ms"] for r in runs[n][1]])) for n in ("rayembed", "baseline")]  # type: ignore[misc]
+        report["p50_ratio_c1"] = round(p50[0] / p50[1], 3)
+    report |= {"benchmark": "serve", "date": datetime.date.today().isoformat(), "command": "python tests/bench/bench_serve.py " + " ".join(sys.argv[1:]),
+               "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM"}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from rayembed.embed.config import EmbedConfig
 from rayembed.embed.manifest import REJECTS, TMP, Fragment, commit, read_lines, staging_path
 from rayembed.io import filesystem, strip_scheme
-from rayembed.model import Embedder
+from rayembed.model import Embedder, resolve_model_path
 
 ARROW_TYPES = {"float32": pa.float32(), "int8": pa.int8(), "binary": pa.uint8()}
 
@@ -95,7 +95,9 @@ class EmbedFragments:
         torch.set_num_threads(threads)
         self.cfg = c = EmbedConfig(**cfg)
         dtype = getattr(torch, c.gpu_dtype if device == "cuda" else c.cpu_dtype)
-        self.embedder = Embedder.load(c.model, device=device, dtype=dtype)
+        self.embedder = Embedder.load(
+            resolve_model_path(c.model, c.s3_endpoint_url), device=device, dtype=dtype
+        )
         self.embedder.tokenize_threads = threads
         self.meta = meta
         self.in_fs, self.out_fs = fs_for(c.input, c.s3_endpoint_url), fs_for(c.output, c.s3_endpoint_url)

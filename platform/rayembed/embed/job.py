@@ -25,13 +25,13 @@ from rayembed.embed.manifest import (
     Fragment,
     list_dir,
     list_fragments,
-    model_revision,
     open_output,
     read_json,
     write_json,
 )
 from rayembed.io import ensure_ray, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
+from rayembed.model.layout import model_revision
 
 
 def plan_actors(cfg: EmbedConfig, fragments: int) -> tuple[int, float, float, int]:
@@ -69,7 +69,7 @@ def plan_for(
 
 def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
     """(manifest settings: what shapes the vectors, Parquet schema metadata)."""
-    path = resolve_model_path(cfg.model)
+    path = resolve_model_path(cfg.model, cfg.s3_endpoint_url)
     model = Embedder.load(path, device="cpu")
     dim = cfg.dim or model.dim
     if cfg.dim and cfg.dim > model.dim:

@@ -15,7 +15,6 @@ import json
 import posixpath
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -109,18 +108,6 @@ def read_lines(fs: pafs.FileSystem, frag: Fragment, block: int = 1 << 20) -> byt
         cut = buf.find(b"\n")  # the line in progress at `start` belongs to the previous range
         del buf[: cut + 1 if cut >= 0 else len(buf)]
     return bytes(buf)
-
-
-def model_revision(model_dir: Path) -> str:
-    """A short content hash of the model's weights and config: two different models never match."""
-    h = hashlib.sha256()
-    for p in sorted(model_dir.rglob("*")):
-        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json") and p.name != "rayembed.json":
-            h.update(p.name.encode())
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def open_output(root: str, fs: pafs.FileSystem, settings: dict[str, Any], overwrite: bool) -> set[str]:

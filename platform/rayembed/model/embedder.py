@@ -35,7 +35,7 @@ from rayembed.model.latent_attention import LatentAttention  # noqa: E402
 from rayembed.model.layout import Layout, read_layout, resolve_model_path, write_layout  # noqa: E402
 from rayembed.model.pooling import POOLINGS, pool, pool_mask  # noqa: E402
 from rayembed.model.tokenizer import prepare_tokenizer, save_tokenizer  # noqa: E402
-from rayembed.model.vectors import PRECISIONS, postprocess  # noqa: E402
+from rayembed.model.vectors import PRECISIONS, postprocess, unit  # noqa: E402
 
 MIN_TOKENIZE_PART = 256  # texts per tokenizer thread, at least: fewer are not worth a thread
 
@@ -81,14 +81,17 @@ class Embedder(nn.Module):
         name_or_path: str | os.PathLike[str],
         device: str | None = None,
         dtype: torch.dtype | None = None,
-        zero3: Any = None,
     ) -> Embedder:
-        """Load a sentence-transformers (or plain HF) folder; 'default' is the bundled MiniLM. A plain
-        decoder folder pools by its last token, a plain encoder by the mean. `zero3`: see load_backbone."""
+        """Load a sentence-transformers (or plain HF) folder; 'default' is the bundled MiniLM. Weights in
+        `dtype` (default float32, whatever the checkpoint's own). A plain decoder folder pools by its last
+        token, a plain encoder by the mean. While transformers' DeepSpeed ZeRO-3 integration is live
+        (train.start.zero3_init) the backbone is built partitioned and left where DeepSpeed puts it."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
         path = resolve_model_path(name_or_path)
         layout = read_layout(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        backbone = families.load_backbone(path, dtype, families.attn_implementation(device), zero3)
+        backbone = families.load_backbone(path, dtype or torch.float32, families.attn_implementation(device))
         pooling = layout.pooling or ("lasttoken" if families.is_decoder(backbone) else "mean")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         max_length = int(layout.max_length or min(tokenizer.model_max_length, 512))
@@ -103,7 +106,7 @@ class Embedder(nn.Module):
         if layout.projection is not None:
             model.set_projection(layout.projection)
         model.eval()
-        return model if zero3 is not None else model.to(device)
+        return model if is_deepspeed_zero3_enabled() else model.to(device)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the sentence-transformers folder layout (mean/cls/lasttoken: loads with
@@ -203,6 +206,7 @@ class Embedder(nn.Module):
         attention_mask: torch.Tensor,
         layers: Sequence[int] | None = None,
         prompt_length: torch.Tensor | None = None,
+        normalize: bool = True,
         **_: torch.Tensor,
     ) -> torch.Tensor:
         """Pooled (and, if configured, unit-length) embeddings of a right-padded tokenized batch: [B, dim].
@@ -210,7 +214,8 @@ class Embedder(nn.Module):
         `prompt_length` [B]: each row's prompt tokens, left out of pooling unless include_prompt.
         `layers` (training, 2D Matryoshka): also pool the output after each of these first-L-layer
         sub-models, which is what `keep_layers(range(L))` would give; returns [B, dim * (1 + len(layers))],
-        the full model's embedding first, then one per entry of `layers`.
+        the full model's embedding first, then one per entry of `layers`. `normalize=False`: the pooled
+        vectors as they are (`encode` normalises them itself, in numpy, as every inference path does).
         (token_type_ids are not passed: single texts have all zeros, the encoders' own default.)
         """
         mask = attention_mask
@@ -219,23 +224,24 @@ class Embedder(nn.Module):
             mask = families.padding_mask_4d(attention_mask, impl, next(self.backbone.parameters()).dtype)
         out = self.backbone(input_ids=input_ids, attention_mask=mask, output_hidden_states=bool(layers))
         keep = pool_mask(attention_mask, None if self.include_prompt else prompt_length)
-        pooled = [self._pool(out.last_hidden_state, keep)]
+        unit = self.normalize and normalize
+        pooled = [self._pool(out.last_hidden_state, keep, unit)]
         if layers:
             n = len(out.hidden_states) - 1
             if any(not 1 <= k <= n for k in layers):
                 raise ValueError(
                     f"layers must be in [1, {n}] (sub-models of the first L layers), got {list(layers)}"
                 )
-            pooled += [self._pool(out.hidden_states[k], keep) for k in layers]
+            pooled += [self._pool(out.hidden_states[k], keep, unit) for k in layers]
         return torch.cat(pooled, dim=1) if layers else pooled[0]
 
-    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor, normalize: bool) -> torch.Tensor:
         if self.latent is not None:
             hidden = self.latent(hidden.to(self.latent.latents.dtype))
         pooled = pool(self.pooling, hidden, mask)
         if self.projection is not None:
             pooled = self.projection(pooled.to(self.projection.weight.dtype)).float()
-        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+        return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens a prompt takes at the start of a text: its tokens alone, less a trailing special
@@ -308,13 +314,15 @@ class Embedder(nn.Module):
         max_tokens: int | None = None,
         stats: dict[str, int] | None = None,
         prompt_name: str | None = None,
+        normalize: bool | None = None,
     ) -> np.ndarray:
         """Embed `texts` (or their `tokenize_ids`) -> array [n, dim] (float32, int8 or packed uint8 for binary).
 
         Texts are sorted by token length and cut into batches of at most `batch_size` rows and,
         if given, `max_tokens` padded tokens, so padding is small; the output keeps input order.
         `stats`, if given, accumulates `tokens` and `padded_tokens`; `prompt_name` picks one of the
-        model's prompts (e.g. 'query') to prefix.
+        model's prompts (e.g. 'query') to prefix. `normalize`: unit-length vectors (default: as the model
+        says); False gives the pooled vectors as they are (float32 only).
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -322,16 +330,18 @@ class Embedder(nn.Module):
         ids, lengths = tokens.ids, tokens.prompt_lengths
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         was_training = self.training
-        self.eval()
+        self.eval()  # every submodule: one may train while this module does not (a fresh LoRA's dropout)
         pad_id = self.tokenizer.pad_token_id or 0
         for idx in length_batches([len(x) for x in ids], batch_size, max_tokens):
             input_ids, mask = pad_batch([ids[i] for i in idx], pad_id)
             prompt = torch.tensor([lengths[i] for i in idx]) if lengths else None
-            out[idx] = (
-                self(input_ids.to(self.device), mask.to(self.device), prompt_length=prompt).cpu().numpy()
-            )
+            feats = (input_ids.to(self.device), mask.to(self.device))
+            out[idx] = self(*feats, prompt_length=prompt, normalize=False).cpu().numpy()
             if stats is not None:
                 stats["tokens"] = stats.get("tokens", 0) + int(mask.sum())
                 stats["padded_tokens"] = stats.get("padded_tokens", 0) + mask.numel()
         self.train(was_training)
-        return postprocess(out, dim, precision)
+        normalized = self.normalize if normalize is None else normalize
+        if not normalized and precision != "float32":
+            raise ValueError(f"precision {precision} quantises unit vectors: it needs normalize")
+        return postprocess(unit(out) if normalized else out, dim, precision, normalized)

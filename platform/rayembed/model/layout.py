@@ -11,6 +11,7 @@ Models are local folders only; nothing comes from a hub.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -37,15 +38,20 @@ def model_ref(name_or_path: str) -> str:
     return str(Path(name_or_path).expanduser().resolve())
 
 
-def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
-    """Map the default aliases to the bundled model; otherwise require an existing local folder."""
+def resolve_model_path(name_or_path: str | os.PathLike[str], endpoint_url: str | None = None) -> Path:
+    """Map the default aliases to the bundled model, an s3:// folder to this node's cached copy of it
+    (model/remote.py; `endpoint_url` or $AWS_ENDPOINT_URL), and require a local folder otherwise."""
     if str(name_or_path) in DEFAULT_MODEL_ALIASES:
         return default_model_path()
+    if str(name_or_path).startswith("s3://"):
+        from rayembed.model.remote import fetch_model
+
+        return fetch_model(str(name_or_path), endpoint_url)
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model {str(name_or_path)!r} not found: expected a local folder with config.json "
-            f"(sentence-transformers or HF layout) or one of {DEFAULT_MODEL_ALIASES}; "
+            f"(sentence-transformers or HF layout), an s3:// folder, or one of {DEFAULT_MODEL_ALIASES}; "
             "nothing is downloaded from a hub"
         )
     return path
@@ -63,6 +69,19 @@ UNSUPPORTED_POOL_KEYS = (
     "pooling_mode_mean_sqrt_len_tokens",
     "pooling_mode_weightedmean_tokens",
 )
+
+
+def model_revision(model_dir: Path) -> str:
+    """A short content hash of the model's weights and config: two different models never match (the
+    embed job's manifest and the endpoint's responses name it)."""
+    h = hashlib.sha256()
+    for p in sorted(model_dir.rglob("*")):
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json") and p.name != "rayembed.json":
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 @dataclass

@@ -10,8 +10,16 @@ import numpy as np
 PRECISIONS = ("float32", "int8", "binary")
 
 
-def postprocess(emb: np.ndarray, dim: int | None = None, precision: str = "float32") -> np.ndarray:
-    """Matryoshka-truncate to `dim`, re-normalise, then quantise.
+def unit(emb: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (the one normalisation encode, the batch job and the endpoint share)."""
+    return emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+
+
+def postprocess(
+    emb: np.ndarray, dim: int | None = None, precision: str = "float32", normalized: bool = True
+) -> np.ndarray:
+    """Matryoshka-truncate to `dim`, re-normalise (unless the vectors are not `normalized`: then only
+    cut), then quantise.
 
     int8: round(x * 127) of the unit vector (no calibration set, so every caller gets the same codes).
     binary: sign bits packed 8 per byte (`np.packbits`), so `dim` must be a multiple of 8.
@@ -21,7 +29,7 @@ def postprocess(emb: np.ndarray, dim: int | None = None, precision: str = "float
         if not 0 < dim <= full:
             raise ValueError(f"dim must be in 1..{full}, got {dim}")
         emb = emb[..., :dim]
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+        emb = unit(emb) if normalized else emb
     emb = emb.astype(np.float32, copy=False)
     if precision == "float32":
         return emb

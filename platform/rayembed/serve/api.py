@@ -1,6 +1,8 @@
-"""The HTTP contract of the endpoint, free of Ray: OpenAI embeddings bodies, errors, auth, formatting.
+"""The HTTP contract of the endpoint, free of Ray: OpenAI and TEI request bodies, errors, auth, formatting.
 
-Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+Bodies become a `Job` (what to embed and what to give back); the model-specific checks (width,
+prompts) are the engine's, as in a routed endpoint the ingress does not hold the model. Every error,
+on every route, uses OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class EmbeddingRequest(BaseModel):
-    """The OpenAI embeddings body, plus `precision` (int8 | binary) and `prompt_name` as extensions."""
+    """The OpenAI embeddings body (input: text, texts, token ids or lists of token ids), plus `precision`
+    (int8 | binary) and `prompt_name` as extensions."""
 
     model_config = ConfigDict(extra="ignore")
-    input: str | list[str]
+    input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     dimensions: int | None = Field(default=None, gt=0)
     encoding_format: Literal["float", "base64"] = "float"
@@ -28,15 +31,50 @@ class EmbeddingRequest(BaseModel):
     prompt_name: str | None = None
     user: str | None = None
 
-    @property
-    def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else self.input
+
+class TEIEmbedRequest(BaseModel):
+    """text-embeddings-inference's /embed body; `model` (an extension) picks one of several models."""
+
+    model_config = ConfigDict(extra="ignore")
+    inputs: str | list[str]
+    truncate: bool | None = None
+    truncation_direction: Literal["right", "left", "Right", "Left"] | None = None
+    normalize: bool = True
+    prompt_name: str | None = None
+    dimensions: int | None = Field(default=None, gt=0)
+    model: str | None = None
+
+
+class TEITokenizeRequest(BaseModel):
+    """text-embeddings-inference's /tokenize body."""
+
+    model_config = ConfigDict(extra="ignore")
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+    model: str | None = None
+
+
+@dataclass
+class Job:
+    """One request's inputs and what it wants back (OpenAI and TEI bodies both become this)."""
+
+    texts: list[str] | None = None
+    ids: list[list[int]] | None = None  # token ids as given (the model's own vocabulary)
+    prompt_name: str | None = None
+    truncate: bool = True
+    normalize: bool = True
+    dimensions: int | None = None
+    precision: str = "float32"
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+    def __reduce__(self) -> tuple[Any, ...]:  # travels intact from a model deployment to the ingress
+        return (APIError, (self.status, self.message, self.param, self.code))
 
     def body(self) -> dict[str, Any]:
         kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
@@ -53,48 +91,70 @@ class Limits:
 
     max_inputs: int = 2048
     max_body_bytes: int = 8 << 20
-    dim: int = 384
-    prompts: tuple[str, ...] = ()
 
 
-def parse_request(body: bytes, model_name: str, limits: Limits) -> EmbeddingRequest:
-    """Validate a request body; raise APIError (413 too large, 400 malformed/invalid, 404 unknown model)."""
+def _validate(cls: type[BaseModel], body: bytes, limits: Limits) -> Any:
     if len(body) > limits.max_body_bytes:
         raise APIError(
             413, f"request body of {len(body)} bytes exceeds {limits.max_body_bytes}", code="body_too_large"
         )
     try:
-        req = EmbeddingRequest.model_validate_json(body)
+        return cls.model_validate_json(body)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise APIError(400, f"invalid request: {where}: {first['msg']}", param=where) from None
-    texts = req.texts
+
+
+def _texts(value: str | list[str], limits: Limits, param: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else list(value)
     if not texts:
-        raise APIError(400, "input must not be empty", param="input")
+        raise APIError(400, f"{param} must not be empty", param=param)
     if len(texts) > limits.max_inputs:
-        raise APIError(400, f"too many inputs: {len(texts)} > {limits.max_inputs}", param="input")
+        raise APIError(400, f"too many inputs: {len(texts)} > {limits.max_inputs}", param=param)
     for i, t in enumerate(texts):
         if not t.strip():
-            raise APIError(400, f"input[{i}] is empty", param="input")
-    if req.model not in (None, model_name):
-        raise APIError(
-            404,
-            f"model {req.model!r} not found; this endpoint serves {model_name!r}",
-            "model",
-            "model_not_found",
-        )
-    if req.dimensions is not None and req.dimensions > limits.dim:
-        raise APIError(400, f"dimensions must be <= {limits.dim}", param="dimensions")
-    if req.precision == "binary" and (req.dimensions or limits.dim) % 8:
-        raise APIError(400, "binary precision needs dimensions divisible by 8", param="dimensions")
-    if req.prompt_name is not None and req.prompt_name not in limits.prompts:
+            raise APIError(400, f"{param}[{i}] is empty", param=param)
+    return texts
+
+
+def parse_request(body: bytes, limits: Limits, truncate: bool = True) -> tuple[EmbeddingRequest, Job]:
+    """An OpenAI embeddings body; raise APIError (413 too large, 400 malformed or invalid). `truncate`:
+    the server's choice for inputs longer than the model's max length (cut, or refuse)."""
+    req = _validate(EmbeddingRequest, body, limits)
+    value = req.input
+    if isinstance(value, list) and value and not isinstance(value[0], str):  # token ids
+        rows = [value] if isinstance(value[0], int) else value
+        if len(rows) > limits.max_inputs:
+            raise APIError(400, f"too many inputs: {len(rows)} > {limits.max_inputs}", param="input")
+        if req.prompt_name is not None:
+            raise APIError(400, "prompt_name applies to text input, not to token ids", param="prompt_name")
+        job = Job(ids=[list(r) for r in rows])
+    else:
+        job = Job(texts=_texts(value, limits, "input"), prompt_name=req.prompt_name)
+    job.dimensions, job.precision, job.truncate = req.dimensions, req.precision, truncate
+    return req, job
+
+
+def parse_tei(body: bytes, limits: Limits, truncate: bool) -> tuple[str | None, Job]:
+    """A TEI /embed body -> (model, Job); `truncate`: the server's default (TEI's --auto-truncate)."""
+    req = _validate(TEIEmbedRequest, body, limits)
+    if (req.truncation_direction or "right").lower() == "left":
         raise APIError(
             400,
-            f"unknown prompt_name {req.prompt_name!r}; known: {list(limits.prompts)}",
-            param="prompt_name",
+            "truncation_direction left is not supported: texts are cut at their end",
+            "truncation_direction",
         )
-    return req
+    job = Job(
+        texts=_texts(req.inputs, limits, "inputs"), prompt_name=req.prompt_name, normalize=req.normalize
+    )
+    job.truncate, job.dimensions = truncate if req.truncate is None else req.truncate, req.dimensions
+    return req.model, job
+
+
+def parse_tokenize(body: bytes, limits: Limits) -> tuple[TEITokenizeRequest, list[str]]:
+    req = _validate(TEITokenizeRequest, body, limits)
+    return req, _texts(req.inputs, limits, "inputs")
 
 
 def format_embedding(vec: np.ndarray, encoding_format: str) -> list[float] | list[int] | str:
@@ -135,3 +195,21 @@ def check_auth(header: str | None, keys: frozenset[str]) -> None:
         raise APIError(
             401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key"
         )
+
+
+def tei_info(model: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """TEI's /info for the default model."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("rayembed")
+    except PackageNotFoundError:  # run from a source tree without installing
+        __version__ = "unknown"
+
+    return {
+        "model_id": model["name"], "model_sha": model["revision"], "model_dtype": model["dtype"],
+        "model_type": {"embedding": {"pooling": model["pooling"]}}, "max_concurrent_requests": cfg.max_ongoing_requests,
+        "max_input_length": model["max_length"], "max_batch_tokens": cfg.max_batch_tokens,
+        "max_batch_requests": cfg.max_batch_inputs, "max_client_batch_size": cfg.max_inputs_per_request,
+        "auto_truncate": cfg.truncate, "tokenization_workers": 1, "version": __version__, "prompts": model["prompts"],
+    }  # fmt: skip

@@ -2,8 +2,8 @@
 
 Requests queue their token ids; one loop takes inputs round-robin across the waiting requests (one
 input from each in turn) until the batch holds `max_batch_tokens` tokens or `max_batch_inputs` inputs,
-runs the model once in a worker thread, and hands every request its rows as soon as all of them are
-done. When the model was idle, a batch waits up to `wait_s` for requests the handler has marked as
+runs the model once in a worker thread (`executor`: the engine's one model thread), and hands
+every request its rows as soon as all of them are done. When the model was idle, a batch waits up to `wait_s` for requests the handler has marked as
 `arriving()` (being parsed and tokenized) and no longer; inputs that queued during a model call form the
 next batch at once. So a 2,000-input request and many 1-input requests share each model call instead of
 queueing behind each other, and the queue is bounded: beyond `max_queued_inputs` a request is refused at once.
@@ -15,9 +15,13 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 class Overloaded(Exception):
@@ -45,8 +49,9 @@ class TokenBatcher:
         wait_s: float = 0.005,
         max_queued_inputs: int = 16384,
         on_batch: Callable[[int, int], None] | None = None,
+        executor: Executor | None = None,
     ) -> None:
-        self.encode, self.dim = encode, dim
+        self.encode, self.dim, self.executor = encode, dim, executor
         self.max_batch_tokens, self.max_batch_inputs = max_batch_tokens, max_batch_inputs
         self.wait_s, self.max_queued_inputs = wait_s, max_queued_inputs
         self.on_batch = on_batch
@@ -55,6 +60,25 @@ class TokenBatcher:
         self.incoming = 0  # requests on their way in (see `arriving`)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self.running = False  # a batch is in the model
+        self.solo = False  # a lone request is (see `alone`)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing in the model."""
+        return not self.jobs and not self.running and not self.solo
+
+    async def alone(self, work: Callable[[], T]) -> T:
+        """Run `work` (a whole request: tokenize and encode) on the executor now, as the model's only
+        call: a request that finds the model `idle` takes one thread hop instead of three. Requests that
+        arrive meanwhile queue, and go as the next batch when it is done."""
+        self.solo = True
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        finally:
+            self.solo = False
+            if self.jobs and self._wake is not None:
+                self._wake.set()
 
     async def embed(self, ids: list[list[int]], prompt_lengths: list[int] | None = None) -> np.ndarray:
         """Float32 embeddings [len(ids), dim] of one request's token ids. `prompt_lengths`: each row's
@@ -123,6 +147,9 @@ class TokenBatcher:
         idle = True
         while True:
             await self._wake.wait()
+            if self.solo:  # a lone request has the model; `alone` wakes this loop when it is done
+                self._wake.clear()
+                continue
             if self.wait_s and idle:  # the model was idle: let requests on their way join this batch
                 await self._wait_for_arrivals()
             batch = self.take()  # after a model call: what queued meanwhile goes at once
@@ -134,14 +161,19 @@ class TokenBatcher:
             ids = [job.ids[i] for job, i in batch]
             lengths = [job.prompt_lengths[i] if job.prompt_lengths else 0 for job, i in batch]
             self.queued -= len(batch)
+            self.running = True
             try:
-                emb = await asyncio.to_thread(self.encode, ids, lengths if any(lengths) else None)
+                emb = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.encode, ids, lengths if any(lengths) else None
+                )
             except Exception as e:  # every request in this batch fails; the others go on
                 for job, _ in batch:
                     job.failed = True
                     if not job.future.done():
                         job.future.set_exception(e)
                 continue
+            finally:
+                self.running = False
             if self.on_batch:
                 self.on_batch(len(ids), sum(len(x) for x in ids))
             for (job, i), vec in zip(batch, emb, strict=True):

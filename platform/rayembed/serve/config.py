@@ -2,19 +2,59 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from rayembed.model.layout import model_ref
 from rayembed.settings import check
 
 
 @dataclass
-class ServeConfig:
+class ModelSpec:
+    """One model of an endpoint: what to load, under which name, on which replicas (None: the
+    endpoint's own setting)."""
+
+    name: str | None
+    """Name clients pass as `model` (None: the model's own name)."""
     model: str = "default"
     """Model folder or 'default'."""
+    dtype: str | None = None
+    """Model dtype (float32, bfloat16, float16 on GPUs)."""
+    min_replicas: int | None = None
+    """Autoscaling lower bound; 0 scales the model to zero when idle."""
+    max_replicas: int | None = None
+    """Autoscaling upper bound."""
+    num_cpus: float | None = None
+    """CPUs per replica."""
+    num_gpus: float | None = None
+    """GPUs per replica."""
+    torch_threads: int | None = None
+    """Torch threads per replica."""
+
+
+@dataclass
+class ServeConfig:
+    model: str = "default"
+    """Model folder (local or s3://) or 'default'."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint for s3:// models (else $AWS_ENDPOINT_URL, else AWS); each node fetches a
+    model once into its cache (model/remote.py)."""
     model_name: str | None = None
     """Name clients pass as `model` (default: the model's own name)."""
+    models: list[dict[str, Any]] = field(default_factory=list)
+    """Several models behind one endpoint, routed by the request's `model`: entries with `name` and
+    `model` (a folder), and optionally dtype, min_replicas, max_replicas, num_cpus, num_gpus,
+    torch_threads (default: this config's). Each is its own autoscaled deployment behind a light
+    ingress. Empty: the one `model`, served by the ingress replicas themselves (no extra hop)."""
+    ingress_replicas: int = 1
+    """Ingress replicas when requests are routed to model deployments (several models, or scale to zero)."""
+    ingress_cpus: float = 0.5
+    """CPUs per ingress replica when routed (it parses, checks and forwards; the models do the work)."""
+    downscale_to_zero_delay_s: float | None = None
+    """How long a model with min_replicas 0 stays idle before its last replica goes (default:
+    downscale_delay_s); the first request after that waits for a cold start."""
     host: str = "127.0.0.1"
     """HTTP bind address."""
     port: int = 8000
@@ -41,7 +81,8 @@ class ServeConfig:
     max_queued_requests: int = 256
     """Requests waiting for a replica before Serve answers 503 (-1: unbounded)."""
     min_replicas: int = 1
-    """Autoscaling lower bound."""
+    """Autoscaling lower bound; 0 scales to zero when idle (requests then go through a light ingress,
+    which holds the first one until a replica has started)."""
     max_replicas: int = 2
     """Autoscaling upper bound."""
     target_ongoing_requests: float = 8
@@ -65,16 +106,20 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         self.model = model_ref(self.model)  # replicas run in their own folders
-        check(1 <= self.min_replicas <= self.max_replicas, "need 1 <= min_replicas <= max_replicas")
+        check(
+            0 <= self.min_replicas <= self.max_replicas and self.max_replicas >= 1,
+            "need 0 <= min_replicas <= max_replicas, max_replicas >= 1",
+        )
+        check(self.ingress_replicas >= 1, "ingress_replicas must be >= 1")
+        specs = self.specs()  # bad model entries fail here
+        names = [s.name for s in specs]
+        check(len(set(names)) == len(names), f"models need distinct names, got {names}")
+        check(not self.models or all(s.name for s in specs), "every entry of models needs a name")
         push = float(os.environ.get("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", 10))
         check(
             self.look_back_period_s > push,
             f"look_back_period_s ({self.look_back_period_s}) must exceed the {push} s at which replicas push "
             "autoscaling metrics (RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S)",
-        )
-        check(
-            self.dtype in ("float32", "bfloat16") or (self.dtype == "float16" and self.num_gpus > 0),
-            f"dtype must be float32|bfloat16 (or float16 with num_gpus > 0), got {self.dtype!r}",
         )
         check(
             min(
@@ -88,6 +133,40 @@ class ServeConfig:
             "max_queued_inputs must hold one full request",
         )
 
+    @property
+    def routed(self) -> bool:
+        """Requests go through an ingress to model deployments (several models, or one that scales to
+        zero); otherwise the ingress replicas hold the one model."""
+        return bool(self.models) or self.min_replicas == 0
+
+    def specs(self) -> list[ModelSpec]:
+        """Every model served, with the endpoint's settings filled in."""
+        entries = self.models or [{"name": self.model_name, "model": self.model}]
+        out = []
+        for entry in entries:
+            known = {f.name for f in dataclasses.fields(ModelSpec)}
+            check(
+                set(entry) <= known,
+                f"models entry {entry}: unknown setting(s) {sorted(set(entry) - known)}; known: {sorted(known)}",
+            )
+            spec = ModelSpec(**{"name": None, **entry})
+            for f in dataclasses.fields(ModelSpec):
+                if getattr(spec, f.name) is None and f.name != "name":
+                    setattr(spec, f.name, getattr(self, f.name))
+            spec.model = model_ref(str(spec.model))
+            check(
+                0 <= int(spec.min_replicas or 0) <= int(spec.max_replicas or 0),
+                f"models entry {entry}: need 0 <= min_replicas <= max_replicas",
+            )
+            check(
+                spec.dtype in ("float32", "bfloat16")
+                or (spec.dtype == "float16" and float(spec.num_gpus or 0) > 0),
+                f"dtype must be float32|bfloat16 (or float16 with num_gpus > 0), got {spec.dtype!r}",
+            )
+            out.append(spec)
+        return out
+
     def local_cpus(self) -> float:
-        """Logical CPUs a local cluster needs: every replica's, plus one."""
-        return self.num_cpus * self.max_replicas + 1
+        """Logical CPUs a local cluster needs: every replica's, the ingress's when routed, plus one."""
+        replicas = sum(float(s.num_cpus or 0) * int(s.max_replicas or 0) for s in self.specs())
+        return replicas + (self.ingress_replicas * self.ingress_cpus if self.routed else 0) + 1
