@@ -38,7 +38,27 @@ def _ray_pin() -> str:
 
 def test_kinds_present() -> None:
     kinds = {d["kind"] for p in KUBERAY for d in _docs(p)}
-    assert kinds == {"RayCluster", "RayJob", "RayService"}
+    assert kinds == {"RayCluster", "RayJob", "RayService", "ServiceAccount"}
+
+
+def test_every_pod_gets_s3_credentials_and_a_memory_backed_dev_shm() -> None:
+    """Head, workers and RayJob submitters run as the service account (IRSA / Pod Identity) and read the
+    optional S3 Secret; every Ray pod mounts /dev/shm from a memory volume."""
+    for path in KUBERAY:
+        for doc in _docs(path):
+            if doc["kind"] == "ServiceAccount":
+                continue
+            pods = _find(doc, "template") + _find(doc, "submitterPodTemplate")
+            assert pods, path.name
+            for pod in pods:
+                spec = pod["spec"]
+                assert spec["serviceAccountName"] == "rayembed", path.name
+                for container in spec["containers"]:
+                    assert {"secretRef": {"name": "rayembed-s3", "optional": True}} in container["envFrom"]
+                if spec["containers"][0]["name"] != "ray-job-submitter":
+                    mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+                    volumes = {v["name"]: v for v in spec["volumes"]}
+                    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}, path.name
 
 
 def test_one_image_and_one_ray_version_everywhere() -> None:
@@ -55,7 +75,11 @@ def test_one_image_and_one_ray_version_everywhere() -> None:
 def test_dockerfile_ships_package_and_specs() -> None:
     text = (CLUSTER / "Dockerfile").read_text()
     assert "torch==2.13.0" in text
-    for line in ("COPY platform/ platform/", "COPY jobs/ jobs/", "COPY pyproject.toml"):
+    for line in (
+        "COPY --chown=ray:users platform/ platform/",
+        "COPY --chown=ray:users jobs/ jobs/",
+        "COPY --chown=ray:users pyproject.toml",
+    ):
         assert line in text
 
 
@@ -88,7 +112,9 @@ def test_rayservice_matches_serve_app() -> None:
     embed_cfg = build(EmbedConfig, yaml.safe_load((ROOT / "jobs" / "embed.yaml").read_text())["embed"])
     assert cfg.dtype == (embed_cfg.gpu_dtype if cfg.num_gpus else embed_cfg.cpu_dtype)  # same vectors
     assert cfg.api_keys_file and any(
-        m["mountPath"] == str(Path(cfg.api_keys_file).parent) for m in _find(service, "volumeMounts")[0]
+        m["mountPath"] == str(Path(cfg.api_keys_file).parent)
+        for ms in _find(service, "volumeMounts")
+        for m in ms
     )
 
 
