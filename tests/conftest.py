@@ -92,6 +92,24 @@ def ray_local(_ray_shutdown_at_end: None) -> None:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
 
 
+@pytest.fixture
+def cluster() -> Iterator[Any]:
+    """A local multi-node Ray cluster (ray.cluster_utils.Cluster): a 1-CPU head and two 2-CPU worker
+    nodes, each its own raylet; this test's driver is connected to it (the shared local cluster stops)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(num_cpus=2)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
 def free_port() -> int:
     """A bindable loopback port outside the OS ephemeral range (where Ray's many outgoing
     connections take their source ports, so a port picked there can be gone a moment later)."""

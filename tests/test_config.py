@@ -91,6 +91,11 @@ def test_cli_flags_mix_with_overrides() -> None:
         ),
         ("prepare", {"kind": "snli", "output": "y"}, "needs a source folder"),
         ("train", {"data": "x", "output_dir": "y", "attention": "sideways"}, "attention must be one of"),
+        (
+            "train",
+            {"data": "x", "output_dir": "y", "placement_strategy": "ANYWHERE"},
+            "placement_strategy must be one of",
+        ),
         ("train", {"data": "x", "output_dir": "y", "offload": "optimizer"}, "it needs use_gpu=true"),
         (
             "train",

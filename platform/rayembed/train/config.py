@@ -54,7 +54,13 @@ class TrainConfig:
     """Add a trainable bias-free output layer of this width (a sentence-transformers Dense), e.g. the
     teacher's width when the student's hidden size differs (a decoder teacher, an encoder student)."""
     storage_path: str | None = None
-    """Ray Train storage for checkpoints (local folder or s3://); default: <output_dir>/checkpoints."""
+    """Ray Train storage for checkpoints (local folder or s3://); default: <output_dir>/checkpoints. On a
+    cluster of several nodes it must be s3:// or a shared filesystem (see shared_storage)."""
+    shared_storage: bool = False
+    """storage_path is a local path that every node mounts (NFS, EFS, Lustre): allowed on several nodes."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint for every s3:// path of the run: data, model, teacher, checkpoints, output
+    (else $AWS_ENDPOINT_URL, else AWS). Passed to the workers as AWS_ENDPOINT_URL."""
     run_name: str = "rayembed-train"
     """Run name under storage_path; rerunning with the same name resumes from its latest checkpoint."""
     num_workers: int = 2
@@ -63,6 +69,9 @@ class TrainConfig:
     """Run on GPUs (nccl); otherwise CPU workers (gloo)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
+    placement_strategy: str = "PACK"
+    """How Ray places the workers: PACK (fewest nodes), SPREAD (one per node where it can), or
+    STRICT_PACK / STRICT_SPREAD."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0 (plain data parallel, as DDP), 1 (optimizer states sharded), 2 (+
     gradients) or 3 (+ parameters: the model is built already sharded, no worker holds it whole)."""
@@ -303,6 +312,8 @@ class TrainConfig:
         )
         check(self.output_dim is None or self.output_dim >= 1, "output_dim must be >= 1")
         check(self.zero_bucket_size >= 1_000_000, "zero_bucket_size must be >= 1e6 elements")
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        check(self.placement_strategy in strategies, f"placement_strategy must be one of {strategies}")
         check(
             self.malloc_mmap_threshold is None or self.malloc_mmap_threshold >= 4096,
             "malloc_mmap_threshold: >= 4096 bytes or null",

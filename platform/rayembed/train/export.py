@@ -59,12 +59,12 @@ def consolidate(checkpoint_dir: str | Path, cfg: TrainConfig) -> Embedder:
     return merge(model)
 
 
-def publish(write: Callable[[Path], Any], output_dir: str) -> str:
+def publish(write: Callable[[Path], Any], output_dir: str, endpoint_url: str | None = None) -> str:
     """Write a folder with `write(path)` at a local path or s3:// URI, replacing what was there."""
     if is_s3(output_dir):
         with tempfile.TemporaryDirectory() as tmp:
             write(Path(tmp))
-            upload_dir(tmp, output_dir)
+            upload_dir(tmp, output_dir, endpoint_url)
         return output_dir
     out = Path(output_dir)
     if out.exists():

@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import torch
 
 from rayembed.data.flagembedding import normalize
-from rayembed.io import ensure_ray, filesystem, read_dataset, require_columns, strip_scheme
+from rayembed.io import ensure_ray, filesystem, is_s3, read_dataset, require_columns, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.model import backbone as families
 from rayembed.model.layout import read_layout
@@ -42,13 +42,18 @@ def fit_rotation(cfg: TrainConfig, ds: Any) -> np.ndarray:
         return principal_axes(np.stack(list(rows[cfg.teacher_column])).astype(np.float32))
     columns = ["query"] if cfg.data_format == "flagembedding" else input_columns(cfg)
     texts = [str(t) for c in columns for t in rows[c]]
-    model = Embedder.load(cfg.teacher) if cfg.loss == "distill" and cfg.teacher else starting_model(cfg)
+    teacher = cfg.loss == "distill" and cfg.teacher
+    model = (
+        Embedder.load(resolve_model_path(teacher, cfg.s3_endpoint_url)) if teacher else starting_model(cfg)
+    )
     return principal_axes(model.encode(texts, batch_size=64))
 
 
-def checkpoint_rotation(storage_path: str, run_name: str) -> np.ndarray | None:
+def checkpoint_rotation(
+    storage_path: str, run_name: str, endpoint_url: str | None = None
+) -> np.ndarray | None:
     """The pca axes kept in the run's newest checkpoint (local or s3://), or None if it has none yet."""
-    fs = filesystem(storage_path) or pafs.LocalFileSystem()
+    fs = filesystem(storage_path, endpoint_url) or pafs.LocalFileSystem()
     run = f"{strip_scheme(storage_path).rstrip('/')}/{run_name}"
     found = fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
     folders = sorted(
@@ -85,7 +90,7 @@ def check_model(cfg: TrainConfig) -> int:
     is built on the meta device, so this costs no memory at any size. Returns the trained model's width."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    path = resolve_model_path(cfg.model)
+    path = resolve_model_path(cfg.model, cfg.s3_endpoint_url)
     with torch.device("meta"):
         backbone = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
     if cfg.attention:
@@ -119,20 +124,38 @@ def teacher_dim(cfg: TrainConfig, ds: Any) -> int | None:
         return None
     if cfg.teacher_column:
         return len(ds.take_batch(1, batch_format="numpy")[cfg.teacher_column][0])
-    return saved_width(resolve_model_path(str(cfg.teacher)))
+    return saved_width(resolve_model_path(str(cfg.teacher), cfg.s3_endpoint_url))
 
 
 def dataset(cfg: TrainConfig) -> Any:
     """The training rows as a Ray Dataset of the columns the objective reads (FlagEmbedding files:
     normalized per file, with each row's source path)."""
     if cfg.data_format == "flagembedding":
-        ds = read_dataset(cfg.data, include_paths=True).map_batches(
+        ds = read_dataset(cfg.data, cfg.s3_endpoint_url, include_paths=True).map_batches(
             normalize, batch_format="pyarrow", batch_size=None
         )
     else:
-        ds = read_dataset(cfg.data)
+        ds = read_dataset(cfg.data, cfg.s3_endpoint_url)
     require_columns(ds, input_columns(cfg), "train")
     return ds.select_columns(input_columns(cfg))
+
+
+def check_storage(cfg: TrainConfig) -> None:
+    """Checkpoints must be where every node sees them: on a cluster of several nodes a local
+    storage_path is refused unless it is marked shared (each worker would write its rank's files to
+    its own node's disk, and neither resume nor export would find them)."""
+    import ray
+
+    storage = str(cfg.storage_path)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if is_s3(storage) or cfg.shared_storage or len(nodes) <= 1:
+        return
+    raise ValueError(
+        f"storage_path {storage!r} is a local folder and this Ray cluster has {len(nodes)} nodes: "
+        "checkpoints written on one node are not seen on the others. Use s3://... (with "
+        "s3_endpoint_url for S3-compatible stores), or a filesystem mounted at that path on every "
+        "node and shared_storage=true"
+    )
 
 
 def worker_env(cfg: TrainConfig) -> dict[str, str]:
@@ -161,8 +184,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     width = check_model(cfg)  # bad model settings: fail before starting workers
     if cfg.teacher and not cfg.teacher_column:
-        resolve_model_path(cfg.teacher)
+        resolve_model_path(cfg.teacher, cfg.s3_endpoint_url)
     ensure_ray(cfg.local_cpus())
+    check_storage(cfg)
     ds = dataset(cfg)
     if (target := teacher_dim(cfg, ds)) not in (None, width):
         raise ValueError(
@@ -170,7 +194,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
     rotation = None
     if cfg.pca_rotation:  # a resumed run keeps the axes it started with; only a new run fits them
-        rotation = checkpoint_rotation(str(cfg.storage_path), cfg.run_name)
+        rotation = checkpoint_rotation(str(cfg.storage_path), cfg.run_name, cfg.s3_endpoint_url)
         rotation = fit_rotation(cfg, ds) if rotation is None else rotation
     trainer = TorchTrainer(
         train_loop,
@@ -179,11 +203,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
-            storage_path=cfg.storage_path,
+            storage_path=strip_scheme(str(cfg.storage_path)),
+            storage_filesystem=filesystem(str(cfg.storage_path), cfg.s3_endpoint_url),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": worker_env(cfg)},  # type: ignore[call-arg]  # Train v2's field
@@ -200,11 +226,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.name, model.prompts = f"{model.name}-{cfg.run_name}", exported_prompts(cfg, model)
     root = cfg.output_dir.rstrip("/")
     summary = {
-        "output_dir": publish(model.save, f"{root}/model"),
-        "checkpoint": result.checkpoint.path,
+        "output_dir": publish(model.save, f"{root}/model", cfg.s3_endpoint_url),
+        "checkpoint": ("s3://" if is_s3(str(cfg.storage_path)) else "") + result.checkpoint.path,
         **(result.metrics or {}),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     evals = run_evals(cfg, model.to("cuda" if torch.cuda.is_available() else "cpu"), rotation)
-    summary["report"] = publish(lambda p: write_report(p, summary, history, evals), f"{root}/report")
+    summary["report"] = publish(
+        lambda p: write_report(p, summary, history, evals), f"{root}/report", cfg.s3_endpoint_url
+    )
     return summary

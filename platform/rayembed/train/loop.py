@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rayembed.model import Embedder
+from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.batching import Text
 from rayembed.model.lora import has_lora
 from rayembed.train.config import TrainConfig
@@ -145,7 +145,7 @@ def _build(cfg: TrainConfig, device: torch.device, rotation: Tensor | None) -> t
     model.max_length = cfg.max_length or model.max_length
     model.train()
     teacher = (
-        Embedder.load(cfg.teacher, device=str(device))
+        Embedder.load(resolve_model_path(cfg.teacher, cfg.s3_endpoint_url), device=str(device))
         if cfg.teacher and (cfg.loss in GUIDED or (cfg.loss == "distill" and not cfg.teacher_column))
         else None
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rayembed.model import Embedder
+from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.lora import add_lora
 from rayembed.train.config import TrainConfig
 
@@ -54,7 +54,7 @@ def starting_model(
         else torch.float32
     )
     with zero3_init(ds_config):
-        model = Embedder.load(cfg.model, device=device, dtype=dtype)
+        model = Embedder.load(resolve_model_path(cfg.model, cfg.s3_endpoint_url), device=device, dtype=dtype)
     if cfg.student_layers:
         model.keep_layers(cfg.student_layers)
     if cfg.attention:

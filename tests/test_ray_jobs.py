@@ -1,0 +1,144 @@
+"""The cluster files' own commands against a real Ray cluster: `ray start --head` plus a worker node on
+this machine (Ray 2.60 turns token auth on: clients set RAY_AUTH_MODE=token), the exact entrypoints of
+cluster/kuberay/rayjob-*.yaml submitted through the Ray Jobs API with `s3://my-bucket` pointed at the
+loopback S3 server and CPU-sized overrides appended, then the RayService's serveConfigV2 deployed with
+`serve deploy`, serving the model the train job wrote to S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import free_port
+from rayembed.io import upload_dir
+from rayembed.model import Embedder, resolve_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBERAY = ROOT / "cluster" / "kuberay"
+BUCKET = "s3://rayembed/jobs"
+SMALL = {  # CPU-sized overrides appended to each manifest's entrypoint
+    "rayembed-train": "train.use_gpu=false train.batch_size=8 train.grad_cache_chunk=4 train.max_length=32 "
+    "train.max_steps=2 train.checkpoint_every=2 train.warmup_steps=0",
+    "rayembed-distill": "train.use_gpu=false train.batch_size=8 train.max_length=32 train.max_steps=2 "
+    "train.checkpoint_every=2 train.pca_rows=64",
+    "rayembed-embed": "",  # 300 documents: the spec as it is
+}
+
+
+def _ray(*args: str, env: dict[str, str]) -> None:
+    subprocess.run([str(Path(sys.executable).parent / "ray"), *args], check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=180)  # fmt: skip
+
+
+@pytest.fixture
+def ray_started(s3_endpoint: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """`ray start --head` and one worker node (the image's working folder is the repository here)."""
+    import ray
+
+    ray.shutdown()  # the shared local cluster of other tests
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+    }
+    port, dashboard = free_port(), free_port()
+    _ray("start", "--head", f"--port={port}", "--num-cpus=1", f"--dashboard-port={dashboard}",
+         "--include-dashboard=true", "--disable-usage-stats", env=env)  # fmt: skip
+    try:
+        _ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=4", env=env)
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True
+        )
+
+
+def _entrypoint(name: str) -> str:
+    [job] = [d for d in yaml.safe_load_all((KUBERAY / f"rayjob-{name}.yaml").read_text()) if d]
+    return f"{job['spec']['entrypoint'].replace('s3://my-bucket', BUCKET)} {SMALL[job['metadata']['name']]}".strip()
+
+
+def _submit(address: str, env: dict[str, str], entrypoint: str, s3_endpoint: str) -> None:
+    """`ray job submit`, as the RayJob's submitter pod runs it: it follows the job and fails with it."""
+    runtime_env = json.dumps({"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint}})
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+           "--runtime-env-json", runtime_env, "--", *shlex.split(entrypoint)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{entrypoint}\n{(done.stdout + done.stderr)[-4000:]}"
+    assert "succeeded" in done.stdout + done.stderr
+
+
+def test_manifest_jobs_and_service_on_a_started_cluster(
+    ray_started: tuple[str, dict[str, str]],
+    s3_endpoint: str,
+    snli_triples: Path,
+    scifact_docs: Path,
+    tmp_path: Path,
+) -> None:
+    import s3fs
+
+    address, env = ray_started
+    data = tmp_path / "train"
+    data.mkdir()
+    (data / "snli.jsonl").write_bytes(snli_triples.read_bytes())
+    upload_dir(data, f"{BUCKET}/train", s3_endpoint)  # train/snli.jsonl, read by train
+    upload_dir(data, f"{BUCKET}/train/texts", s3_endpoint)  # id/positive rows, read by distill's embed
+    upload_dir(scifact_docs.parent, f"{BUCKET}/corpus", s3_endpoint)  # _id/title/text, read by embed
+    for name in ("train", "distill", "embed"):
+        _submit(address, env, _entrypoint(name), s3_endpoint)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    outputs = fs.find("rayembed/jobs")
+    for expected in ("runs/train/model/model.safetensors", "runs/train/report/report.json",
+                     "distill/model/model.safetensors", "distill/teacher/_manifest.json", "embeddings/_manifest.json"):  # fmt: skip
+        assert any(f.endswith(expected) for f in outputs), (expected, outputs)
+    assert any("/checkpoints/minilm-snli/checkpoint_" in f for f in outputs)
+
+    trained = f"{BUCKET}/runs/train/model"
+    url = _serve_deploy(address, env, trained, s3_endpoint, tmp_path)
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)
+    [served] = client.models.list().data
+    assert served.id.endswith("-minilm-snli")  # the trained model, named after its run
+    got = client.embeddings.create(input=["served from S3"], model=served.id, encoding_format="float")
+    local = Embedder.load(resolve_model_path(trained, s3_endpoint), device="cpu")
+    np.testing.assert_allclose([d.embedding for d in got.data], local.encode(["served from S3"]), atol=1e-5)
+
+
+def _serve_deploy(address: str, env: dict[str, str], model: str, s3_endpoint: str, tmp_path: Path) -> str:
+    """The RayService's serveConfigV2 with its model set to `model`, sized for CPU, via `serve deploy`."""
+    [service] = [d for d in yaml.safe_load_all((KUBERAY / "rayservice.yaml").read_text()) if d]
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    keys = tmp_path / "api-keys"
+    keys.write_text("sk-test\n")
+    port = free_port()
+    app = config["applications"][0]
+    app["args"] |= {"model": model, "num_gpus": 0, "num_cpus": 1, "dtype": "float32", "port": port,
+                    "api_keys_file": str(keys), "min_replicas": 1, "max_replicas": 1}  # fmt: skip
+    app["runtime_env"] = {"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint}}  # the Secret's role in Kubernetes
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(path), "--address", address],
+                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=120)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            import urllib.request
+
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+                if json.loads(r.read()).get("status") == "ok":
+                    return url
+        except OSError:
+            time.sleep(2)
+    raise AssertionError("the RayService's application never answered /healthz")
