@@ -49,6 +49,9 @@ def ray_started(s3_endpoint: str) -> Iterator[tuple[str, dict[str, str]]]:
     env = os.environ | {
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "RAY_AUTH_MODE": "token",
+        # HAProxy's own listeners: an HAProxy orphaned by an earlier cluster may still hold the defaults
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
     port, dashboard = free_port(), free_port()
     _ray("start", "--head", f"--port={port}", "--num-cpus=1", f"--dashboard-port={dashboard}",
@@ -128,8 +131,9 @@ def _serve_deploy(address: str, env: dict[str, str], model: str, s3_endpoint: st
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(path), "--address", address],
-                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=120)  # fmt: skip
+    cmd = [str(Path(sys.executable).parent / "serve"), "deploy", str(path), "--address", address]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
