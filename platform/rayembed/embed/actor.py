@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from rayembed.embed.config import EmbedConfig
 from rayembed.embed.manifest import REJECTS, TMP, Fragment, commit, read_lines, staging_path
+from rayembed.embed.versions import SEEN, content_hash
 from rayembed.io import filesystem, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
 
@@ -38,12 +39,14 @@ def fs_for(path: str, endpoint_url: str | None) -> pafs.FileSystem:
 
 
 def output_schema(meta: dict[str, str], dim: int, precision: str, base: pa.Schema) -> pa.Schema:
-    """id (input type), embedding, truncated, then passthrough columns (`base` minus the text columns)."""
+    """id (input type), embedding, truncated, content_hash, then passthrough columns (`base` minus the
+    text columns)."""
     width = dim // 8 if precision == "binary" else dim
     fields = [
         pa.field("id", base.field(0).type),
         pa.field("embedding", pa.list_(ARROW_TYPES[precision], width)),
         pa.field("truncated", pa.bool_()),
+        pa.field("content_hash", pa.string()),  # what was embedded (embed/versions.py)
         *[base.field(i) for i in range(1, len(base))],
     ]
     return pa.schema(fields, metadata=meta)
@@ -88,8 +91,14 @@ def cores_for(threads: int) -> int:
 class EmbedFragments:
     """Ray Data UDF on an actor: one model per actor; each fragment is embedded, written and committed."""
 
-    def __init__(self, cfg: dict[str, Any], meta: dict[str, str], device: str, threads: int) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], meta: dict[str, str], device: str, threads: int, known: Any = None
+    ) -> None:
+        import ray
         import torch
+
+        # incremental runs: id -> content hash of the previous view (an object ref, fetched once per actor)
+        self.known: dict[str, str] | None = ray.get(known) if known is not None else None
 
         self.threads = threads = cores_for(threads)
         torch.set_num_threads(threads)
@@ -131,8 +140,9 @@ class EmbedFragments:
         for b in table.select(cols).to_batches(max_chunksize=c.chunk_rows):
             yield pa.Table.from_batches([b])
 
-    def prepare(self, table: pa.Table) -> tuple[pa.Table, pa.Table, Any]:
-        """(rows to embed, rejected rows with reasons, their tokens): the CPU work, done ahead in a thread."""
+    def prepare(self, table: pa.Table) -> tuple[pa.Table, pa.Table, Any, pa.Array, int]:
+        """(rows to embed, rejected rows with reasons, their tokens, their content hashes, rows unchanged
+        since the previous version): the CPU work, done ahead in a thread."""
         c = self.cfg
         texts = table.column(c.text_column).to_pylist()
         if c.title_column:
@@ -152,9 +162,22 @@ class EmbedFragments:
                 "reason": pa.array([reasons[i] for i in bad], pa.string()),
             }
         )
-        keep = table.take(good_idx)
+        hashes = content_hash([texts[i] for i in good])
+        keep, unchanged = table.take(good_idx), 0
+        if self.known is not None:  # only new ids and changed texts
+            ids_kept = keep.column(c.id_column).cast(pa.string()).to_pylist()
+            fresh = [
+                i
+                for i, (k, h) in enumerate(zip(ids_kept, hashes.to_pylist(), strict=True))
+                if self.known.get(k) != h
+            ]
+            unchanged = keep.num_rows - len(fresh)
+            fresh_idx = pa.array(fresh, pa.int64())
+            self.seen.extend(ids_kept)
+            keep, hashes = keep.take(fresh_idx), hashes.take(fresh_idx)
+            good = [good[i] for i in fresh]
         tokens = self.embedder.tokenize_ids([texts[i] for i in good], c.prompt_name)
-        return keep, rejects, tokens
+        return keep, rejects, tokens, hashes, unchanged
 
     def process(self, frag: Fragment) -> dict[str, Any]:
         c, start = self.cfg, time.time()
@@ -164,8 +187,10 @@ class EmbedFragments:
             str, tuple[str, Any, pq.ParquetWriter]
         ] = {}  # final relative path -> (temp, stream, writer)
         reject_tables = []
-        for keep, rejects, tokens in background(self.prepare(t) for t in self.read(frag)):
-            stats["rows_in"] += keep.num_rows + rejects.num_rows
+        self.seen: list[str] = []
+        for keep, rejects, tokens, hashes, unchanged in background(self.prepare(t) for t in self.read(frag)):
+            stats["rows_in"] += keep.num_rows + rejects.num_rows + unchanged
+            stats["unchanged"] += unchanged
             for reason in rejects.column("reason").to_pylist():
                 stats[f"rejected:{reason}"] += 1
             reject_tables.append(rejects)
@@ -174,7 +199,7 @@ class EmbedFragments:
             emb = self.embedder.encode(tokens, c.dim, c.precision, c.batch_size, c.max_tokens, stats)
             stats["rows_out"] += keep.num_rows
             stats["truncated"] += sum(tokens.truncated)
-            self.write(frag, keep, emb, tokens.truncated, writers)
+            self.write(frag, keep, emb, tokens.truncated, hashes, writers)
         staged = {}
         for final, (tmp, stream, w) in writers.items():
             w.close()
@@ -188,12 +213,23 @@ class EmbedFragments:
                     rejected.append_column("fragment", pa.array([frag.key] * rejected.num_rows)), f
                 )
             staged[tmp] = f"{REJECTS}/{frag.name}"
+        if self.known is not None:  # the ids this fragment still has: the others were deleted
+            tmp = staging_path(self.root, frag.name)
+            with self.out_fs.open_output_stream(tmp) as f:
+                pq.write_table(pa.table({"id": pa.array(self.seen, pa.string())}), f)
+            staged[tmp] = f"{SEEN}/{frag.name}"
         stats["seconds_x1000"] = int(1000 * (time.time() - start))
         commit(self.out_fs, self.root, frag, staged, dict(stats))
         return dict(stats)
 
     def write(
-        self, frag: Fragment, keep: pa.Table, emb: np.ndarray, truncated: list[bool], writers: dict[str, Any]
+        self,
+        frag: Fragment,
+        keep: pa.Table,
+        emb: np.ndarray,
+        truncated: list[bool],
+        hashes: pa.Array,
+        writers: dict[str, Any],
     ) -> None:
         c = self.cfg
         flat = pa.array(np.ascontiguousarray(emb).reshape(-1), type=ARROW_TYPES[c.precision])
@@ -202,12 +238,13 @@ class EmbedFragments:
                 "id": keep.column(c.id_column),
                 "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]),
                 "truncated": pa.array(truncated, pa.bool_()),
+                "content_hash": hashes,
                 **{x: keep.column(x) for x in c.passthrough_columns if x != c.id_column},
             }
         )
         dim = int(self.meta["rayembed.dim"])
         schema = output_schema(
-            self.meta, dim, c.precision, table.drop_columns(["embedding", "truncated"]).schema
+            self.meta, dim, c.precision, table.drop_columns(["embedding", "truncated", "content_hash"]).schema
         )
         table = table.select(schema.names).cast(schema)
         parts = [("", table)]

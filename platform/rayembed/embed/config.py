@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from rayembed.io import local_abspath
 from rayembed.model.layout import model_ref
@@ -13,7 +14,8 @@ from rayembed.settings import check
 @dataclass
 class EmbedConfig:
     input: str
-    """Input JSONL/Parquet file or folder, local or s3://."""
+    """Input JSONL/Parquet file or folder, local or s3:// (input_format files); an Iceberg table's
+    identifier, namespace.table (iceberg); a Delta table's folder, local or s3:// (delta)."""
     output: str
     """Output folder (Parquet + _manifest.json, _committed/, _rejects/, _summary.json), local or s3://."""
     model: str = "default"
@@ -63,15 +65,43 @@ class EmbedConfig:
     """Endpoint of an S3-compatible store (default: AWS, or $AWS_ENDPOINT_URL)."""
     overwrite: bool = False
     """Delete what the output folder holds first (otherwise a rerun resumes; other settings are refused)."""
+    input_format: str = "files"
+    """files, iceberg (the current snapshot's data files, through `iceberg_catalog`) or delta (the
+    current version's data files)."""
+    iceberg_catalog: dict[str, Any] = field(default_factory=dict)
+    """pyiceberg catalog properties, e.g. {type: sql, uri: sqlite:////data/catalog.db, warehouse:
+    s3://bucket/wh, s3.endpoint: ...}; or {type: rest, uri: ...} / {type: glue}."""
+    iceberg_append: str | None = None
+    """Also append the run's rows to this Iceberg table (namespace.table, created if missing) of
+    `iceberg_catalog`, in one commit tagged with the output, so a rerun does not append twice."""
+    incremental_from: str | None = None
+    """A previous output of this job (full or incremental): embed only rows whose id is new or whose text
+    changed (content hash), and record the ids that are gone (`_deleted.parquet`). The previous output and
+    this one together hold every current id exactly once: `rayembed.embed.versions.current` reads them."""
     progress: bool = True
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
         self.model = model_ref(self.model)  # actors run in their own folders
-        self.input, self.output = (
-            local_abspath(self.input).rstrip("/"),
-            local_abspath(self.output).rstrip("/"),
+        formats = ("files", "iceberg", "delta")
+        check(self.input_format in formats, f"input_format must be one of {formats}")
+        check(
+            bool(self.iceberg_catalog) or (self.input_format != "iceberg" and not self.iceberg_append),
+            "input_format=iceberg and iceberg_append need iceberg_catalog (pyiceberg catalog properties)",
         )
+        if self.input_format != "iceberg":  # a path; an Iceberg identifier stays as it is
+            self.input = local_abspath(self.input).rstrip("/")
+        self.output = local_abspath(self.output).rstrip("/")
+        check(
+            not (self.iceberg_append and self.incremental_from),
+            "iceberg_append takes full runs: an incremental version also changes and deletes rows",
+        )
+        if self.incremental_from:
+            self.incremental_from = local_abspath(self.incremental_from).rstrip("/")
+            check(self.incremental_from != self.output, "incremental_from must be another folder than output")
+            check(
+                not self.overwrite, "incremental_from writes a new version: give a new output, not overwrite"
+            )
         check(
             self.precision in ("float32", "int8", "binary"),
             f"precision must be float32|int8|binary, got {self.precision!r}",

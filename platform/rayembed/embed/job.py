@@ -16,19 +16,24 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from rayembed.embed.actor import EmbedFragments, check_columns, fs_for, needed_columns, peek_columns
 from rayembed.embed.config import EmbedConfig
 from rayembed.embed.manifest import (
     COMMITTED,
+    MANIFEST,
     TMP,
     Fragment,
+    fragments_of,
     list_dir,
     list_fragments,
     open_output,
     read_json,
     write_json,
 )
+from rayembed.embed.tables import append_to_iceberg, check_text_type, file_infos, table_files
+from rayembed.embed.versions import current, known_index, settings_check, write_deleted
 from rayembed.io import ensure_ray, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.layout import model_revision
@@ -87,6 +92,8 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
         "prompt": model.prompt(cfg.prompt_name),
         "id_column": cfg.id_column,
     }
+    if cfg.incremental_from:
+        settings["base"] = cfg.incremental_from
     meta = {
         f"rayembed.{k}": str(v).lower() if isinstance(v, bool) else str(v)
         for k, v in settings.items()
@@ -95,16 +102,55 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
     return settings, meta
 
 
+def input_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fragment], str]:
+    """(the input's fragments, the URI whose filesystem reads them), after checking the first one's
+    columns and, where the input has a schema, that the text column holds strings. A table's snapshot
+    (Iceberg) or version (Delta) joins the output's settings."""
+    if cfg.input_format == "files":
+        fs, source = fs_for(cfg.input, cfg.s3_endpoint_url), cfg.input
+        fragments = list_fragments(strip_scheme(cfg.input), fs, cfg.fragment_rows, cfg.fragment_bytes)
+    else:
+        found = table_files(cfg.input_format, cfg.input, cfg.iceberg_catalog, cfg.s3_endpoint_url)
+        if not found.files:
+            raise FileNotFoundError(f"{cfg.input_format} table {cfg.input} has no data files")
+        source = found.location.removeprefix("file://")
+        fs = fs_for(source, cfg.s3_endpoint_url)
+        fragments = fragments_of(file_infos(found.files, fs), strip_scheme(source), fs, cfg.fragment_rows)
+        settings["snapshot"] = f"{cfg.input_format}:{found.version}"
+    first = fragments[0]
+    check_columns(peek_columns(first, fs), needed_columns(cfg), first.path)
+    if first.fmt == "parquet":
+        schema = pq.read_schema(fs.open_input_file(first.path))
+        for column in (cfg.text_column, cfg.title_column):
+            if column:
+                check_text_type(schema, column, first.path)
+    return fragments, source
+
+
+def previous_view(cfg: EmbedConfig, settings: dict[str, Any]) -> dict[str, str] | None:
+    """An incremental run's base: id -> content hash of its current view (None for a full run), after
+    checking it was embedded with the same settings."""
+    if not cfg.incremental_from:
+        return None
+    fs, root = fs_for(cfg.incremental_from, cfg.s3_endpoint_url), strip_scheme(cfg.incremental_from)
+    if fs.get_file_info(f"{root}/{MANIFEST}").type != pafs.FileType.File:
+        raise FileNotFoundError(
+            f"incremental_from {cfg.incremental_from}: no {MANIFEST}, not an embed output"
+        )
+    settings_check(read_json(fs, f"{root}/{MANIFEST}")["settings"], settings)
+    return known_index(fs, root, cfg.s3_endpoint_url)
+
+
 def embed(cfg: EmbedConfig) -> dict[str, Any]:
     """Run (or resume) the job on the current Ray cluster, starting a local one if none; returns the summary."""
     import ray.data
 
     start = time.time()
     settings, meta = settings_of(cfg)
-    in_fs, out_fs = fs_for(cfg.input, cfg.s3_endpoint_url), fs_for(cfg.output, cfg.s3_endpoint_url)
+    out_fs = fs_for(cfg.output, cfg.s3_endpoint_url)
     root = strip_scheme(cfg.output)
-    fragments = list_fragments(strip_scheme(cfg.input), in_fs, cfg.fragment_rows, cfg.fragment_bytes)
-    check_columns(peek_columns(fragments[0], in_fs), needed_columns(cfg), fragments[0].path)  # fail fast
+    fragments, source = input_fragments(cfg, settings)  # bad input: refused here, before any work
+    known = previous_view(cfg, settings)
     done = open_output(root, out_fs, settings, cfg.overwrite)
     pending = [f for f in fragments if f.name not in done]
     run: Counter[str] = Counter()
@@ -118,10 +164,11 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
             EmbedFragments,
             batch_size=1,
             fn_constructor_kwargs={
-                "cfg": dataclasses.asdict(cfg),
+                "cfg": dataclasses.asdict(cfg) | {"input": source},  # a table's files: where they are
                 "meta": meta,
                 "device": "cuda" if gpus else "cpu",
                 "threads": threads,
+                "known": None if known is None else ray.put(known),
             },
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus,
@@ -138,6 +185,13 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         out_fs.delete_dir(f"{root}/{TMP}")
     summary = summarize(cfg, root, out_fs, run, fragments, len(fragments) - len(pending), time.time() - start)
     summary["plan"] = plan
+    if known is not None:  # an incremental version: what it re-embedded, kept and found gone
+        summary["incremental_from"] = cfg.incremental_from
+        summary["deleted"] = write_deleted(out_fs, root, known)
+    if cfg.iceberg_append:  # this version's rows, in one commit tagged with the output
+        rows = current(out_fs, root)  # a full run (incremental versions are refused in the config)
+        done_now = append_to_iceberg(cfg.iceberg_append, cfg.iceberg_catalog, rows, cfg.output)
+        summary["iceberg_append"] = {"table": cfg.iceberg_append, "rows": rows.num_rows, "appended": done_now}
     write_json(out_fs, f"{root}/_summary.json", summary)
     return summary
 
@@ -185,6 +239,7 @@ def summarize(
         "fragments_skipped": skipped,
         "rows_in": total["rows_in"],
         "rows": total["rows_out"],
+        "unchanged": total["unchanged"],  # incremental runs: rows whose id and text the base already had
         "rejected": sum(rejects.values()),
         "rejected_by_reason": rejects,
         "truncated": total["truncated"],

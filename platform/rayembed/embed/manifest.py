@@ -60,6 +60,20 @@ def list_fragments(
     else:
         files = fs.get_file_info(pafs.FileSelector(root, recursive=True))
         base = root
+    out = fragments_of(files, base, fs, fragment_rows, fragment_bytes)
+    if not out:
+        raise FileNotFoundError(f"no .jsonl/.json/.parquet input found at {root}")
+    return out
+
+
+def fragments_of(
+    files: list[pafs.FileInfo],
+    base: str,
+    fs: pafs.FileSystem,
+    fragment_rows: int,
+    fragment_bytes: int = 1 << 62,
+) -> list[Fragment]:
+    """The fragments of these files (keys relative to `base`): see list_fragments."""
     out: list[Fragment] = []
     for f in sorted(files, key=lambda i: i.path):
         fmt = next((v for k, v in FORMATS.items() if f.path.endswith(k)), None)
@@ -83,8 +97,6 @@ def list_fragments(
             if rows >= fragment_rows or g == meta.num_row_groups - 1:
                 out.append(Fragment(f.path, f"{rel}#rg{start}-{g + 1}", fmt, (start, g + 1), rows))
                 start, rows = g + 1, 0
-    if not out:
-        raise FileNotFoundError(f"no .jsonl/.json/.parquet input found at {root}")
     return out
 
 

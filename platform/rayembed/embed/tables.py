@@ -1,0 +1,119 @@
+"""Lake tables in and out: Apache Iceberg and Delta Lake.
+
+Input: the data files of the table's current snapshot (Iceberg, through its catalog) or version (Delta)
+are Parquet files, immutable once written, so they become Parquet fragments like any other and the
+exactly-once bookkeeping holds; the snapshot/version goes into the output's settings, so resuming into
+the same output after the table moved on is refused (run an incremental version instead). Tables whose
+snapshot needs delete files (Iceberg merge-on-read) or deletion vectors (Delta) are refused: their data
+files hold rows that are no longer in the table.
+
+Output: besides the Parquet folder, `iceberg_append` appends the run's rows to an Iceberg table of the
+same catalog in one commit, tagged with the output's location, so a rerun never appends twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from rayembed.io import is_s3, strip_scheme
+
+
+@dataclass(frozen=True)
+class TableFiles:
+    files: list[str]
+    """Data file URIs (file:// or s3://) of the current snapshot."""
+    location: str
+    """The table's root URI (its scheme picks the filesystem the actors read with)."""
+    version: str
+    """Snapshot id (Iceberg) or version (Delta)."""
+    schema: pa.Schema
+
+
+def catalog(props: dict[str, Any]) -> Any:
+    """An Iceberg catalog from properties (pyiceberg's: type, uri, warehouse, s3.endpoint, ...)."""
+    from pyiceberg.catalog import load_catalog
+
+    props = dict(props)
+    return load_catalog(props.pop("name", "rayembed"), **props)
+
+
+def iceberg_files(identifier: str, props: dict[str, Any]) -> TableFiles:
+    table = catalog(props).load_table(identifier)
+    snapshot = table.current_snapshot()
+    tasks = list(table.scan().plan_files()) if snapshot else []
+    if any(t.delete_files for t in tasks):
+        raise ValueError(
+            f"iceberg table {identifier}: its snapshot has delete files (merge-on-read); rewrite its data "
+            "files (compaction) first, or embed a copy written without deletes"
+        )
+    return TableFiles([t.file.file_path for t in tasks], table.location(), str(snapshot.snapshot_id if snapshot else 0),
+                      table.schema().as_arrow())  # fmt: skip
+
+
+def delta_files(uri: str, storage: dict[str, str]) -> TableFiles:
+    from deltalake import DeltaTable
+
+    table = DeltaTable(uri, storage_options=storage or None)
+    actions = pa.table(table.get_add_actions(flatten=True))
+    if (
+        "deletionVector.storageType" in actions.column_names
+        and actions.column("deletionVector.storageType").null_count < actions.num_rows
+    ):
+        raise ValueError(f"delta table {uri}: some files have deletion vectors; run OPTIMIZE (purge) first")
+    schema = pa.schema(table.schema().to_arrow())
+    return TableFiles(list(table.file_uris()), uri, str(table.version()), schema)
+
+
+def table_files(fmt: str, source: str, props: dict[str, Any], endpoint_url: str | None) -> TableFiles:
+    if fmt == "iceberg":
+        return iceberg_files(source, props)
+    storage = (
+        {"AWS_ENDPOINT_URL": endpoint_url, "AWS_ALLOW_HTTP": "true"} if endpoint_url and is_s3(source) else {}
+    )
+    return delta_files(source, storage)
+
+
+def file_infos(files: list[str], fs: pafs.FileSystem) -> list[pafs.FileInfo]:
+    """FileInfos (sizes) of data file URIs, in the filesystem the actors read with."""
+    return list(fs.get_file_info([strip_scheme(f.removeprefix("file://")) for f in files]))
+
+
+def check_text_type(schema: pa.Schema, column: str, where: str) -> None:
+    """A text column must hold strings; refused before any work otherwise."""
+    if column in schema.names and not (
+        pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)
+    ):
+        raise ValueError(
+            f"input {where}: text column {column!r} is {schema.field(column).type}, not a string"
+        )
+
+
+def append_to_iceberg(identifier: str, props: dict[str, Any], rows: pa.Table, output: str) -> bool:
+    """Append `rows` to the Iceberg table `identifier` (created from their schema if missing) in one
+    commit tagged with `output`; False if a commit with that tag is already there (a rerun)."""
+    from pyiceberg.exceptions import NoSuchTableError
+
+    cat = catalog(props)
+    try:
+        table = cat.load_table(identifier)
+    except NoSuchTableError:
+        namespace = identifier.rsplit(".", 1)[0]
+        cat.create_namespace_if_not_exists(namespace)
+        table = cat.create_table(identifier, schema=iceberg_schema(rows.schema))
+    if any(s.summary and s.summary.get("rayembed.output") == output for s in table.snapshots()):
+        return False
+    table.append(rows.cast(iceberg_schema(rows.schema)), snapshot_properties={"rayembed.output": output})
+    return True
+
+
+def iceberg_schema(schema: pa.Schema) -> pa.Schema:
+    """The rows' schema as Iceberg stores it: fixed-size vectors as lists, no Parquet metadata."""
+    fields = [
+        pa.field(f.name, pa.list_(f.type.value_type) if pa.types.is_fixed_size_list(f.type) else f.type)
+        for f in schema
+    ]
+    return pa.schema(fields)

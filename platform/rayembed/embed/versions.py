@@ -1,0 +1,114 @@
+"""Incremental re-embedding: output versions that together hold every current id exactly once.
+
+Every output row carries `content_hash`, a hash of the text as it was embedded (title and text). A run
+with `incremental_from: <previous output>` reads the previous version's current view (id -> hash),
+embeds only rows whose id is new or whose hash changed, and writes, besides its Parquet files:
+- `_seen/<fragment>.parquet`: the ids of every input row it read (committed with the fragment), and
+- `_deleted.parquet`: the ids of the previous view that no input row has any more.
+The current view of a version is its own rows plus its base's current view minus the ids this version
+re-embedded or deleted (`current`); its manifest names its base, so versions form a chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from rayembed.embed.manifest import MANIFEST, list_dir, read_json
+
+SEEN = "_seen"
+DELETED = "_deleted.parquet"
+
+
+def content_hash(texts: list[str]) -> pa.Array:
+    """16 hex digits of blake2b per text (what was embedded: title and text)."""
+    return pa.array([hashlib.blake2b(t.encode(), digest_size=8).hexdigest() for t in texts], pa.string())
+
+
+def _read(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    with fs.open_input_file(path) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def _rows(fs: pafs.FileSystem, root: str, columns: list[str] | None) -> pa.Table | None:
+    """This version's own output rows (Parquet files outside the `_` folders)."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    files = sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.path.endswith(".parquet")
+        and not any(p.startswith(("_", ".")) for p in posixpath.relpath(i.path, root).split("/"))
+    )
+    tables = [_read(fs, f, columns) for f in files]
+    return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def base_of(
+    fs: pafs.FileSystem, root: str, endpoint_url: str | None = None
+) -> tuple[pafs.FileSystem, str] | None:
+    """The (filesystem, root) of the version this one was built on, or None for a full run."""
+    base = read_json(fs, f"{root}/{MANIFEST}")["settings"].get("base")
+    if not base:
+        return None
+    from rayembed.io import filesystem, strip_scheme
+
+    return filesystem(base, endpoint_url) or pafs.LocalFileSystem(), strip_scheme(base)
+
+
+def current(
+    fs: pafs.FileSystem, root: str, columns: list[str] | None = None, endpoint_url: str | None = None
+) -> pa.Table:
+    """The current view of the output version at `root` (`columns` of it): every current id exactly once."""
+    own = _rows(fs, root, columns)
+    base = base_of(fs, root, endpoint_url)
+    if base is None:
+        return own if own is not None else pa.table({"id": pa.array([], pa.string())})
+    older = current(*base, columns, endpoint_url)
+    gone = [own.column("id").cast(pa.string())] if own is not None else []
+    if fs.get_file_info(f"{root}/{DELETED}").type == pafs.FileType.File:
+        gone.append(_read(fs, f"{root}/{DELETED}").column("id").cast(pa.string()))
+    if gone:
+        superseded = pa.chunked_array([c for g in gone for c in g.chunks], pa.string()).combine_chunks()
+        older = older.filter(pc.invert(pc.is_in(older.column("id").cast(pa.string()), superseded)))
+    parts = [t for t in (older, own) if t is not None and t.num_rows]
+    return pa.concat_tables(parts, promote_options="default") if parts else older
+
+
+def known_index(fs: pafs.FileSystem, root: str, endpoint_url: str | None = None) -> dict[str, str]:
+    """id -> content hash of the current view at `root` (what an incremental run compares against)."""
+    view = current(fs, root, ["id", "content_hash"], endpoint_url)
+    if "content_hash" not in view.column_names:
+        raise ValueError(f"{root} has no content_hash column: it was written before incremental runs existed")
+    return dict(
+        zip(
+            view.column("id").cast(pa.string()).to_pylist(),
+            view.column("content_hash").to_pylist(),
+            strict=True,
+        )
+    )
+
+
+def write_deleted(fs: pafs.FileSystem, root: str, known: dict[str, str]) -> int:
+    """`_deleted.parquet`: ids of the previous view that no input row of this run has; returns how many."""
+    seen: set[str] = set()
+    for info in list_dir(fs, f"{root}/{SEEN}", ".parquet"):
+        seen.update(_read(fs, info.path).column("id").cast(pa.string()).to_pylist())
+    deleted = sorted(set(known) - seen)
+    with fs.open_output_stream(f"{root}/{DELETED}") as f:
+        pq.write_table(pa.table({"id": pa.array(deleted, pa.string())}), f)
+    return len(deleted)
+
+
+def settings_check(previous: dict[str, Any], settings: dict[str, Any]) -> None:
+    """An incremental run must embed as its base did (model revision, dim, precision, text, prompt)."""
+    keys = ("revision", "dim", "precision", "normalized", "max_length", "text", "prompt", "id_column")
+    differ = {k: (previous.get(k), settings.get(k)) for k in keys if previous.get(k) != settings.get(k)}
+    if differ:
+        raise ValueError(f"incremental_from: the previous output was embedded with other settings {differ}")

@@ -1,0 +1,112 @@
+"""Lake tables in and out: an Iceberg table (SQL catalog on SQLite; warehouse on local disk and on the
+loopback S3 server) and a Delta table as input, an Iceberg table as a second output; bad schemas are
+refused before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DATA
+from rayembed.config import EmbedConfig
+from rayembed.embed import embed
+from rayembed.model import Embedder
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _docs(start: int, n: int) -> pa.Table:
+    from rayembed.data.readers import read_jsonl
+
+    rows = [
+        d
+        for i, d in zip(range(start + n), read_jsonl(DATA / "scifact" / "corpus.jsonl"), strict=False)
+        if i >= start
+    ]
+    return pa.table(
+        {
+            "id": [r["_id"] for r in rows],
+            "title": [r["title"] for r in rows],
+            "text": [r["text"] for r in rows],
+        }
+    )
+
+
+def _catalog(tmp_path: Path, warehouse: str, s3_endpoint: str | None) -> dict[str, Any]:
+    props = {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": warehouse}
+    if s3_endpoint:
+        props |= {"s3.endpoint": s3_endpoint, "s3.access-key-id": "testing", "s3.secret-access-key": "testing",
+                  "s3.region": "us-east-1"}  # fmt: skip
+    return props
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_iceberg_table_in_and_out(tiny_model: Path, tmp_path: Path, s3_endpoint: str, where: str) -> None:
+    from rayembed.embed.tables import catalog
+
+    warehouse = f"file://{tmp_path}/wh" if where == "local" else f"s3://rayembed/wh-{tmp_path.name}"
+    props = _catalog(tmp_path, warehouse, s3_endpoint if where == "s3" else None)
+    cat = catalog(props)
+    cat.create_namespace("lake")
+    table = cat.create_table("lake.docs", schema=_docs(0, 1).schema)
+    table.append(_docs(0, 40))
+    table.append(_docs(40, 30))  # two commits: two data files
+    cfg = EmbedConfig(input="lake.docs", input_format="iceberg", iceberg_catalog=props, output=str(tmp_path / "out"),
+                      model=str(tiny_model), id_column="id", title_column="title", s3_endpoint_url=s3_endpoint,
+                      iceberg_append="lake.embeddings", progress=False)  # fmt: skip
+    first = embed(cfg)
+    assert first["rows"] == 70 and first["fragments"] == 2
+    assert first["iceberg_append"] == {"table": "lake.embeddings", "rows": 70, "appended": True}
+    out = cat.load_table("lake.embeddings").scan().to_arrow()
+    assert sorted(out.column("id").to_pylist()) == sorted(_docs(0, 70).column("id").to_pylist())
+    docs = _docs(0, 70)
+    model = Embedder.load(tiny_model, device="cpu")
+    expect = model.encode(
+        [
+            f"{h} {t}"
+            for h, t in zip(docs.column("title").to_pylist(), docs.column("text").to_pylist(), strict=True)
+        ]
+    )
+    got = dict(zip(out.column("id").to_pylist(), out.column("embedding").to_pylist(), strict=True))
+    np.testing.assert_allclose([got[i] for i in docs.column("id").to_pylist()], expect, atol=1e-5)
+    again = embed(cfg)  # everything committed, already appended: nothing twice
+    assert again["fragments_skipped"] == 2 and again["iceberg_append"]["appended"] is False
+    assert cat.load_table("lake.embeddings").scan().to_arrow().num_rows == 70
+    table.append(_docs(70, 5))  # the table moves on: resuming into the same output is refused
+    with pytest.raises(ValueError, match="snapshot"):
+        embed(cfg)
+
+
+def test_delta_table_in(tiny_model: Path, tmp_path: Path) -> None:
+    from deltalake import write_deltalake
+
+    path = tmp_path / "delta"
+    write_deltalake(str(path), _docs(0, 25))
+    write_deltalake(str(path), _docs(25, 15), mode="append")
+    result = embed(EmbedConfig(input=str(path), input_format="delta", output=str(tmp_path / "out"),
+                               model=str(tiny_model), id_column="id", progress=False))  # fmt: skip
+    assert result["rows"] == 40 and result["fragments"] == 2
+    ids = pq.read_table(tmp_path / "out", columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == sorted(_docs(0, 40).column("id").to_pylist())
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (pa.table({"id": ["a"], "text": [7]}), "text column 'text' is int64, not a string"),
+        (pa.table({"doc": ["a"], "text": ["x"]}), r"lacks column\(s\) \['id'\]"),
+    ],
+)
+def test_bad_schemas_are_refused_before_any_work(
+    tiny_model: Path, tmp_path: Path, table: pa.Table, message: str
+) -> None:
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=message):
+        embed(EmbedConfig(input=str(tmp_path / "bad.parquet"), output=str(tmp_path / "out"), model=str(tiny_model),
+                          id_column="id", progress=False))  # fmt: skip
+    assert not (tmp_path / "out").exists()  # nothing was started or written
