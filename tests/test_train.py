@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import build_tiny
 from rayembed.config import SHARED_DATA, TrainConfig
 from rayembed.model import Embedder
 from rayembed.train import train
@@ -83,6 +85,9 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
     # rotation it started with (this driver fits other axes, from more rows).
     second = train(cfg(4, pca_rows=200))
     assert second["resumed_from"] == 2 and second["step"] == 4
+    other = build_tiny(tmp_path / "other", seed=5)  # same shape, other weights: refused, not resumed
+    with pytest.raises(ValueError, match="started with other settings .*model"):
+        train(dataclasses.replace(cfg(5), model=str(other)))
     torch.testing.assert_close(
         torch.from_numpy(np.load(Path(second["checkpoint"]) / "pca_rotation.npy")), rotation
     )

@@ -51,7 +51,10 @@ def filesystem(path: str, endpoint_url: str | None = None) -> pafs.FileSystem | 
     import s3fs
 
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint) if endpoint else s3fs.S3FileSystem()
+    # no listings cache: a listing cached before another writer (Ray Train, an actor) added
+    # files would hide them from this process
+    options = {"use_listings_cache": False}
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, **options) if endpoint else s3fs.S3FileSystem(**options)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 

@@ -84,6 +84,18 @@ def model_revision(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def model_fingerprint(model_dir: Path) -> str:
+    """A cheap identity of a model folder (any size): its config, and each weight file's name, size and
+    first MiB. Two fine-tunes of one base differ in it; unlike `model_revision`, no full read."""
+    h = hashlib.sha256()
+    for p in sorted(model_dir.rglob("*")):
+        if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin")):
+            h.update(f"{p.relative_to(model_dir)}:{p.stat().st_size}".encode())
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class Layout:
     """What a folder says about the model besides the backbone's own files."""

@@ -28,7 +28,8 @@ def _s3(endpoint_url: str | None) -> object:
     import s3fs
 
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    return s3fs.S3FileSystem(endpoint_url=endpoint) if endpoint else s3fs.S3FileSystem()
+    options = {"use_listings_cache": False}  # listings always fresh (see io.filesystem)
+    return s3fs.S3FileSystem(endpoint_url=endpoint, **options) if endpoint else s3fs.S3FileSystem(**options)
 
 
 def listing(uri: str, endpoint_url: str | None = None) -> dict[str, tuple[int, str]]:

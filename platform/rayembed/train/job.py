@@ -158,6 +158,42 @@ def check_storage(cfg: TrainConfig) -> None:
     )
 
 
+RUN_IDENTITY = ("student_layers", "lora_r", "lora_target_modules", "pooling", "attention", "output_dim",
+                "num_latents", "zero_stage")  # fmt: skip
+
+
+def check_run(cfg: TrainConfig) -> None:
+    """A run name resumes its checkpoints, so what shapes them must not change between its starts: a
+    start records the model (a fingerprint of its files) and the settings that shape the weights in
+    `<storage_path>/<run_name>.rayembed.json`; a start that would resume checkpoints made with others is
+    refused by name (DeepSpeed would fail with a shape error, or load the old run's weights onto another
+    model)."""
+    from rayembed.model.layout import model_fingerprint
+
+    fs = filesystem(str(cfg.storage_path), cfg.s3_endpoint_url) or pafs.LocalFileSystem()
+    path = f"{strip_scheme(str(cfg.storage_path)).rstrip('/')}/{cfg.run_name}.rayembed.json"
+    fields = dataclasses.asdict(cfg)
+    now = {k: fields[k] for k in RUN_IDENTITY} | {
+        "model_fingerprint": model_fingerprint(resolve_model_path(cfg.model, cfg.s3_endpoint_url))
+    }
+    run = path.removesuffix(".rayembed.json")
+    found = fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
+    resumes = any(i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in found)
+    if resumes and fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            before = json.loads(f.read())
+        differ = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        if differ:
+            raise ValueError(
+                f"run {cfg.run_name!r} in {cfg.storage_path} started with other settings {differ} (then, now): "
+                "its checkpoints would not fit; use another run_name (or storage_path) for this model"
+            )
+        return
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(now, indent=1).encode())
+
+
 def worker_env(cfg: TrainConfig) -> dict[str, str]:
     """Environment of the training workers (set before they start)."""
     import os
@@ -187,6 +223,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         resolve_model_path(cfg.teacher, cfg.s3_endpoint_url)
     ensure_ray(cfg.local_cpus())
     check_storage(cfg)
+    check_run(cfg)
     ds = dataset(cfg)
     if (target := teacher_dim(cfg, ds)) not in (None, width):
         raise ValueError(
