@@ -7,7 +7,8 @@ import os
 import random
 import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,16 @@ def cluster() -> Iterator[Any]:
     yield c
     ray.shutdown()
     c.shutdown()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
+    """Poll `cond` every 0.5 s until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
-import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import free_port, wait_for
 from rayembed.io import upload_dir
 from rayembed.model import Embedder, resolve_model_path
 
@@ -135,14 +135,13 @@ def _serve_deploy(address: str, env: dict[str, str], model: str, s3_endpoint: st
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            import urllib.request
+    assert wait_for(lambda: _healthy(url), 300), "the RayService's application never answered /healthz"
+    return url
 
-            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
-                if json.loads(r.read()).get("status") == "ok":
-                    return url
-        except OSError:
-            time.sleep(2)
-    raise AssertionError("the RayService's application never answered /healthz")
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+            return bool(json.loads(r.read()).get("status") == "ok")
+    except OSError:
+        return False

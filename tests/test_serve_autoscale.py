@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,19 +13,10 @@ import pytest
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-def _wait_for(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.5)
-    return False
-
-
 def test_replica_added_under_load_and_removed_after(tiny_model: Path) -> None:
     from ray import serve
 
-    from conftest import start_endpoint
+    from conftest import start_endpoint, wait_for
 
     url = start_endpoint(
         model=str(tiny_model), min_replicas=1, max_replicas=2, target_ongoing_requests=1,
@@ -56,13 +45,13 @@ def test_replica_added_under_load_and_removed_after(tiny_model: Path) -> None:
         for t in threads:
             t.start()
         try:
-            assert _wait_for(lambda: running() == 2, 90), "no second replica under load"
+            assert wait_for(lambda: running() == 2, 90), "no second replica under load"
         finally:
             stop.set()
             for t in threads:
                 t.join()
         assert codes and set(codes) == {200}
-        assert _wait_for(lambda: running() == 1, 90), "the extra replica was not removed after the load"
+        assert wait_for(lambda: running() == 1, 90), "the extra replica was not removed after the load"
     finally:
         serve.shutdown()
 

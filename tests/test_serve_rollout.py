@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import build_tiny, start_endpoint
+from conftest import build_tiny, start_endpoint, wait_for
 from rayembed.model import Embedder
 from rayembed.model.layout import model_revision
 
@@ -33,15 +33,6 @@ def _post(url: str, body: dict) -> tuple[int, dict, str | None]:
         return e.code, json.loads(e.read()), None
     except OSError as e:  # a dropped connection counts as a failure too
         return -1, {"error": str(e)}, None
-
-
-def _wait(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def test_rollout_and_rollback_under_load_drop_no_request(
@@ -73,16 +64,16 @@ def test_rollout_and_rollback_under_load_drop_no_request(
         t.start()
     try:
         latest = lambda rev: bool(seen) and seen[-1][1] == rev  # noqa: E731
-        assert _wait(lambda: len(seen) > 10, 60)
+        assert wait_for(lambda: len(seen) > 10, 60)
         new = ServeConfig(
             model="s3://rayembed/models/rollout", s3_endpoint_url=s3_endpoint, port=port, max_replicas=1
         )
         run(new, blocking=False)  # roll out
-        assert _wait(lambda: latest(model_revision(other)), 120), "the new model never answered"
+        assert wait_for(lambda: latest(model_revision(other)), 120), "the new model never answered"
         rolled = len(seen)
         run(ServeConfig(model=str(tiny_model), port=port, max_replicas=1), blocking=False)  # roll back
-        assert _wait(lambda: latest(model_revision(tiny_model)), 120), "the rollback never answered"
-        assert _wait(lambda: len(seen) > rolled + 10, 60)
+        assert wait_for(lambda: latest(model_revision(tiny_model)), 120), "the rollback never answered"
+        assert wait_for(lambda: len(seen) > rolled + 10, 60)
     finally:
         stop.set()
         for t in threads:
@@ -134,7 +125,7 @@ def test_a_model_scaled_to_zero_serves_the_first_request_after_idle(tiny_model: 
 
     try:
         assert _post(f"{url}/v1/embeddings", {"input": TEXTS})[0] == 200
-        assert _wait(lambda: replicas() == 0, 120), "the idle model did not scale to zero"
+        assert wait_for(lambda: replicas() == 0, 120), "the idle model did not scale to zero"
         start = time.perf_counter()
         status, body, _ = _post(f"{url}/v1/embeddings", {"input": TEXTS})
         cold = time.perf_counter() - start

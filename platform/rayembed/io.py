@@ -48,14 +48,17 @@ def filesystem(path: str, endpoint_url: str | None = None) -> pafs.FileSystem | 
     """
     if not is_s3(path):
         return None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(s3(endpoint_url)))
+
+
+def s3(endpoint_url: str | None = None) -> Any:
+    """An s3fs filesystem at `endpoint_url` or $AWS_ENDPOINT_URL (else AWS). No listings cache: a listing
+    cached before another writer (Ray Train, an actor) added files would hide them from this process."""
     import s3fs
 
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    # no listings cache: a listing cached before another writer (Ray Train, an actor) added
-    # files would hide them from this process
     options = {"use_listings_cache": False}
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, **options) if endpoint else s3fs.S3FileSystem(**options)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    return s3fs.S3FileSystem(endpoint_url=endpoint, **options) if endpoint else s3fs.S3FileSystem(**options)
 
 
 def upload_dir(local: str | os.PathLike[str], uri: str, endpoint_url: str | None = None) -> None:

@@ -17,26 +17,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rayembed.io import strip_scheme
+from rayembed.io import s3, strip_scheme
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("RAYEMBED_MODEL_CACHE", "~/.cache/rayembed/models")).expanduser()
 
 
-def _s3(endpoint_url: str | None) -> object:
-    import s3fs
-
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    options = {"use_listings_cache": False}  # listings always fresh (see io.filesystem)
-    return s3fs.S3FileSystem(endpoint_url=endpoint, **options) if endpoint else s3fs.S3FileSystem(**options)
-
-
 def listing(uri: str, endpoint_url: str | None = None) -> dict[str, tuple[int, str]]:
     """Relative path -> (size, ETag) of every object under the folder `uri`."""
-    fs = _s3(endpoint_url)
+    fs = s3(endpoint_url)
     root = strip_scheme(uri).rstrip("/")
-    found = fs.find(root, detail=True)  # type: ignore[attr-defined]
+    found = fs.find(root, detail=True)
     return {
         path[len(root) + 1 :]: (int(info["size"]), str(info.get("ETag", "")).strip('"'))
         for path, info in found.items()
@@ -60,12 +52,12 @@ def fetch_model(uri: str, endpoint_url: str | None = None) -> Path:
     with FileLock(str(root / f"{key}.lock")):
         if done.is_file() and target.is_dir():
             return target
-        fs, src = _s3(endpoint_url), strip_scheme(uri).rstrip("/")
+        fs, src = s3(endpoint_url), strip_scheme(uri).rstrip("/")
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
             for rel in files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f"{src}/{rel}", str(tmp / rel))  # type: ignore[attr-defined]
+                fs.get_file(f"{src}/{rel}", str(tmp / rel))
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
             done.write_text(json.dumps({"source": uri, "files": len(files)}))

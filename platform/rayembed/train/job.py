@@ -49,16 +49,23 @@ def fit_rotation(cfg: TrainConfig, ds: Any) -> np.ndarray:
     return principal_axes(model.encode(texts, batch_size=64))
 
 
+def run_checkpoints(
+    storage_path: str, run_name: str, endpoint_url: str | None = None
+) -> tuple[pafs.FileSystem, list[str]]:
+    """(the storage's filesystem, the run's checkpoint folders oldest first) under storage_path/run_name."""
+    fs = filesystem(storage_path, endpoint_url) or pafs.LocalFileSystem()
+    run = f"{strip_scheme(storage_path).rstrip('/')}/{run_name}"
+    found = fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
+    return fs, sorted(
+        i.path for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    )
+
+
 def checkpoint_rotation(
     storage_path: str, run_name: str, endpoint_url: str | None = None
 ) -> np.ndarray | None:
     """The pca axes kept in the run's newest checkpoint (local or s3://), or None if it has none yet."""
-    fs = filesystem(storage_path, endpoint_url) or pafs.LocalFileSystem()
-    run = f"{strip_scheme(storage_path).rstrip('/')}/{run_name}"
-    found = fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
-    folders = sorted(
-        i.path for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-    )
+    fs, folders = run_checkpoints(storage_path, run_name, endpoint_url)
     for folder in reversed(folders):
         if fs.get_file_info(f"{folder}/{ROTATION}").type == pafs.FileType.File:
             with fs.open_input_file(f"{folder}/{ROTATION}") as f:
@@ -170,16 +177,13 @@ def check_run(cfg: TrainConfig) -> None:
     model)."""
     from rayembed.model.layout import model_fingerprint
 
-    fs = filesystem(str(cfg.storage_path), cfg.s3_endpoint_url) or pafs.LocalFileSystem()
+    fs, checkpoints = run_checkpoints(str(cfg.storage_path), cfg.run_name, cfg.s3_endpoint_url)
     path = f"{strip_scheme(str(cfg.storage_path)).rstrip('/')}/{cfg.run_name}.rayembed.json"
     fields = dataclasses.asdict(cfg)
     now = {k: fields[k] for k in RUN_IDENTITY} | {
         "model_fingerprint": model_fingerprint(resolve_model_path(cfg.model, cfg.s3_endpoint_url))
     }
-    run = path.removesuffix(".rayembed.json")
-    found = fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
-    resumes = any(i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in found)
-    if resumes and fs.get_file_info(path).type == pafs.FileType.File:
+    if checkpoints and fs.get_file_info(path).type == pafs.FileType.File:
         with fs.open_input_stream(path) as f:
             before = json.loads(f.read())
         differ = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
