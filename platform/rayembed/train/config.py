@@ -64,7 +64,13 @@ class TrainConfig:
     run_name: str = "rayembed-train"
     """Run name under storage_path; rerunning with the same name resumes from its latest checkpoint."""
     num_workers: int = 2
-    """Ray Train workers (one GPU each when use_gpu)."""
+    """Ray Train workers (one GPU each when use_gpu); with min_workers, the most it runs."""
+    min_workers: int | None = None
+    """Elastic training: run on as few as this many workers when no more fit (e.g. after a node loss,
+    with max_failures > 0, Ray Train restarts the group from the last checkpoint on the workers it can
+    place). The epoch goes on at the first row not yet trained on (rayembed.train.order); the global
+    batch is batch_size x the workers running; a checkpoint saved by another number of workers is loaded
+    through DeepSpeed's universal checkpoint (converted on the workers as they resume)."""
     use_gpu: bool = False
     """Run on GPUs (nccl); otherwise CPU workers (gloo)."""
     cpus_per_worker: float = 1.0
@@ -187,9 +193,9 @@ class TrainConfig:
     epochs: int = 1
     """Passes over the data."""
     shuffle_buffer: int = 0
-    """Rows each worker shuffles its stream in (seeded per epoch); 0 keeps file order. Resuming mid-epoch
-    skips as many batches as were trained, which with shuffling are the same rows only if blocks arrive in
-    the same order."""
+    """Rows permuted together: the data is read in order and each window of this many rows is permuted
+    by (seed, epoch, window), the same on every worker (rayembed.train.order); 0 keeps file order. A run
+    resumed mid-epoch goes on at the first row not yet trained on, on any number of workers."""
     max_steps: int | None = None
     """Stop after this many optimizer steps in total."""
     checkpoint_every: int = 50
@@ -220,6 +226,11 @@ class TrainConfig:
             f"grad_cache_chunk must divide batch_size ({self.batch_size}), got {self.grad_cache_chunk}",
         )
         check(self.num_workers >= 1 and self.batch_size >= 1, "num_workers and batch_size must be >= 1")
+        check(
+            self.min_workers is None or 1 <= self.min_workers <= self.num_workers,
+            f"min_workers must be between 1 and num_workers ({self.num_workers}), got {self.min_workers}",
+        )
+
         check(self.epochs >= 1 and self.checkpoint_every >= 1, "epochs and checkpoint_every must be >= 1")
         check(self.report_interval_s >= 0, "report_interval_s must be >= 0")
         check(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")

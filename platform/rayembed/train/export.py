@@ -71,3 +71,28 @@ def publish(write: Callable[[Path], Any], output_dir: str, endpoint_url: str | N
         shutil.rmtree(out)
     write(out)
     return str(out)
+
+
+def saved_world_size(checkpoint_dir: str | Path) -> int:
+    """Workers that saved a checkpoint: its ZeRO optimizer shards (0 without ZeRO: one file for all)."""
+    return len(list(Path(checkpoint_dir, CKPT_TAG).glob("*optim_states.pt")))
+
+
+def to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
+    """DeepSpeed's universal form of a ZeRO checkpoint (one file per parameter and optimizer moment, no
+    partitioning), which an engine of any world size loads with `load_universal_checkpoint`. Returns the
+    folder to load from (tag CKPT_TAG inside)."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    args = {"num_extract_workers": 1, "num_merge_workers": 1, "keep_temp_folder": False, "strict": True}
+    convert(
+        argparse.Namespace(
+            input_folder=str(Path(checkpoint_dir, CKPT_TAG)),
+            output_folder=str(Path(out, CKPT_TAG)),
+            inject_missing_state=True,  # checkpoint info Megatron would add; not needed for plain data parallel
+            **args,
+        )
+    )
+    return Path(out)

@@ -30,6 +30,7 @@ from rayembed.train.config import TrainConfig
 from rayembed.train.export import HISTORY, ROTATION, consolidate, publish, saved_rotation
 from rayembed.train.loop import train_loop
 from rayembed.train.objective import input_columns
+from rayembed.train.order import ingest_config
 from rayembed.train.report import write_report
 from rayembed.train.start import starting_model
 
@@ -217,11 +218,37 @@ def exported_prompts(cfg: TrainConfig, model: Embedder) -> dict[str, str]:
     return {**model.prompts, **cfg.prompts, **query}
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the job on the current Ray cluster (starting a local one if none); returns a summary."""
+def torch_trainer(cfg: TrainConfig, ds: Any, rotation: Any) -> Any:
+    """The Ray Train trainer of the run: workers get the whole config as a dict (no module globals)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "rotation": rotation},
+        scaling_config=ray.train.ScalingConfig(
+            # elastic: Train v2 takes (min, max)
+            num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,  # type: ignore[arg-type]
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=strip_scheme(str(cfg.storage_path)),
+            storage_filesystem=filesystem(str(cfg.storage_path), cfg.s3_endpoint_url),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": worker_env(cfg)},  # type: ignore[call-arg]  # Train v2's field
+        ),
+        datasets={"train": ds},
+        dataset_config=ingest_config(),  # every worker reads all rows in one order (order.py)
+    )
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the job on the current Ray cluster (starting a local one if none); returns a summary."""
     width = check_model(cfg)  # bad model settings: fail before starting workers
     if cfg.teacher and not cfg.teacher_column:
         resolve_model_path(cfg.teacher, cfg.s3_endpoint_url)
@@ -237,26 +264,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.pca_rotation:  # a resumed run keeps the axes it started with; only a new run fits them
         rotation = checkpoint_rotation(str(cfg.storage_path), cfg.run_name, cfg.s3_endpoint_url)
         rotation = fit_rotation(cfg, ds) if rotation is None else rotation
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "rotation": rotation},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
-            placement_strategy=cfg.placement_strategy,
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=cfg.run_name,
-            storage_path=strip_scheme(str(cfg.storage_path)),
-            storage_filesystem=filesystem(str(cfg.storage_path), cfg.s3_endpoint_url),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env={"env_vars": worker_env(cfg)},  # type: ignore[call-arg]  # Train v2's field
-        ),
-        datasets={"train": ds},
-    )
+    trainer = torch_trainer(cfg, ds, rotation)
     started = time.perf_counter()
     result = trainer.fit()
     assert result.checkpoint is not None

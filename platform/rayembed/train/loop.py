@@ -25,10 +25,11 @@ from rayembed.model.batching import Text
 from rayembed.model.lora import has_lora
 from rayembed.train.config import TrainConfig
 from rayembed.train.dist import agree
-from rayembed.train.export import CKPT_TAG, HISTORY, ROTATION, saved_rotation
+from rayembed.train.export import CKPT_TAG, HISTORY, ROTATION, saved_rotation, saved_world_size, to_universal
 from rayembed.train.gradcache import LossOf, grad_cache_step
 from rayembed.train.losses import GUIDED
 from rayembed.train.objective import LossState, build_loss, objective, sub_model_layers
+from rayembed.train.order import epoch_order, global_batches, num_rows, worker_slice
 from rayembed.train.start import starting_model, trainable_model
 
 
@@ -155,45 +156,50 @@ def _build(cfg: TrainConfig, device: torch.device, rotation: Tensor | None) -> t
 
 
 def _resume(
-    engine: Any, loss: LossState, rotation: Tensor | None
+    engine: Any, loss: LossState, rotation: Tensor | None, rows_per_batch: int
 ) -> tuple[dict[str, int], list[Any], Tensor | None]:
-    """Position (step, epoch, batch in epoch), loss state, metric history and the pca rotation the run
-    started with, from the latest checkpoint (frozen weights, absent from it, stay as built)."""
+    """Position (step, epoch, row in epoch), loss state, metric history and the pca rotation the run
+    started with, from the latest checkpoint (frozen weights, absent from it, stay as built). A checkpoint
+    that another number of workers saved (elastic training) is loaded through its universal form."""
     import ray.train
 
-    state, history = {"step": 0, "epoch": 0, "batch_in_epoch": 0}, []
+    state, history = {"step": 0, "epoch": 0, "row_in_epoch": 0}, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
+        world = ray.train.get_context().get_world_size()
+        with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
+            saved = saved_world_size(d)
+            source = to_universal(d, tmp) if saved and saved != world else d
+            engine._config.load_universal_checkpoint = source != d
             _, client = engine.load_checkpoint(
-                d, tag=CKPT_TAG, load_module_strict=not has_lora(engine.module)
+                source, tag=CKPT_TAG, load_module_strict=not has_lora(engine.module)
             )
+            engine._config.load_universal_checkpoint = False
             if Path(d, HISTORY).is_file():
                 history = json.loads(Path(d, HISTORY).read_text())
+            rotation = saved_rotation(d, rotation)
+        if "batch_in_epoch" in client:  # a checkpoint from before row counts: its batches were all full
+            client["row_in_epoch"] = client["batch_in_epoch"] * rows_per_batch
         state.update({k: int(client[k]) for k in state})
         loss.load_state_dict(client)
-        rotation = saved_rotation(d, rotation)
     return state, [h for h in history if h["step"] <= state["step"]], rotation
 
 
-def _epoch_batches(shard: Any, cfg: TrainConfig, state: dict[str, int]) -> Iterator[dict[str, Any]]:
-    """This worker's batches of the current epoch (shuffled with a per-epoch seed if asked), past the
-    ones a resumed run already trained on."""
-    shuffle = {
-        "local_shuffle_buffer_size": cfg.shuffle_buffer,
-        "local_shuffle_seed": cfg.seed + state["epoch"],
-    }
-    it = iter(
-        shard.iter_batches(
-            batch_size=cfg.batch_size,
-            drop_last=True,
-            batch_format="numpy",
-            **(shuffle if cfg.shuffle_buffer else {}),
-        )
-    )
-    for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: skip what was trained on
-        next(it, None)
-    return it
+def _epoch_batches(shard: Any, cfg: TrainConfig, state: dict[str, int]) -> Iterator[tuple[int, Any]]:
+    """(rows in the global batch, this worker's slice or None) for each global batch of the epoch from
+    row `row_in_epoch` on: the same order on every worker and for any number of workers (order.py)."""
+    ctx = ray_train_context()
+    world = ctx.get_world_size()
+    stream = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
+    rows = epoch_order(stream, cfg.shuffle_buffer, cfg.seed, state["epoch"])
+    for batch in global_batches(rows, state["row_in_epoch"], cfg.batch_size * world):
+        yield num_rows(batch), worker_slice(batch, ctx.get_world_rank(), world)
+
+
+def ray_train_context() -> Any:
+    import ray.train
+
+    return ray.train.get_context()
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -211,20 +217,22 @@ def train_loop(config: dict[str, Any]) -> None:
     fixed = {"base_mem_mb": peak_memory_mb(device)}  # the process before any model: Python, torch, Ray
     engine, teacher = _build(cfg, device, rotation)
     loss_state = LossState(build_loss(cfg).to(device), cfg.scale_lr)
-    state, history, rotation = _resume(engine, loss_state, rotation)
+    world = ray.train.get_context().get_world_size()
+    state, history, rotation = _resume(engine, loss_state, rotation, cfg.batch_size * world)
     fixed["resumed_from"], started = state["step"], time.perf_counter()
     shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
     max_steps = cfg.max_steps or 10**12
     metrics: dict[str, float] = {"loss": float("nan")}
-    saved, last_report = -1, 0.0
+    saved, last_report, fixed["rows_left_out"] = -1, 0.0, 0
     while state["epoch"] < cfg.epochs and state["step"] < max_steps:
         it = _epoch_batches(shard, cfg, state)
         while state["step"] < max_steps:
-            batch = next(it, None)
+            rows, batch = next(it, (0, None))
             due = time.perf_counter() - last_report >= cfg.report_interval_s
             ready, report = agree(batch is not None, due, device)  # same answers on every worker
             if not ready:
+                fixed["rows_left_out"] += rows  # an epoch's last rows, fewer than the workers
                 break
             assert batch is not None
             # seeded by position: a resumed run samples the same FlagEmbedding groups it would have
@@ -233,11 +241,12 @@ def train_loop(config: dict[str, Any]) -> None:
             loss = float(backward_step(engine, cfg, towers, loss_of))
             engine.step()
             loss_state.step()
-            state["step"], state["batch_in_epoch"] = state["step"] + 1, state["batch_in_epoch"] + 1
+            at = {"epoch": state["epoch"], "row": state["row_in_epoch"], "rows": rows, "workers": world}
+            state["step"], state["row_in_epoch"] = state["step"] + 1, state["row_in_epoch"] + rows
             extra = loss_state.metrics()  # e.g. a learnable scale
             metrics = {"loss": loss, "peak_mem_mb": peak_memory_mb(device)} | fixed | extra
             history.append(
-                {"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started} | extra
+                {"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started} | at | extra
             )
             if state["step"] % cfg.checkpoint_every == 0:
                 _save_and_report(engine, state, metrics, history, loss_state, rotation)
@@ -247,7 +256,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 last_report = time.perf_counter()
         else:
             break
-        state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+        state["epoch"], state["row_in_epoch"] = state["epoch"] + 1, 0
     if saved != state["step"] or state["step"] == 0:
         metrics |= fixed | {"peak_mem_mb": peak_memory_mb(device)}
         _save_and_report(engine, state, metrics, history, loss_state, rotation)
