@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import free_port, wait_for
+from rayembed.data.readers import write_jsonl
 from rayembed.io import upload_dir
 from rayembed.model import Embedder, resolve_model_path
 
@@ -94,7 +95,11 @@ def test_manifest_jobs_and_service_on_a_started_cluster(
     data.mkdir()
     (data / "snli.jsonl").write_bytes(snli_triples.read_bytes())
     upload_dir(data, f"{BUCKET}/train", s3_endpoint)  # train/snli.jsonl, read by train
-    upload_dir(data, f"{BUCKET}/train/texts", s3_endpoint)  # id/positive rows, read by distill's embed
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    rows = [json.loads(line) for line in snli_triples.read_text().splitlines()]
+    write_jsonl(texts / "texts.jsonl", ({"id": r["id"], "text": r["positive"]} for r in rows))
+    upload_dir(texts, f"{BUCKET}/train/texts", s3_endpoint)  # id/text rows, read by distill's embed
     upload_dir(scifact_docs.parent, f"{BUCKET}/corpus", s3_endpoint)  # _id/title/text, read by embed
     for name in ("train", "distill", "embed"):
         _submit(address, env, _entrypoint(name), s3_endpoint)

@@ -6,18 +6,26 @@ from dataclasses import dataclass
 
 from rayembed.settings import check
 
+KINDS = ("snli", "beir", "general", "nli_retrieval", "random_model")
+
 
 @dataclass
 class PrepareConfig:
     kind: str
-    """'snli' (query/positive/negative triples from e-SNLI), 'beir' (query/positive pairs from qrels) or
-    'random_model' (a random-weight model of `family` and `size`, for CPU runs of LLM recipes)."""
+    """'snli' (query/positive/negative triples from e-SNLI), 'beir' (query/positive pairs from qrels),
+    'general' (id/source/text rows of general-domain text to distill on: rayembed.data.mix),
+    'nli_retrieval' (a BEIR folder from e-SNLI: premise -> entailed hypotheses) or 'random_model' (a
+    random-weight model of `family` and `size`, for CPU runs of LLM recipes)."""
     output: str
-    """JSONL file to write (random_model: the model folder)."""
+    """JSONL file to write (nli_retrieval: the BEIR folder; random_model: the model folder)."""
     source: str | None = None
-    """Source folder: e-SNLI s1/s2/labels files, or a BEIR folder."""
+    """Source folder: e-SNLI s1/s2/labels files, a BEIR folder, or (general) the shared data folder."""
     split: str = "dev"
-    """Source split (snli: dev|test; beir: a qrels split)."""
+    """Source split (snli, nli_retrieval: dev|test; beir: a qrels split)."""
+    sentences: int = 6000
+    """general: Wikipedia sentences sampled besides the paragraphs (query-like text)."""
+    seed: int = 0
+    """general: seed of the sentence sample and of the shuffle."""
     limit: int | None = None
     """Write at most this many rows."""
     family: str | None = None
@@ -31,11 +39,9 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         from rayembed.model.random_models import FAMILIES, SIZES
 
-        check(
-            self.kind in ("snli", "beir", "random_model"),
-            f"prepare kind must be snli, beir or random_model, got {self.kind!r}",
-        )
+        check(self.kind in KINDS, f"prepare kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         check(self.limit is None or self.limit >= 1, "limit must be >= 1")
+        check(self.sentences >= 0, "sentences must be >= 0")
         check(
             self.kind == "random_model" or bool(self.source),
             f"prepare kind={self.kind} needs a source folder",

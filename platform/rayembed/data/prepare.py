@@ -1,5 +1,5 @@
-"""The `prepare` job: training JSONL from the public sets (SNLI triples, BEIR query/positive pairs), or a
-random-weight model of a real family (a CPU stand-in for a recipe's LLM backbone, no weights needed)."""
+"""The `prepare` job: training JSONL from the public sets (SNLI triples, BEIR query/positive pairs, the
+general-domain distillation mix), an NLI retrieval collection (a BEIR folder), or a random-weight model of a real family (a CPU stand-in for a recipe's LLM backbone, no weights needed)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from rayembed.data.config import PrepareConfig
+from rayembed.data.mix import general_texts, nli_retrieval
 from rayembed.data.readers import load_beir, snli_triples, write_jsonl
 
 
@@ -20,6 +21,11 @@ def prepare_job(cfg: PrepareConfig) -> dict[str, Any]:
         path = build_random_model(cfg.family, cfg.output, cfg.size, pooling=cfg.pooling)
         return {"output": str(path), "family": cfg.family, "size": cfg.size}
     assert cfg.source is not None
+    if cfg.kind == "nli_retrieval":
+        return {"output": cfg.output, **nli_retrieval(cfg.source, cfg.output, cfg.split)}
+    if cfg.kind == "general":
+        rows = general_texts(cfg.source, cfg.sentences, cfg.seed)[: cfg.limit]
+        return {"output": cfg.output, "rows": write_jsonl(cfg.output, rows)}
     return {"output": cfg.output, "rows": prepare(cfg.kind, cfg.source, cfg.output, cfg.split, cfg.limit)}
 
 
@@ -37,5 +43,5 @@ def prepare(kind: str, source: str, output: str, split: str = "dev", limit: int 
             if d in corpus
         )
     else:
-        raise ValueError(f"unknown prepare kind {kind!r}: use snli or beir")
+        raise ValueError(f"unknown prepare kind {kind!r}: use one of the prepare kinds")
     return write_jsonl(output, ({"id": str(i), **r} for i, r in enumerate(itertools.islice(rows, limit))))
