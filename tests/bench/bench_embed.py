@@ -42,6 +42,27 @@ def corpus(n_scifact: int, n_snli: int, repeat: int = 1) -> list[dict[str, str]]
     return [rows[i] for i in rng.permutation(len(rows))]  # lengths mixed throughout, as in a real lake
 
 
+PEAK_DENSE_16BIT = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
+"""Dense fp16/bf16 tensor-core peak FLOP/s by device name (NVIDIA data sheets; first match wins)."""
+
+
+def flops_per_token(model: Embedder, mean_len: float) -> float:
+    """Forward FLOPs per token: 2 x the parameters outside the embedding tables (their GEMMs) plus
+    attention's scores and weighted sums, 4 x layers x hidden x the mean sequence length."""
+    cfg = model.backbone.config
+    weights = sum(p.numel() for n, p in model.backbone.named_parameters() if "embeddings" not in n)
+    return 2 * weights + 4 * cfg.num_hidden_layers * cfg.hidden_size * mean_len
+
+
+def mfu(model: Embedder, device_name: str, tokens: int, docs: int, seconds: float) -> dict[str, Any]:
+    """tokens/s and model FLOPs utilisation (forward FLOPs x tokens/s / the device's dense 16-bit peak)."""
+    peak = next((v for k, v in PEAK_DENSE_16BIT.items() if k in device_name), None)
+    rate = tokens / seconds
+    used = flops_per_token(model, tokens / docs) * rate
+    return {"tokens_per_s": round(rate), "model_tflops": round(used / 1e12, 2),
+            "mfu": round(used / peak, 4) if peak else None}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scifact", type=int, default=2000)
@@ -145,6 +166,9 @@ def main() -> None:
             "docs_per_s": round(len(texts) / c32, 1),
         }
         results["ratio_pipeline_vs_sentence_transformers_float32"] = round(c32 / a, 3)
+    pipeline = results["pipeline"]
+    assert isinstance(pipeline, dict)
+    results["pipeline"] = pipeline | mfu(model, str(results["device"]), pipeline["tokens"], len(texts), a)
     results["max_abs_diff_vs_st"] = float(np.abs(mine - theirs).max())
     results["ratio_pipeline_vs_encode_loop"] = round(b / a, 3)
     results["ratio_pipeline_vs_sentence_transformers"] = round(c / a, 3)

@@ -1,6 +1,7 @@
 """Training samples/s and peak memory per worker with 1, 2 and 4 Ray Train workers, one per local node.
 
     .venv/bin/python tests/bench/bench_train_scaling.py [--workers 1 2 4] [--steps 12]
+    python tests/bench/bench_train_scaling.py --gpu --workers 1 --out ...   # one GPU (tests/bench/gpu.sh)
 
 Each point starts its own multi-node Ray cluster on this machine (ray.cluster_utils.Cluster: a head with
 no CPUs and one 2-CPU node per worker, workers placed SPREAD, so every worker is on its own node and talks
@@ -35,7 +36,7 @@ def point(workers: int, args: argparse.Namespace, data: Path, tmp: Path) -> dict
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     for _ in range(workers):
-        cluster.add_node(num_cpus=2)
+        cluster.add_node(num_cpus=2, num_gpus=int(args.gpu))
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
@@ -43,6 +44,7 @@ def point(workers: int, args: argparse.Namespace, data: Path, tmp: Path) -> dict
             data=str(data), output_dir=str(tmp / f"w{workers}"), num_workers=workers, placement_strategy="SPREAD",
             shared_storage=True, zero_stage=2, negative_column="negative", batch_size=args.batch_size,
             max_length=64, lr=1e-5, max_steps=args.steps, checkpoint_every=args.steps, report_interval_s=60,
+            use_gpu=args.gpu, precision="bf16" if args.gpu else "fp32",
         )  # fmt: skip
         started = time.perf_counter()
         result = train(cfg)
@@ -58,12 +60,19 @@ def point(workers: int, args: argparse.Namespace, data: Path, tmp: Path) -> dict
             "steps_timed": steps, "wall_s": round(wall, 1)}  # fmt: skip
 
 
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 (tests/bench/gpu.sh)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "train-scaling.json"))
     args = ap.parse_args()
 
@@ -82,13 +91,13 @@ def main() -> None:
     out = {
         "benchmark": "train-scaling",
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM (no GPU)",
+        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, "
+        + (gpu_name() if args.gpu else "this project's CPU VM (no GPU)"),
         "command": "python tests/bench/bench_train_scaling.py " + " ".join(sys.argv[1:]),
         "settings": {k: v for k, v in vars(args).items() if k != "out"}
         | {"model": "all-MiniLM-L6-v2", "zero_stage": 2},
         "workers": points,
         "speedup_vs_1": {n: round(p["samples_per_s"] / one, 2) for n, p in points.items()} if one else None,
-        "gpu": "not measured (no GPU lent in this session)",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
