@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,7 +77,11 @@ def _submit(address: str, env: dict[str, str], entrypoint: str, s3_endpoint: str
     runtime_env = json.dumps({"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint}})
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
            "--runtime-env-json", runtime_env, "--", *shlex.split(entrypoint)]  # fmt: skip
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    for _ in range(30):  # a fresh head's job agent can take a while to register ("try again later")
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in done.stdout + done.stderr:
+            break
+        time.sleep(2)
     assert done.returncode == 0, f"{entrypoint}\n{(done.stdout + done.stderr)[-4000:]}"
     assert "succeeded" in done.stdout + done.stderr
 

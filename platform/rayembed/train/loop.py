@@ -185,21 +185,15 @@ def _resume(
     return state, [h for h in history if h["step"] <= state["step"]], rotation
 
 
-def _epoch_batches(shard: Any, cfg: TrainConfig, state: dict[str, int]) -> Iterator[tuple[int, Any]]:
+def _epoch_batches(
+    shard: Any, cfg: TrainConfig, state: dict[str, int], rank: int, world: int
+) -> Iterator[tuple[int, Any]]:
     """(rows in the global batch, this worker's slice or None) for each global batch of the epoch from
     row `row_in_epoch` on: the same order on every worker and for any number of workers (order.py)."""
-    ctx = ray_train_context()
-    world = ctx.get_world_size()
     stream = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
     rows = epoch_order(stream, cfg.shuffle_buffer, cfg.seed, state["epoch"])
     for batch in global_batches(rows, state["row_in_epoch"], cfg.batch_size * world):
-        yield num_rows(batch), worker_slice(batch, ctx.get_world_rank(), world)
-
-
-def ray_train_context() -> Any:
-    import ray.train
-
-    return ray.train.get_context()
+        yield num_rows(batch), worker_slice(batch, rank, world)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -217,16 +211,15 @@ def train_loop(config: dict[str, Any]) -> None:
     fixed = {"base_mem_mb": peak_memory_mb(device)}  # the process before any model: Python, torch, Ray
     engine, teacher = _build(cfg, device, rotation)
     loss_state = LossState(build_loss(cfg).to(device), cfg.scale_lr)
-    world = ray.train.get_context().get_world_size()
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     state, history, rotation = _resume(engine, loss_state, rotation, cfg.batch_size * world)
     fixed["resumed_from"], started = state["step"], time.perf_counter()
     shard = ray.train.get_dataset_shard("train")
-    rank = ray.train.get_context().get_world_rank()
     max_steps = cfg.max_steps or 10**12
     metrics: dict[str, float] = {"loss": float("nan")}
     saved, last_report, fixed["rows_left_out"] = -1, 0.0, 0
     while state["epoch"] < cfg.epochs and state["step"] < max_steps:
-        it = _epoch_batches(shard, cfg, state)
+        it = _epoch_batches(shard, cfg, state, rank, world)
         while state["step"] < max_steps:
             rows, batch = next(it, (0, None))
             due = time.perf_counter() - last_report >= cfg.report_interval_s
