@@ -78,6 +78,7 @@ def test_cli_flags_mix_with_overrides() -> None:
         ("train", {"output_dir": "y"}, "missing 1 required positional argument: 'data'"),
         ("train", {"data": "x", "output_dir": "y", "loss": "distill"}, "needs a teacher"),
         ("train", {"data": "x", "output_dir": "y", "precision": "fp16"}, "fp16 needs use_gpu"),
+        ("train", {"data": "x", "output_dir": "y", "forward_tokens": 0}, "forward_tokens must be >= 1"),
         ("embed", {"input": "x", "output": "y", "precision": "fp8"}, "precision must be"),
         ("serve", {"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
         ("serve", {"dtype": "float16"}, "float16 with num_gpus > 0"),

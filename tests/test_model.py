@@ -168,3 +168,31 @@ def test_sub_model_outputs_for_2d_matryoshka(tiny_model: Path) -> None:
     torch.testing.assert_close(both[:, model.dim :], first)
     with pytest.raises(ValueError, match=r"layers must be in \[1, 2\]"):
         model(**feats, layers=[3])
+
+
+def test_length_chunked_forward_gives_the_rows_and_gradients_of_one_padded_pass(tiny_model: Path) -> None:
+    """by_length: length-sorted chunks trimmed to their own longest row, put back in row order."""
+    import torch
+
+    from rayembed.model.batching import by_length, length_chunks
+
+    model = Embedder.load(tiny_model, device="cpu").eval()
+    texts = [TEXTS[i % len(TEXTS)] + " x" * (i % 3) for i in range(9)]
+    feats = model.tokenize(texts)
+    chunks = length_chunks(feats, max_tokens=4 * int(feats["attention_mask"].sum(1).max()))
+    assert len(chunks) > 1 and sorted(i for idx, _ in chunks for i in idx) == list(range(9))
+    for idx, part in chunks:  # each trimmed to its own longest row: no column of padding only
+        assert part["input_ids"].shape[0] == len(idx) and part["attention_mask"][:, -1].any()
+
+    def grads(max_tokens: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        out = by_length(lambda f: model(**f), feats, max_tokens)
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()  # every row weighed apart
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    one, g_one = grads(None)
+    for budget in (40, 10**6):  # several chunks; one chunk, its rows sorted by length
+        chunked, g_chunked = grads(budget)
+        torch.testing.assert_close(chunked, one, atol=1e-5, rtol=1e-4)
+        for a, b in zip(g_chunked, g_one, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

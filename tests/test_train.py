@@ -161,6 +161,7 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
             zero_stage=3,
             batch_size=8,
             grad_cache_chunk=4,
+            forward_tokens=64,  # each 4-row chunk in length-sorted pieces of <= 64 padded tokens
             shuffle_buffer=64,
             max_length=32,
             lr=1e-3,

@@ -182,6 +182,11 @@ class TrainConfig:
     grad_cache_chunk: int | None = None
     """GradCache: embed the batch in chunks of this many rows (must divide batch_size), so activation
     memory follows the chunk while the loss still sees the whole (gathered) batch; gradients are exact."""
+    forward_tokens: int | None = None
+    """Cut each tower (or GradCache chunk) into length-sorted pieces of at most this many padded tokens
+    for its forward passes (model.batching.by_length); the loss still sees the whole batch, and the
+    result is that of one padded pass. On mixed-length text (paragraphs among sentences) padding is
+    otherwise most of the compute. None: one padded pass per tower."""
     max_length: int | None = None
     """Token limit while training (default: the model's max_seq_length); the exported model keeps its own."""
     lr: float = 2e-5
@@ -226,6 +231,10 @@ class TrainConfig:
             f"grad_cache_chunk must divide batch_size ({self.batch_size}), got {self.grad_cache_chunk}",
         )
         check(self.num_workers >= 1 and self.batch_size >= 1, "num_workers and batch_size must be >= 1")
+        check(
+            self.forward_tokens is None or self.forward_tokens >= 1,
+            f"forward_tokens must be >= 1 (or null: one padded pass), got {self.forward_tokens}",
+        )
         check(
             self.min_workers is None or 1 <= self.min_workers <= self.num_workers,
             f"min_workers must be between 1 and num_workers ({self.num_workers}), got {self.min_workers}",

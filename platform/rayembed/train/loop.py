@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from rayembed.model import Embedder, resolve_model_path
-from rayembed.model.batching import Text
+from rayembed.model.batching import Text, by_length
 from rayembed.model.lora import has_lora
 from rayembed.train.config import TrainConfig
 from rayembed.train.dist import agree
@@ -91,7 +91,9 @@ def backward_step(engine: Any, cfg: TrainConfig, towers: list[Sequence[Text]], l
 
     def embed(texts: Sequence[Text]) -> Tensor:
         feats = {k: v.to(engine.device) for k, v in model.tokenize(list(texts)).items()}
-        return engine(**feats, layers=layers) if layers else engine(**feats)
+        return by_length(
+            lambda f: engine(**f, layers=layers) if layers else engine(**f), feats, cfg.forward_tokens
+        )
 
     if not cfg.grad_cache_chunk:
         loss = loss_of([embed(t) for t in towers])
