@@ -6,8 +6,9 @@ A tiny random BERT (2 layers, hidden 32, MiniLM's tokenizer) so the model is not
 pipeline's own costs show. Corpus: SciFact documents and SNLI sentences repeated to the size (ids unique),
 shuffled, split over `--files` JSONL files. Each size runs in a fresh subprocess (its own driver and
 local Ray cluster), which reports: pipeline docs/s; a bare `Embedder.encode` loop over the same texts in
-the same process, same chunks and torch threads, after the pipeline; the driver's peak RSS; every embed
-actor's peak RSS (sampled with psutil); the bookkeeping files (_manifest, _committed) count and bytes; and
+the same process, same chunks and torch threads, after the pipeline; the steady rate (rows committed
+after the first fragment's marker over the time to the last marker); the driver's peak RSS while the
+jobs run and its ru_maxrss up to ray.shutdown(); every embed actor's peak RSS (sampled with psutil); the bookkeeping files (_manifest, _committed) count and bytes; and
 a rerun of the fully committed job (it must skip everything). `--s3-sizes` repeat sizes with input and
 output on a moto S3 server on loopback (in memory: 1M documents there are left out). Figures:
 docs/results/embed-scale.json.
@@ -49,22 +50,44 @@ def write_lake(lake: Path, size: int, files: int) -> None:
         (lake / f"part-{f:04d}.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in part))
 
 
-class ActorRSS:
-    """Peak RSS of the embed actors (Ray names them ray::MapWorker(...EmbedFragments...))."""
+class PeakRSS:
+    """Peak RSS of the embed actors (Ray names them ray::MapWorker(...EmbedFragments...)) and of this
+    process (the driver), sampled every 0.5 s while the jobs run."""
 
     def __init__(self) -> None:
         self.peak: dict[int, int] = {}
+        self.driver = 0
         self.stop = threading.Event()
         threading.Thread(target=self.run, daemon=True).start()
 
     def run(self) -> None:
         import psutil
 
+        me = psutil.Process()
         while not self.stop.is_set():
+            self.driver = max(self.driver, me.memory_info().rss)
             for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
                 if "EmbedFragments" in " ".join(p.info["cmdline"] or []) and p.info["memory_info"]:
                     self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.info["memory_info"].rss)
             time.sleep(0.5)
+
+
+def steady_docs_s(out: str, endpoint: str | None) -> float | None:
+    """Rows committed after the first marker / seconds from the first marker to the last (markers'
+    mtimes): the pipeline's rate once its fixed start-up costs are paid. None where the listing has no
+    mtimes (pyarrow's S3 listing)."""
+    import pyarrow.fs as pafs
+
+    from rayembed.embed.manifest import COMMITTED, list_dir, read_json
+    from rayembed.io import filesystem, strip_scheme
+
+    fs = filesystem(out, endpoint) or pafs.LocalFileSystem()
+    marks = list_dir(fs, f"{strip_scheme(out)}/{COMMITTED}")
+    if any(i.mtime is None for i in marks):
+        return None
+    marks.sort(key=lambda i: i.mtime)
+    rows = sum(read_json(fs, i.path)["rows_out"] for i in marks[1:])
+    return round(rows / (marks[-1].mtime - marks[0].mtime).total_seconds(), 1)
 
 
 def one(size_dir: Path, model: Path, endpoint: str | None) -> dict[str, Any]:
@@ -85,16 +108,16 @@ def one(size_dir: Path, model: Path, endpoint: str | None) -> dict[str, Any]:
         lake, out = f"s3://rayembed/{size_dir.name}/lake", f"s3://rayembed/{size_dir.name}/out"
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cfg = EmbedConfig(input=lake, output=out, model=str(model), progress=False, s3_endpoint_url=endpoint)
-    sampler = ActorRSS()
+    sampler = PeakRSS()
     t = time.perf_counter()
     summary = embed(cfg)
     first = time.perf_counter() - t
-    sampler.stop.set()
     t = time.perf_counter()
     again = embed(cfg)
     rerun = time.perf_counter() - t
+    sampler.stop.set()
     ray.shutdown()
-    driver_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the bare loop's texts
+    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the bare loop's texts
     docs = summary["rows"]
     assert again["fragments_skipped"] == again["fragments"], again
     texts = [r["text"] for f in sorted((size_dir / "lake").glob("*.jsonl")) for r in read_jsonl(f)]
@@ -108,7 +131,8 @@ def one(size_dir: Path, model: Path, endpoint: str | None) -> dict[str, Any]:
         "docs": docs, "fragments": summary["fragments"], "pipeline_s": round(first, 2),
         "pipeline_docs_s": round(docs / first, 1), "bare_s": round(bare, 2), "bare_docs_s": round(len(texts) / bare, 1),
         "pipeline_vs_bare": round(bare / first, 3), "rerun_s": round(rerun, 2), "rerun_fraction": round(rerun / first, 4),
-        "driver_peak_rss_mb": round(driver_mb, 1),
+        "steady_docs_s": steady_docs_s(out, endpoint),
+        "driver_peak_rss_mb": round(sampler.driver / 2**20, 1), "driver_maxrss_mb": round(maxrss_mb, 1),
         "actor_peak_rss_mb": sorted(round(v / 2**20, 1) for v in sampler.peak.values()),
         "bookkeeping": bookkeeping(out, endpoint), "plan": summary["plan"],
     }  # fmt: skip
@@ -184,7 +208,9 @@ def main() -> None:
         "model": "random BERT, 2 layers, hidden 32, MiniLM's tokenizer", "files": args.files, "results": results,
         "pipeline_vs_bare_1m": ratio("1000000", "pipeline_vs_bare"),
         "docs_s_1m_vs_100k": ratio("1000000", "pipeline_docs_s", "100000"),
+        "steady_docs_s_1m_vs_100k": ratio("1000000", "steady_docs_s", "100000"),
         "driver_rss_1m_vs_100k": ratio("1000000", "driver_peak_rss_mb", "100000"),
+        "driver_maxrss_1m_vs_100k": ratio("1000000", "driver_maxrss_mb", "100000"),
         "rerun_fraction_1m": ratio("1000000", "rerun_fraction"),
     }  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
