@@ -8,8 +8,8 @@ shuffled, split over `--files` JSONL files. Each size runs in a fresh subprocess
 local Ray cluster), which reports: pipeline docs/s; a bare `Embedder.encode` loop over the same texts in
 the same process, same chunks and torch threads, after the pipeline; the steady rate (rows committed
 after the first fragment's marker over the time to the last marker); the driver's peak RSS while the
-jobs run and its ru_maxrss up to ray.shutdown(); every embed actor's peak RSS (sampled with psutil); the bookkeeping files (_manifest, _committed) count and bytes; and
-a rerun of the fully committed job (it must skip everything). `--s3-sizes` repeat sizes with input and
+jobs run and its ru_maxrss up to ray.shutdown(); every embed actor's peak RSS (sampled with psutil);
+the bookkeeping files (_manifest, _committed) count and bytes; and a rerun of the fully committed job (it must skip everything). `--s3-sizes` repeat sizes with input and
 output on a moto S3 server on loopback (in memory: 1M documents there are left out). Figures:
 docs/results/embed-scale.json.
 """
@@ -76,12 +76,11 @@ def steady_docs_s(out: str, endpoint: str | None) -> float | None:
     """Rows committed after the first marker / seconds from the first marker to the last (markers'
     mtimes): the pipeline's rate once its fixed start-up costs are paid. None where the listing has no
     mtimes (pyarrow's S3 listing)."""
-    import pyarrow.fs as pafs
-
+    from rayembed.embed.actor import fs_for
     from rayembed.embed.manifest import COMMITTED, list_dir, read_json
-    from rayembed.io import filesystem, strip_scheme
+    from rayembed.io import strip_scheme
 
-    fs = filesystem(out, endpoint) or pafs.LocalFileSystem()
+    fs = fs_for(out, endpoint)
     marks = list_dir(fs, f"{strip_scheme(out)}/{COMMITTED}")
     if any(i.mtime is None for i in marks):
         return None
@@ -142,9 +141,10 @@ def bookkeeping(out: str, endpoint: str | None) -> dict[str, int]:
     """Count and bytes of the exactly-once files: the manifest and the commit markers."""
     import pyarrow.fs as pafs
 
-    from rayembed.io import filesystem, strip_scheme
+    from rayembed.embed.actor import fs_for
+    from rayembed.io import strip_scheme
 
-    fs = filesystem(out, endpoint) or pafs.LocalFileSystem()
+    fs = fs_for(out, endpoint)
     infos = fs.get_file_info(pafs.FileSelector(strip_scheme(out), recursive=True))
     marks = [
         i
