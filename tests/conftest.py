@@ -22,6 +22,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train's controller polls its workers every 2 s by default: a run's end (and a lost node) is seen up to
+# 2 s late, twice a run. Polled every 0.25 s here, a 2-step run takes ~4.5 s less; nothing else changes.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAYEMBED_MODEL_CACHE", tempfile.mkdtemp(prefix="rayembed-models-"))  # s3:// models
 
 DATA = Path(SHARED_DATA)

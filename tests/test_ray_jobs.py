@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def ray_started(s3_endpoint: str) -> Iterator[tuple[str, dict[str, str]]]:
     _ray("start", "--head", f"--port={port}", "--num-cpus=1", f"--dashboard-port={dashboard}",
          "--include-dashboard=true", "--disable-usage-stats", env=env)  # fmt: skip
     try:
-        _ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=4", env=env)
+        _ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=8", env=env)  # the three jobs side by side
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         subprocess.run(
@@ -106,8 +107,9 @@ def test_manifest_jobs_and_service_on_a_started_cluster(
     write_jsonl(texts / "texts.jsonl", ({"id": r["id"], "text": r["positive"]} for r in rows))
     upload_dir(texts, f"{BUCKET}/train/texts", s3_endpoint)  # id/text rows, read by distill's embed
     upload_dir(scifact_docs.parent, f"{BUCKET}/corpus", s3_endpoint)  # _id/title/text, read by embed
-    for name in ("train", "distill", "embed"):
-        _submit(address, env, _entrypoint(name), s3_endpoint)
+    names = ("train", "distill", "embed")
+    with ThreadPoolExecutor(len(names)) as pool:  # the RayJobs at once, as on a shared cluster
+        list(pool.map(lambda name: _submit(address, env, _entrypoint(name), s3_endpoint), names))
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     outputs = fs.find("rayembed/jobs")
     for expected in ("runs/train/model/model.safetensors", "runs/train/report/report.json",
