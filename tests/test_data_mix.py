@@ -36,6 +36,32 @@ def test_general_mix_has_no_text_of_the_unseen_collections(
     assert not set(captions) & set(texts)  # STS captions (the NLI collection's domain) left out
 
 
+def test_the_corpus_to_embed_joins_the_mix_as_its_own_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl").write_text(
+        json.dumps({"_id": "1", "title": "Cats", "text": "Cats purr when they are content."}) + "\n"
+        + json.dumps({"_id": "2", "text": "Dogs bark at the postman."}) + "\n"
+    )  # fmt: skip
+    (docs / "b.jsonl").write_text(json.dumps({"_id": "3", "text": "Not read: corpus_rows=2."}) + "\n")
+    out = tmp_path / "general.jsonl"
+    args = ["prepare", "kind=general", f"source={DATA}", f"output={out}", "sentences=0"]
+    assert main([*args, f"corpus={docs}", "corpus_rows=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["prepare"]["sources"]["corpus"] == 2
+    got = sorted(r["text"] for r in read_jsonl(out) if r["source"] == "corpus")
+    assert got == ["Cats Cats purr when they are content.", "Dogs bark at the postman."]  # title + text
+
+    (docs / "a.jsonl").write_text(json.dumps({"_id": "1", "body": "no text field"}) + "\n")
+    assert main([*args, f"corpus={docs}"]) != 0
+    assert "a.jsonl:1: a row needs a string 'text' field" in capsys.readouterr().err
+    assert main([*args, f"corpus={tmp_path / 'none'}"]) != 0
+    assert "no JSONL file there" in capsys.readouterr().err
+    assert main(["prepare", "kind=snli", f"source={DATA}", f"output={out}", f"corpus={docs}"]) != 0
+    assert "corpus applies to prepare kind=general" in capsys.readouterr().err
+
+
 def test_nli_retrieval_is_a_beir_folder_of_entailed_hypotheses(tmp_path: Path) -> None:
     assert main(["prepare", "kind=nli_retrieval", f"source={DATA / 'snli-esnli'}", f"output={tmp_path}",
                  "split=test"]) == 0  # fmt: skip

@@ -26,6 +26,12 @@ class PrepareConfig:
     """general: Wikipedia sentences sampled besides the paragraphs (query-like text)."""
     seed: int = 0
     """general: seed of the sentence sample and of the shuffle."""
+    corpus: str | None = None
+    """general: JSONL file (or folder of *.jsonl) of the corpus the student will embed; the `text` (and
+    `title`) of its first `corpus_rows` rows join the mix as source 'corpus'. Documents only: no queries,
+    no labels (docs/benchmarks.md "Text of the corpus to embed")."""
+    corpus_rows: int = 20000
+    """general: at most this many corpus rows, read from the start."""
     limit: int | None = None
     """Write at most this many rows."""
     family: str | None = None
@@ -42,6 +48,8 @@ class PrepareConfig:
         check(self.kind in KINDS, f"prepare kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         check(self.limit is None or self.limit >= 1, "limit must be >= 1")
         check(self.sentences >= 0, "sentences must be >= 0")
+        check(self.corpus_rows >= 1, "corpus_rows must be >= 1")
+        check(self.corpus is None or self.kind == "general", "corpus applies to prepare kind=general")
         check(
             self.kind == "random_model" or bool(self.source),
             f"prepare kind={self.kind} needs a source folder",

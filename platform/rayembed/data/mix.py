@@ -54,13 +54,38 @@ def flag_texts(folder: Path) -> list[str]:
     return out
 
 
-def general_texts(data_dir: str | Path, sentences: int = 6000, seed: int = 0) -> list[dict[str, str]]:
-    """The general mix as rows {id, source, text}: deduplicated, shuffled (mixed lengths in every batch)."""
+def corpus_texts(path: str | Path, rows: int) -> list[str]:
+    """`title` + `text` of the first `rows` rows of a JSONL file or folder of *.jsonl (a BEIR corpus.jsonl,
+    an embed job's input); a row without a string `text` is an error naming its file and line."""
+    files = sorted(Path(path).rglob("*.jsonl")) if Path(path).is_dir() else [Path(path)]
+    if not files or not files[0].is_file():
+        raise ValueError(f"corpus {path}: no JSONL file there")
+    out: list[str] = []
+    for file in files:
+        for n, row in enumerate(read_jsonl(file), 1):
+            if len(out) == rows:
+                return out
+            if not isinstance(row.get("text"), str):
+                raise ValueError(f"corpus {file}:{n}: a row needs a string 'text' field")
+            out.append(f"{row['title']} {row['text']}" if row.get("title") else row["text"])
+    return out
+
+
+def general_texts(
+    data_dir: str | Path,
+    sentences: int = 6000,
+    seed: int = 0,
+    corpus: str | Path | None = None,
+    corpus_rows: int = 20000,
+) -> list[dict[str, str]]:
+    """The general mix as rows {id, source, text}: deduplicated, shuffled (mixed lengths in every batch);
+    with `corpus`, the text of the corpus the student will embed joins it (source 'corpus')."""
     root, rng = Path(data_dir), random.Random(seed)
     parts = {
         "wikitext": wiki_texts(root / "wikitext-2" / "paragraphs.jsonl", sentences, rng),
         "sts": sts_texts(root / "stsbenchmark" / "stsbenchmark"),
         "flagembedding": flag_texts(root / "flagembedding-examples"),
+        "corpus": corpus_texts(corpus, corpus_rows) if corpus else [],
     }
     seen: dict[str, str] = {}
     for source, texts in parts.items():

@@ -4,6 +4,7 @@ general-domain distillation mix), an NLI retrieval collection (a BEIR folder), o
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,8 +25,11 @@ def prepare_job(cfg: PrepareConfig) -> dict[str, Any]:
     if cfg.kind == "nli_retrieval":
         return {"output": cfg.output, **nli_retrieval(cfg.source, cfg.output, cfg.split)}
     if cfg.kind == "general":
-        rows = general_texts(cfg.source, cfg.sentences, cfg.seed)[: cfg.limit]
-        return {"output": cfg.output, "rows": write_jsonl(cfg.output, rows)}
+        rows = general_texts(cfg.source, cfg.sentences, cfg.seed, cfg.corpus, cfg.corpus_rows)[: cfg.limit]
+        sources = dict(
+            Counter(r["source"] for r in rows)
+        )  # what went in (duplicates and empty texts did not)
+        return {"output": cfg.output, "rows": write_jsonl(cfg.output, rows), "sources": sources}
     return {"output": cfg.output, "rows": prepare(cfg.kind, cfg.source, cfg.output, cfg.split, cfg.limit)}
 
 
