@@ -15,6 +15,9 @@ collections whose text never entered training (writes docs/results/quality.json)
    `jobs/distill.yaml` does (distill against the teacher column, pca_rotation, Matryoshka 384/256/128/64,
    ZeRO-2 on 2 CPU workers), then evaluated with `evaluate` (what `rayembed eval` runs) at full width and
    128-d, float32 and int8, and timed on 1,000 SciFact abstracts (docs/s, same run as the teacher).
+--corpus-text (another --out and --workdir): every document of both collections joins the training text
+(what `prepare kind=general corpus=` does for a user's corpus), queries and qrels stay out (`overlap`
+then counts queries); the figures go under `corpus_text`, never `unseen`.
 Goals (issue 17): on every unseen collection the 3-layer student keeps >= 95 % of the teacher's nDCG@10;
 its 128-d >= 95 % of its full width; int8 >= 99 % of float32.
 """
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rayembed.config import SHARED_DATA, EmbedConfig, EvalConfig, TrainConfig
-from rayembed.data.mix import general_texts, nli_retrieval
+from rayembed.data.mix import corpus_texts, general_texts, nli_retrieval
 from rayembed.data.readers import load_beir, write_jsonl
 from rayembed.embed import embed
 from rayembed.eval.job import evaluate
@@ -58,14 +61,25 @@ def collections(work: Path) -> dict[str, EvalConfig]:
     }
 
 
-def overlap(rows: list[dict[str, str]], evals: dict[str, EvalConfig]) -> dict[str, int]:
-    """Texts of each eval collection (queries and documents) found verbatim in the training text."""
+def overlap(rows: list[dict[str, str]], evals: dict[str, EvalConfig], docs: bool = True) -> dict[str, int]:
+    """Texts of each eval collection (queries, and documents unless `docs` is False) found verbatim in the
+    training text."""
     train_texts = {norm(r["text"]) for r in rows}
     out = {}
     for name, cfg in evals.items():
         corpus, queries, _ = load_beir(str(cfg.beir_dir), cfg.split)
-        out[name] = sum(norm(t) in train_texts for t in [*corpus.values(), *queries.values()])
+        texts = [*corpus.values(), *queries.values()] if docs else list(queries.values())
+        out[name] = sum(norm(t) in train_texts for t in texts)
     return out
+
+
+def with_corpora(rows: list[dict[str, str]], evals: dict[str, EvalConfig]) -> list[dict[str, str]]:
+    """--corpus-text: the general mix plus every document of each collection (what `prepare corpus=`
+    adds; the queries and qrels stay out)."""
+    extra = [
+        t for cfg in evals.values() for t in corpus_texts(Path(str(cfg.beir_dir)) / "corpus.jsonl", 10**9)
+    ]
+    return rows + [{"id": str(len(rows) + i), "source": "corpus", "text": t} for i, t in enumerate(extra)]
 
 
 def teacher_vectors(work: Path, rows: list[dict[str, str]]) -> float:
@@ -163,6 +177,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default="/tmp/bench-quality", help="kept: teacher vectors are reused")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--corpus-text", action="store_true",
+                    help="the collections' documents join the training text (queries do not); figures under "
+                    "`corpus_text`, not `unseen` (use another --out and --workdir)")  # fmt: skip
     args = ap.parse_args()
     import ray
 
@@ -171,7 +188,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = general_texts(SHARED_DATA, args.sentences, args.seed)
     evals = collections(work)
-    found = overlap(rows, evals)
+    rows = with_corpora(rows, evals) if args.corpus_text else rows
+    found = overlap(rows, evals, docs=not args.corpus_text)
     assert not any(found.values()), f"eval text in the training mix: {found}"
     seconds = {"teacher_vectors": round(teacher_vectors(work, rows))}
     students = {n: train_student(work, n, args, len(rows)) for n in map(int, args.students.split(","))}
@@ -189,12 +207,17 @@ def main() -> None:
     for name, model in models.items():  # speed measured in this run for all, one after the other
         results[name]["docs_per_s"] = docs_per_s(model, speed_docs)
     seconds["eval"] = round(time.perf_counter() - t0)
+    figures = summary(results, students, list(evals), len(rows))
+    if args.corpus_text:  # the documents were training text: not an unseen-collection figure
+        figures = {"corpus_text": figures.pop("unseen")} | figures
     out = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM (no GPU)",
         "command": "python tests/bench/bench_quality.py " + " ".join(sys.argv[1:]),
-        "protocol": "train on rayembed.data.mix.general_texts; unseen = collections with no text in training",
-        "texts": len(rows), "overlap": found, "seconds": seconds, **summary(results, students, list(evals), len(rows)),
+        "protocol": "train on rayembed.data.mix.general_texts; unseen = collections with no text in training"
+        if not args.corpus_text else "train on general_texts + every document of both collections "
+        "(queries and qrels out); corpus_text = those collections",
+        "texts": len(rows), "overlap": found, "seconds": seconds, **figures,
         "scores": results,
     }  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

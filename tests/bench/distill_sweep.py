@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from rayembed.config import SHARED_DATA, EvalConfig
 from rayembed.data.mix import general_texts, nli_retrieval
+from rayembed.data.readers import load_beir
 from rayembed.eval.job import evaluate
 from rayembed.model import Embedder
 from rayembed.model.batching import by_length
@@ -177,6 +178,11 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--forward-tokens", type=int, default=4096, help="length-sorted chunks (0: one pass)")
     ap.add_argument("--random-words", type=int, default=0, help="texts of random vocabulary words added")
     ap.add_argument(
+        "--corpus-text",
+        action="store_true",
+        help="add the SNLI-dev corpus (its hypotheses, never its queries or labels) to the training text",
+    )
+    ap.add_argument(
         "--augment", type=int, default=0, help="rows per batch that add a crop and an edited crop"
     )
     ap.add_argument(
@@ -201,6 +207,13 @@ def training_text(args: argparse.Namespace, work: Path, teacher: Embedder) -> tu
     if args.random_words:
         extra = random_word_texts(teacher.tokenizer, args.random_words, np.random.default_rng(2))
         extra_file = work / f"teacher-random{args.random_words}.npy"
+        if not extra_file.exists():
+            np.save(extra_file, teacher.encode(extra, batch_size=64))
+        texts, vectors = texts + extra, np.concatenate([vectors, np.load(extra_file)])
+    if args.corpus_text:  # unlabeled text of the target domain: what a user has of their own corpus
+        corpus, _, _ = load_beir(str(work / "snli-dev"))
+        extra = sorted(set(corpus.values()) - set(texts))
+        extra_file = work / "teacher-snli-dev-corpus.npy"
         if not extra_file.exists():
             np.save(extra_file, teacher.encode(extra, batch_size=64))
         texts, vectors = texts + extra, np.concatenate([vectors, np.load(extra_file)])
