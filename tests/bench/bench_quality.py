@@ -75,9 +75,14 @@ def overlap(rows: list[dict[str, str]], evals: dict[str, EvalConfig], docs: bool
 
 def with_corpora(rows: list[dict[str, str]], evals: dict[str, EvalConfig]) -> list[dict[str, str]]:
     """--corpus-text: the general mix plus every document of each collection (what `prepare corpus=`
-    adds; the queries and qrels stay out)."""
+    adds; the queries and qrels stay out, and so does a document whose text is also a query: SNLI-test
+    has one premise that is verbatim a hypothesis)."""
+    queries = {norm(q) for cfg in evals.values() for q in load_beir(str(cfg.beir_dir), cfg.split)[1].values()}
     extra = [
-        t for cfg in evals.values() for t in corpus_texts(Path(str(cfg.beir_dir)) / "corpus.jsonl", 10**9)
+        t
+        for cfg in evals.values()
+        for t in corpus_texts(Path(str(cfg.beir_dir)) / "corpus.jsonl", 10**9)
+        if norm(t) not in queries
     ]
     return rows + [{"id": str(len(rows) + i), "source": "corpus", "text": t} for i, t in enumerate(extra)]
 
