@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rayembed.config import SHARED_DATA, EmbedConfig, EvalConfig, TrainConfig
-from rayembed.data.mix import corpus_texts, general_texts, nli_retrieval
+from rayembed.data.mix import general_texts, nli_retrieval
 from rayembed.data.readers import load_beir, write_jsonl
 from rayembed.embed import embed
 from rayembed.eval.job import evaluate
@@ -73,18 +73,16 @@ def overlap(rows: list[dict[str, str]], evals: dict[str, EvalConfig], docs: bool
     return out
 
 
-def with_corpora(rows: list[dict[str, str]], evals: dict[str, EvalConfig]) -> list[dict[str, str]]:
-    """--corpus-text: the general mix plus every document of each collection (what `prepare corpus=`
-    adds; the queries and qrels stay out, and so does a document whose text is also a query: SNLI-test
-    has one premise that is verbatim a hypothesis)."""
-    queries = {norm(q) for cfg in evals.values() for q in load_beir(str(cfg.beir_dir), cfg.split)[1].values()}
-    extra = [
-        t
-        for cfg in evals.values()
-        for t in corpus_texts(Path(str(cfg.beir_dir)) / "corpus.jsonl", 10**9)
-        if norm(t) not in queries
-    ]
-    return rows + [{"id": str(len(rows) + i), "source": "corpus", "text": t} for i, t in enumerate(extra)]
+def corpus_file(work: Path, evals: dict[str, EvalConfig]) -> Path:
+    """--corpus-text: every document of each collection as one JSONL for `general_texts(corpus=...)`, the
+    mechanism `prepare corpus=` uses (deduplicated and shuffled into the mix); the queries and qrels stay
+    out, and so does a document whose text is also a query (SNLI-test has one premise that is verbatim a
+    hypothesis)."""
+    beir = [load_beir(str(cfg.beir_dir), cfg.split) for cfg in evals.values()]
+    queries = {norm(q) for _, qs, _ in beir for q in qs.values()}
+    path = work / "corpus.jsonl"
+    write_jsonl(path, ({"text": t} for docs, _, _ in beir for t in docs.values() if norm(t) not in queries))
+    return path
 
 
 def teacher_vectors(work: Path, rows: list[dict[str, str]]) -> float:
@@ -191,9 +189,9 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    rows = general_texts(SHARED_DATA, args.sentences, args.seed)
     evals = collections(work)
-    rows = with_corpora(rows, evals) if args.corpus_text else rows
+    corpus = corpus_file(work, evals) if args.corpus_text else None
+    rows = general_texts(SHARED_DATA, args.sentences, args.seed, corpus, corpus_rows=10**9)
     found = overlap(rows, evals, docs=not args.corpus_text)
     assert not any(found.values()), f"eval text in the training mix: {found}"
     seconds = {"teacher_vectors": round(teacher_vectors(work, rows))}

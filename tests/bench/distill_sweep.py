@@ -198,26 +198,30 @@ def parse() -> argparse.Namespace:
 
 
 def training_text(args: argparse.Namespace, work: Path, teacher: Embedder) -> tuple[list[str], np.ndarray]:
-    """The general mix (plus --random-words texts) and the teacher's vectors of it, cached in `work`."""
-    texts = [r["text"] for r in general_texts(SHARED_DATA)]
-    vec_file = work / "teacher.npy"
-    if not vec_file.exists():
-        np.save(vec_file, teacher.encode(texts, batch_size=64))
-    vectors = np.load(vec_file)
+    """The general mix (plus --random-words texts, plus --corpus-text's documents) and the teacher's
+    vectors of it, each part's vectors cached in `work`."""
+
+    def vectors_of(texts: list[str], name: str) -> np.ndarray:
+        file = work / f"{name}.npy"
+        if not file.exists():
+            np.save(file, teacher.encode(texts, batch_size=64))
+        return np.load(file)
+
+    parts = [([r["text"] for r in general_texts(SHARED_DATA)], "teacher")]
     if args.random_words:
-        extra = random_word_texts(teacher.tokenizer, args.random_words, np.random.default_rng(2))
-        extra_file = work / f"teacher-random{args.random_words}.npy"
-        if not extra_file.exists():
-            np.save(extra_file, teacher.encode(extra, batch_size=64))
-        texts, vectors = texts + extra, np.concatenate([vectors, np.load(extra_file)])
+        rng = np.random.default_rng(2)
+        parts.append(
+            (
+                random_word_texts(teacher.tokenizer, args.random_words, rng),
+                f"teacher-random{args.random_words}",
+            )
+        )
     if args.corpus_text:  # unlabeled text of the target domain: what a user has of their own corpus
         corpus, _, _ = load_beir(str(work / "snli-dev"))
-        extra = sorted(set(corpus.values()) - set(texts))
-        extra_file = work / "teacher-snli-dev-corpus.npy"
-        if not extra_file.exists():
-            np.save(extra_file, teacher.encode(extra, batch_size=64))
-        texts, vectors = texts + extra, np.concatenate([vectors, np.load(extra_file)])
-    return texts, vectors
+        seen = {t for texts, _ in parts for t in texts}
+        parts.append((sorted(set(corpus.values()) - seen), "teacher-snli-dev-corpus"))
+    texts = [t for part, _ in parts for t in part]
+    return texts, np.concatenate([vectors_of(part, name) for part, name in parts])
 
 
 class Step:

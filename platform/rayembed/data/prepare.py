@@ -26,9 +26,8 @@ def prepare_job(cfg: PrepareConfig) -> dict[str, Any]:
         return {"output": cfg.output, **nli_retrieval(cfg.source, cfg.output, cfg.split)}
     if cfg.kind == "general":
         rows = general_texts(cfg.source, cfg.sentences, cfg.seed, cfg.corpus, cfg.corpus_rows)[: cfg.limit]
-        sources = dict(
-            Counter(r["source"] for r in rows)
-        )  # what went in (duplicates and empty texts did not)
+        # what went in, per source (duplicates and empty texts did not)
+        sources = dict(Counter(r["source"] for r in rows))
         return {"output": cfg.output, "rows": write_jsonl(cfg.output, rows), "sources": sources}
     return {"output": cfg.output, "rows": prepare(cfg.kind, cfg.source, cfg.output, cfg.split, cfg.limit)}
 
