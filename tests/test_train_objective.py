@@ -3,6 +3,7 @@ given as a column make the same distillation loss; contrastive towers follow the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,25 @@ def test_2d_matryoshka_adds_each_sub_models_loss_at_its_width() -> None:
     torch.testing.assert_close(loss_of([q, d]), want)
     with pytest.raises(ValueError, match="matryoshka_2d must be"):
         TrainConfig(data="x", output_dir="y", matryoshka_2d=[[2]])
+
+
+def test_dropout_setting_reaches_every_dropout_of_encoders_and_decoders(
+    tiny_model: Path, tiny_decoder: Callable[..., Path]
+) -> None:
+    from rayembed.train.start import starting_model, trainable_model
+
+    def rates(model: Embedder) -> set[float]:  # the backbone's own (LoRA's dropout apart)
+        own = [m for n, m in model.backbone.named_modules() if "lora_" not in n]
+        layers = {m.p for m in own if isinstance(m, torch.nn.Dropout)}
+        return layers | {m.attention_dropout for m in own if hasattr(m, "attention_dropout")}
+
+    bert = TrainConfig(data="x", output_dir="y", model=str(tiny_model))
+    assert rates(trainable_model(bert, starting_model(bert))) == {0.1}  # null: the model's own
+    for model in (tiny_model, tiny_decoder("qwen3")):
+        cfg = TrainConfig(data="x", output_dir="y", model=str(model), dropout=0.2, lora_r=4)
+        trained = trainable_model(cfg, starting_model(cfg))
+        assert rates(trained) == {0.2}, model  # BERT's 0.1 and the decoder's 0.0 alike
+        lora = {m.p for n, m in trained.backbone.named_modules() if "lora_dropout" in n and hasattr(m, "p")}
+        assert lora == {0.05}  # LoRA keeps its own lora_dropout
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        TrainConfig(data="x", output_dir="y", dropout=1.0)

@@ -47,6 +47,10 @@ class TrainConfig:
     lora_target_modules: list[str] | None = None
     """Linear layers (name suffixes, e.g. [q_proj, k_proj, v_proj, o_proj]) that get adapters; null:
     every linear layer of the backbone. Names matching no layer are refused before training starts."""
+    dropout: float | None = None
+    """Dropout probability of the backbone while training (every dropout layer, and decoders' attention
+    dropout); null keeps the model's own (BERT: 0.1). Distillation fits its teacher better
+    with 0 (docs/benchmarks.md); the exported model's config is left as it was."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (less memory for
     about a third more compute; combine with grad_cache_chunk for very large batches)."""
@@ -315,6 +319,7 @@ class TrainConfig:
             self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
             "lora_r >= 0, lora_alpha > 0, 0 <= lora_dropout < 1",
         )
+        check(self.dropout is None or 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         check(
             self.lora_target_modules is None or bool(self.lora_target_modules),
             "lora_target_modules: a non-empty list or null",

@@ -70,8 +70,14 @@ def starting_model(
 
 
 def trainable_model(cfg: TrainConfig, model: Embedder, recompute: bool = False) -> Embedder:
-    """LoRA adapters (lora_r > 0) on the starting model; `recompute` (the workers): activation
-    (gradient) checkpointing when the run asks for it."""
+    """The run's `dropout` on the backbone, LoRA adapters (lora_r > 0; their own lora_dropout) on the
+    starting model; `recompute` (the workers): activation (gradient) checkpointing when the run asks."""
+    if cfg.dropout is not None:
+        for module in model.backbone.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = cfg.dropout
+            elif isinstance(getattr(module, "attention_dropout", None), float):  # decoders' attention
+                module.attention_dropout = cfg.dropout
     if recompute and cfg.gradient_checkpointing:
         hf, kwargs = model.backbone, {"use_reentrant": False}
         if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5's name
