@@ -175,13 +175,20 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--hidden-weight", type=float, default=0.0, help="every student layer's token states")
     ap.add_argument("--freeze-embeddings", action="store_true", help="token/position embeddings not trained")
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument(
+        "--dropout", type=float, default=None, help="the student's dropout (default: the model's)"
+    )
+    ap.add_argument("--spread-weight", type=float, default=0.1, help="spread-out regulariser weight")
+    ap.add_argument("--decay", action="store_true", help="lr decays linearly to 0 after the warm-up")
     ap.add_argument("--forward-tokens", type=int, default=4096, help="length-sorted chunks (0: one pass)")
+    ap.add_argument("--sentences", type=int, default=6000, help="Wikipedia sentences in the general mix")
     ap.add_argument("--random-words", type=int, default=0, help="texts of random vocabulary words added")
     ap.add_argument(
         "--corpus-text",
         action="store_true",
         help="add the SNLI-dev corpus (its hypotheses, never its queries or labels) to the training text",
     )
+    ap.add_argument("--extra-text", default="", help="a JSONL file whose `text` rows join the training text")
     ap.add_argument(
         "--augment", type=int, default=0, help="rows per batch that add a crop and an edited crop"
     )
@@ -207,7 +214,8 @@ def training_text(args: argparse.Namespace, work: Path, teacher: Embedder) -> tu
             np.save(file, teacher.encode(texts, batch_size=64))
         return np.load(file)
 
-    parts = [([r["text"] for r in general_texts(SHARED_DATA)], "teacher")]
+    mix = [r["text"] for r in general_texts(SHARED_DATA, args.sentences)]
+    parts = [(mix, "teacher" if args.sentences == 6000 else f"teacher-s{args.sentences}")]
     if args.random_words:
         rng = np.random.default_rng(2)
         parts.append(
@@ -216,6 +224,11 @@ def training_text(args: argparse.Namespace, work: Path, teacher: Embedder) -> tu
                 f"teacher-random{args.random_words}",
             )
         )
+    if args.extra_text:
+        seen = {t for texts, _ in parts for t in texts}
+        lines = Path(args.extra_text).read_text().splitlines()
+        extra = sorted({json.loads(line)["text"] for line in lines} - seen)
+        parts.append((extra, f"teacher-{Path(args.extra_text).stem}"))
     if args.corpus_text:  # unlabeled text of the target domain: what a user has of their own corpus
         corpus, _, _ = load_beir(str(work / "snli-dev"))
         seen = {t for texts, _ in parts for t in texts}
@@ -269,7 +282,7 @@ class Step:
             return self.student._pool(out.last_hidden_state, f["attention_mask"], False)
 
         emb = by_length(forward, feats, a.forward_tokens)
-        loss = matryoshka(self.loss_fn, DIMS, None, emb, target) + 0.1 * self.spread(emb, emb)
+        loss = matryoshka(self.loss_fn, DIMS, None, emb, target) + a.spread_weight * self.spread(emb, emb)
         return loss + sum(terms) / feats["attention_mask"].sum() if terms else loss
 
 
@@ -298,7 +311,12 @@ def main() -> None:
     opt = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    if args.dropout is not None:
+        for m in student.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = args.dropout
+    decay = (lambda s: max(0.0, (args.steps - s) / (args.steps - 10))) if args.decay else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10, decay(s)))
     order = batch_order(vectors, args.batch_size, args.neighbor_batches, args.steps)
     t0, history, curve = time.perf_counter(), [], []
     for step, idx in enumerate(order):
