@@ -13,7 +13,7 @@ collections whose text never entered training (writes docs/results/quality.json)
 3. Teacher vectors by the batch pipeline (`rayembed embed`, text passed through), once.
 4. Each student (`--students`: 3 = layers 0,2,5; 4 = 0,2,4,5; 2 = 0,5 of the teacher) is trained as
    `jobs/distill.yaml` does (distill against the teacher column, pca_rotation, Matryoshka 384/256/128/64,
-   ZeRO-2 on 2 CPU workers), then evaluated with `evaluate` (what `rayembed eval` runs) at full width and
+   dropout 0, ZeRO-2 on 2 CPU workers), then evaluated with `evaluate` (what `rayembed eval` runs) at full width and
    128-d, float32 and int8, and timed on 1,000 SciFact abstracts (docs/s, same run as the teacher).
 --corpus-text (another --out and --workdir): every document of both collections joins the training text
 (what `prepare kind=general corpus=` does for a user's corpus), queries and qrels stay out (`overlap`
@@ -104,7 +104,8 @@ def train_student(work: Path, layers: int, args: argparse.Namespace, n_rows: int
         TrainConfig(
             data=str(work / "teacher"), output_dir=str(work / f"student{layers}"), run_name=f"student{layers}",
             model="default", student_layers=LAYERS[layers], loss="distill", teacher_column="embedding",
-            text_column="text", kl_weight=args.kl_weight, temperature=args.temperature, spread_out_weight=0.1,
+            text_column="text", dropout=args.dropout, kl_weight=args.kl_weight, temperature=args.temperature,
+            spread_out_weight=0.1,
             matryoshka_dims=[384, 256, 128, 64], num_workers=2, zero_stage=2, batch_size=args.batch_size,
             max_length=256, forward_tokens=4096, lr=args.lr, warmup_steps=10, max_steps=args.max_steps,
             shuffle_buffer=2000, checkpoint_every=10**6, pca_rotation=True, pca_rows=n_rows, seed=args.seed,
@@ -174,6 +175,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=250)
     ap.add_argument("--batch-size", type=int, default=32, help="per worker (2 workers)")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--dropout", type=float, default=0.0, help="the student's dropout while training")
     ap.add_argument("--kl-weight", type=float, default=1.0)
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--sentences", type=int, default=6000, help="Wikipedia sentences in the mix")
