@@ -93,19 +93,19 @@ def test_grad_cache_replays_dropout_masks(tiny_model: Path) -> None:
 def _compare_worker(config: dict[str, Any]) -> None:
     """On each worker: the same global batch trained plainly and with GradCache, ZeRO-2 and ZeRO-3;
     reports the largest gradient and loss differences (max over workers)."""
-    import os
-
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
     import ray.train
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_grad
 
     from rayembed.config import TrainConfig
+    from rayembed.train.dist import init_deepspeed
+
+    init_deepspeed(use_gpu=False)  # DS_ACCELERATOR before deepspeed is imported
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
     from rayembed.train.loop import backward_step, deepspeed_config
     from rayembed.train.objective import objective
 
-    deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     rows = slice(rank * 8, rank * 8 + 8)
     batch = {k: config["batch"][k][rows] for k in ("query", "positive", "negative")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -49,3 +50,20 @@ def agree(every: bool, any_: bool = False, device: torch.device | str = "cpu") -
     t = torch.tensor([int(every), -int(any_)], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)  # min of -x is -(max of x): one op for both
     return bool(t[0].item() == 1), bool(t[1].item() == -1)
+
+
+def init_deepspeed(use_gpu: bool) -> None:
+    """DeepSpeed's communication over the process group Ray Train made (nccl on GPU, gloo on CPU).
+
+    On CPU, DeepSpeed's backend would JIT-compile a shared-memory all-reduce op with g++ at every start
+    on a new machine or install path (35-170 s on 2 cores, on the critical path of every worker, seen in
+    CI). That op serves only DeepSpeed's `inference_all_reduce` (tensor-parallel inference), never a
+    training step, so it is marked unavailable and gloo runs every collective.
+    """
+    os.environ["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
+    import deepspeed
+    import deepspeed.ops
+
+    if not use_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")

@@ -9,7 +9,6 @@ each worker saves its ZeRO shard into one Ray Train checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -24,7 +23,7 @@ from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.batching import Text, by_length
 from rayembed.model.lora import has_lora
 from rayembed.train.config import TrainConfig
-from rayembed.train.dist import agree
+from rayembed.train.dist import agree, init_deepspeed
 from rayembed.train.export import CKPT_TAG, HISTORY, ROTATION, saved_rotation, saved_world_size, to_universal
 from rayembed.train.gradcache import LossOf, grad_cache_step
 from rayembed.train.losses import GUIDED
@@ -201,12 +200,10 @@ def _epoch_batches(
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: config = {"cfg": TrainConfig fields, "rotation": pca axes or None}."""
     cfg = TrainConfig(**config["cfg"])
-    os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
-    import deepspeed
     import ray.train
     import ray.train.torch
 
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    init_deepspeed(cfg.use_gpu)
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     rotation = None if config["rotation"] is None else torch.as_tensor(config["rotation"])
