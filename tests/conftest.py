@@ -156,12 +156,44 @@ def start_endpoint(**settings: Any) -> str:
     raise AssertionError("unreachable")
 
 
+def _ranged_reads_cost_their_range() -> None:
+    """moto (5.2) answers a ranged GET by reading the whole object from its spooled file, then slicing:
+    pyarrow and Ray Train read checkpoints in ranges, so a 100 MB shard took 33 s to download (2.5 s to
+    upload). The last few objects read are kept as bytes (dropped when rewritten), so a range costs its
+    length; what the server stores and answers is unchanged."""
+    import threading
+    from collections import OrderedDict
+
+    from moto.s3.models import FakeKey
+
+    read, write = FakeKey.value.fget, FakeKey.value.fset
+    recent: OrderedDict[int, tuple[Any, bytes]] = OrderedDict()  # the key is held: its id stays its own
+    lock = threading.Lock()
+
+    def value(key: Any) -> bytes:
+        with lock:
+            if id(key) not in recent:
+                recent[id(key)] = (key, read(key))
+                while len(recent) > 4:
+                    recent.popitem(last=False)
+            recent.move_to_end(id(key))
+            return recent[id(key)][1]
+
+    def set_value(key: Any, new: bytes) -> None:
+        with lock:
+            recent.pop(id(key), None)
+            write(key, new)
+
+    FakeKey.value = property(value, set_value)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on loopback with an empty bucket `rayembed`."""
     import boto3
     from moto.server import ThreadedMotoServer
 
+    _ranged_reads_cost_their_range()
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
