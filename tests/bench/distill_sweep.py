@@ -14,6 +14,7 @@ from all of them.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -144,6 +145,29 @@ def batch_order(vectors: np.ndarray, batch: int, neighbors: float, steps: int) -
     return out
 
 
+class WeightAverage:
+    """Uniform average of the model's weights after every `every`-th step of the last `last` steps: what
+    merging (`rayembed merge`) that run's checkpoints would give."""
+
+    def __init__(self, model: torch.nn.Module, steps: int, last: int, every: int) -> None:
+        self.model, self.first, self.every = model, steps - last, every
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def update(self, step: int) -> None:
+        if step + 1 <= self.first or (step + 1) % self.every:
+            return
+        for name, value in self.model.state_dict().items():
+            if value.is_floating_point():
+                self.sums[name] = self.sums.get(name, 0) + value.detach().clone()
+        self.count += 1
+
+    def averaged(self) -> torch.nn.Module:
+        model = copy.deepcopy(self.model)
+        model.load_state_dict({k: v / self.count for k, v in self.sums.items()}, strict=False)
+        return model
+
+
 def record(work: Path, result: dict[str, Any]) -> None:
     """Append one variant to <work>/sweep.jsonl and rewrite docs/results/distill-sweep.json from it."""
     print(json.dumps(result))
@@ -180,6 +204,12 @@ def parse() -> argparse.Namespace:
     )
     ap.add_argument("--spread-weight", type=float, default=0.1, help="spread-out regulariser weight")
     ap.add_argument("--decay", action="store_true", help="lr decays linearly to 0 after the warm-up")
+    ap.add_argument(
+        "--average-last",
+        type=int,
+        default=0,
+        help="also score the average of the weights over this many last steps",
+    )
     ap.add_argument("--forward-tokens", type=int, default=4096, help="length-sorted chunks (0: one pass)")
     ap.add_argument("--sentences", type=int, default=6000, help="Wikipedia sentences in the general mix")
     ap.add_argument("--random-words", type=int, default=0, help="texts of random vocabulary words added")
@@ -318,6 +348,7 @@ def main() -> None:
     decay = (lambda s: max(0.0, (args.steps - s) / (args.steps - 10))) if args.decay else (lambda s: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10, decay(s)))
     order = batch_order(vectors, args.batch_size, args.neighbor_batches, args.steps)
+    average = WeightAverage(student, args.steps, args.average_last, 10) if args.average_last else None
     t0, history, curve = time.perf_counter(), [], []
     for step, idx in enumerate(order):
         loss = step_loss([texts[i] for i in idx], targets[idx])
@@ -327,6 +358,8 @@ def main() -> None:
         opt.step()
         sched.step()
         history.append(round(float(loss.detach()), 4))
+        if average:
+            average.update(step)
         if step % 10 == 0:
             print(step, history[-1], round(time.perf_counter() - t0), flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0:
@@ -336,6 +369,8 @@ def main() -> None:
     seconds = round(time.perf_counter() - t0)
     result = {"name": args.name, "args": vars(args), "train_s": seconds, "loss_every_50": history[::50] + history[-1:],
               "scores": scores(student.eval(), evals), "curve": curve}  # fmt: skip
+    if average:
+        result["scores_averaged"] = scores(average.averaged().eval(), evals)  # type: ignore[arg-type]
     record(work, result)
 
 
