@@ -57,8 +57,9 @@ def init_deepspeed(use_gpu: bool) -> None:
 
     On CPU, DeepSpeed's backend would JIT-compile a shared-memory all-reduce op with g++ at every start
     on a new machine or install path (35-170 s on 2 cores, on the critical path of every worker: each
-    clean clone, so each CI run, paid it). That op serves only DeepSpeed's `inference_all_reduce` (tensor-parallel inference), never a
-    training step, so it is marked unavailable and gloo runs every collective.
+    clean clone, so each CI run, paid it). That op serves only DeepSpeed's `inference_all_reduce`
+    (tensor-parallel inference), never a training step, so it is marked unavailable and gloo runs every
+    collective.
     """
     os.environ["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
     import deepspeed
