@@ -6,7 +6,7 @@ merging.
 - loop.py        what every worker runs: DeepSpeed engine, steps, checkpoint/resume (`train_loop`)
 - objective.py   a batch -> text towers + the loss of their embeddings
 - losses.py      InfoNCE, distillation, Matryoshka (`LOSSES`: name -> class); regularizers.py: the rest
-- dist.py        cross-worker gathers with gradients; gradcache.py: GradCache chunks
+- dist.py        cross-worker gathers with gradients, DeepSpeed start; gradcache.py: GradCache chunks
 - export.py      ZeRO consolidation, publishing model folders locally or to s3://
 - report.py      report.json / report.md / curves.png; merge.py: model souping
 """

@@ -1,4 +1,5 @@
-"""Cross-worker helpers for contrastive training (plain torch.distributed; gloo and nccl)."""
+"""Cross-worker helpers (plain torch.distributed; gloo and nccl): gathers with gradients for contrastive
+training, agreement between workers, and DeepSpeed's start on the process group Ray Train made."""
 
 from __future__ import annotations
 
