@@ -19,17 +19,22 @@ from rayembed.train.merge import merge
 
 def test_weighted_soup(tiny_model: Path, tmp_path: Path) -> None:
     other = build_tiny(tmp_path / "other", seed=7)
+    calibrated = Embedder.load(other, device="cpu")
+    calibrated.calibrate_int8(["int8 scales fitted to these weights", "not to a soup's"])
+    calibrated.save(other)  # the base: its architecture and tokenizer, not its int8 scales
     sts = {"beir_dir": None, "sts_file": str(DATA / "stsbenchmark" / "stsbenchmark" / "sts-test.csv")}
     out = merge(
         MergeConfig(
-            models=[str(tiny_model), str(other)], weights=[3.0, 1.0], output=str(tmp_path / "soup"), eval=sts
+            models=[str(tiny_model), str(other)], weights=[3.0, 1.0], output=str(tmp_path / "soup"),
+            base=str(other), eval=sts,
         )
-    )
+    )  # fmt: skip
+    assert not (Path(out["output"]) / "int8_scales.json").exists()
     a, b = (Embedder.load(p, device="cpu").state_dict() for p in (tiny_model, other))
     merged = Embedder.load(out["output"], device="cpu")
     for k, v in merged.state_dict().items():
         torch.testing.assert_close(v, 0.75 * a[k] + 0.25 * b[k])
-    assert merged.name == "tiny-bert-soup2"
+    assert merged.name == "tiny-bert-soup2" and merged.int8_scales == {}
     from sentence_transformers import SentenceTransformer
 
     texts = ["a soup of two models", "still one encode function"]

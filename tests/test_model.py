@@ -77,6 +77,62 @@ def test_postprocess_int8_and_binary() -> None:
         postprocess(emb, dim=9)
 
 
+def test_int8_calibration_uses_the_range_the_components_fill() -> None:
+    from rayembed.model.vectors import calibrate_int8, int8_scale, unit
+
+    rng = np.random.default_rng(0)
+    emb = unit(rng.standard_normal((2000, 384)).astype(np.float32))
+    scales = calibrate_int8(emb, [384, 128])
+    assert scales[384] == pytest.approx(127 / np.quantile(np.abs(emb), 0.9999), rel=1e-3)
+    assert 127 < scales[128] < scales[384]  # narrower unit vectors have larger components
+    # The widest calibrated width <= dim, else 127 (a wider width's scale would clip narrower vectors).
+    assert [int8_scale(scales, d) for d in (384, 256, 128, 64)] == [
+        scales[384],
+        scales[128],
+        scales[128],
+        127,
+    ]
+    assert int8_scale({}, 384) == 127
+    plain, calibrated = (
+        postprocess(emb, precision="int8"),
+        postprocess(emb, precision="int8", int8_scales=scales),
+    )
+    assert np.abs(plain).max() < 64 and np.abs(calibrated).max() == 127  # clipped only at the extreme tail
+    err = [np.abs(c / s - emb).mean() for c, s in ((plain, 127), (calibrated, scales[384]))]
+    assert err[1] < err[0] / 2
+    cut = postprocess(emb, dim=128, precision="int8", int8_scales=scales)
+    expected = np.clip(np.rint(unit(emb[:, :128]) * scales[128]), -127, 127)
+    np.testing.assert_array_equal(cut, expected)
+    with pytest.raises(ValueError, match="calibration width"):
+        calibrate_int8(emb, [512])
+
+
+def test_calibrated_scales_are_saved_hashed_and_used_by_encode(tiny_model: Path, tmp_path: Path) -> None:
+    from rayembed.model.layout import model_revision
+    from rayembed.model.vectors import unit
+
+    model = Embedder.load(tiny_model, device="cpu")
+    scales = model.calibrate_int8(TEXTS * 8, widths=[16])
+    assert set(scales) == {model.dim, 16} and min(scales.values()) > 127
+    model.save(tmp_path / "m")
+    loaded = Embedder.load(tmp_path / "m", device="cpu")
+    assert loaded.int8_scales == scales
+    codes = loaded.encode(TEXTS, precision="int8")
+    np.testing.assert_array_equal(
+        codes, np.clip(np.rint(loaded.encode(TEXTS) * scales[model.dim]), -127, 127)
+    )
+    np.testing.assert_array_equal(  # 16-d: its own scale; 24-d: the widest calibrated width below it
+        loaded.encode(TEXTS, dim=24, precision="int8"),
+        np.clip(np.rint(unit(loaded.encode(TEXTS)[:, :24]) * scales[16]), -127, 127),
+    )
+    assert model_revision(tmp_path / "m") != model_revision(tiny_model)  # other codes, other revision
+    (tmp_path / "m" / "int8_scales.json").write_text('{"scales": {"32": 5}}')
+    with pytest.raises(ValueError, match="scales in \\[127"):
+        Embedder.load(tmp_path / "m", device="cpu")
+    with pytest.raises(ValueError, match="at least 2 texts"):
+        model.calibrate_int8(["one"])
+
+
 def test_length_batches_cap_rows_and_tokens() -> None:
     lengths = [10, 200, 30, 200, 5, 50]
     batches = length_batches(lengths, batch_size=4, max_tokens=400)

@@ -88,6 +88,19 @@ def test_engine_finishes_each_request_its_own_way(engine: ModelEngine) -> None:
             asyncio.run(engine.embed(job))
 
 
+def test_engine_int8_uses_the_models_calibrated_scales(tiny_model: Path, tmp_path: Path) -> None:
+    texts = ["alpha beta", "gamma", "The quick brown fox jumps over the lazy dog."]
+    model = Embedder.load(tiny_model, device="cpu")
+    model.calibrate_int8(texts * 4)
+    model.save(tmp_path / "calibrated")
+    cfg = ServeConfig(model=str(tmp_path / "calibrated"))
+    served = asyncio.run(ModelEngine(cfg.specs()[0], cfg).embed(Job(texts=texts, precision="int8"))).vectors
+    np.testing.assert_array_equal(
+        served, Embedder.load(tmp_path / "calibrated", device="cpu").encode(texts, precision="int8")
+    )
+    assert not np.array_equal(served, np.rint(model.encode(texts) * 127))  # not the uncalibrated codes
+
+
 def test_engine_tokenize_reports_ids_text_and_offsets(engine: ModelEngine) -> None:
     [tokens] = engine.tokenize(["Hello world"], None, True)
     assert tokens[0]["special"] and tokens[0]["text"] == "[CLS]" and tokens[-1]["text"] == "[SEP]"

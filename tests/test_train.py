@@ -72,7 +72,11 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
     model_dir = Path(first["output_dir"])
     assert all((model_dir / f).is_file() for f in ST_FILES)
     assert _changed(tiny_model, model_dir) > 1e-4
-    assert Embedder.load(model_dir, device="cpu").max_length == 64  # training's max_length=32 is not exported
+    exported = Embedder.load(model_dir, device="cpu")
+    assert exported.max_length == 64  # training's max_length=32 is not exported
+    # int8 scales calibrated on the first rows' texts, at full width and each Matryoshka width.
+    assert set(exported.int8_scales) == {32, 16} and min(exported.int8_scales.values()) > 127
+    assert json.loads((model_dir / "int8_scales.json").read_text())["scales"].keys() == {"16", "32"}
 
     rotation = torch.from_numpy(np.load(ckpt / "pca_rotation.npy"))  # before keep_checkpoints prunes it
     # What the driver of a resumed run reads instead of fitting the axes again.

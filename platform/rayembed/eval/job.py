@@ -59,7 +59,7 @@ def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
         )
         report["beir"] = {"set": Path(cfg.beir_dir).name, "queries": len(qids), "docs": len(dids)}
         for key, dim, prec in variants(cfg, model.dim):
-            qv, dv = (comparable(postprocess(x, dim, prec), prec) for x in (q, d))
+            qv, dv = (comparable(postprocess(x, dim, prec, True, model.int8_scales), prec) for x in (q, d))
             report["beir"][key] = retrieval_metrics(qv, dv, qids, dids, qrels)
     if cfg.sts_file:
         s1, s2, gold = load_sts(cfg.sts_file)
@@ -68,9 +68,8 @@ def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
         )
         report["sts"] = {"pairs": len(gold)}
         for key, dim, prec in variants(cfg, model.dim):
-            cos = (
-                comparable(postprocess(a, dim, prec), prec) * comparable(postprocess(b, dim, prec), prec)
-            ).sum(-1)
+            a2, b2 = (comparable(postprocess(x, dim, prec, True, model.int8_scales), prec) for x in (a, b))
+            cos = (a2 * b2).sum(-1)
             report["sts"][key] = {"spearman": float(spearmanr(cos, gold).statistic)}
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from rayembed.model.latent_attention import LatentAttention  # noqa: E402
 from rayembed.model.layout import Layout, read_layout, resolve_model_path, write_layout  # noqa: E402
 from rayembed.model.pooling import POOLINGS, pool, pool_mask  # noqa: E402
 from rayembed.model.tokenizer import prepare_tokenizer, save_tokenizer  # noqa: E402
-from rayembed.model.vectors import PRECISIONS, postprocess, unit  # noqa: E402
+from rayembed.model.vectors import PRECISIONS, calibrate_int8, postprocess, unit  # noqa: E402
 
 MIN_TOKENIZE_PART = 256  # texts per tokenizer thread, at least: fewer are not worth a thread
 
@@ -72,6 +72,7 @@ class Embedder(nn.Module):
         self.attention: str | None = None  # decoders: causal | bidirectional; None: as trained
         self._mask_4d = False  # bidirectional without a native switch: forward passes a 4D mask
         self._prompt_lengths: dict[str, int] = {}
+        self.int8_scales: dict[int, float] = {}  # width -> int8 scale (`calibrate_int8`); {}: 127
         self.set_pooling(pooling)
 
     # ---- construction -------------------------------------------------------------------------
@@ -105,6 +106,7 @@ class Embedder(nn.Module):
             model.set_pooling(pooling)
         if layout.projection is not None:
             model.set_projection(layout.projection)
+        model.int8_scales = layout.int8_scales
         model.eval()
         return model if is_deepspeed_zero3_enabled() else model.to(device)
 
@@ -122,7 +124,7 @@ class Embedder(nn.Module):
         projection = self.projection.weight if self.projection is not None else None
         layout = Layout(
             self.pooling, self.normalize, self.max_length, self.name, self.prompts, projection,
-            self.include_prompt, self.attention, self.latent,
+            self.include_prompt, self.attention, self.latent, self.int8_scales,
         )  # fmt: skip
         write_layout(out, layout, self.hidden_size, self.dim)
         return out
@@ -171,6 +173,18 @@ class Embedder(nn.Module):
             raise ValueError(f"rotation must be an orthogonal [{self.dim}, {self.dim}] matrix")
         old = self.projection.weight.detach().float().cpu() if self.projection is not None else None
         return self.set_projection(r.T if old is None else r.T @ old)
+
+    def calibrate_int8(
+        self, texts: Sequence[str], widths: Sequence[int] = (), batch_size: int = 64
+    ) -> dict[int, float]:
+        """Set (and return) the int8 scales from the model's vectors of `texts`: full width and each of
+        `widths` (vectors.calibrate_int8). Every later int8 code (encode, the batch job, the endpoint,
+        eval) uses them; `save` keeps them in int8_scales.json."""
+        if len(texts) < 2:
+            raise ValueError(f"int8 calibration needs at least 2 texts, got {len(texts)}")
+        vectors = self.encode(texts, batch_size=batch_size)
+        self.int8_scales = calibrate_int8(vectors, [self.dim, *widths])
+        return self.int8_scales
 
     def load_weights(
         self, state: dict[str, torch.Tensor], what: str = "the weights", partial: bool = False
@@ -344,4 +358,4 @@ class Embedder(nn.Module):
         normalized = self.normalize if normalize is None else normalize
         if not normalized and precision != "float32":
             raise ValueError(f"precision {precision} quantises unit vectors: it needs normalize")
-        return postprocess(unit(out) if normalized else out, dim, precision, normalized)
+        return postprocess(unit(out) if normalized else out, dim, precision, normalized, self.int8_scales)

@@ -5,7 +5,8 @@ Transformer -> [LatentAttention] -> Pooling -> optional Dense (bias-free, identi
 Normalize. With mean, CLS or last-token pooling it loads with `SentenceTransformer(path)` as it is, and
 TEI and vLLM read the same files (modules.json, 1_Pooling/config.json, prompts); a LatentAttention
 module is rayembed's own (architecture.md says who can load it). rayembed.json records what only
-rayembed reads: the name, the width, the pooling kind and the attention (causal or bidirectional).
+rayembed reads: the name, the width, the pooling kind and the attention (causal or bidirectional);
+int8_scales.json, if there, the calibrated int8 scales (vectors.calibrate_int8).
 Models are local folders only; nothing comes from a hub.
 """
 
@@ -109,6 +110,7 @@ class Layout:
     include_prompt: bool = True  # pooling counts the prompt's tokens
     attention: str | None = None  # decoders: causal | bidirectional (None: as the family was trained)
     latent: Any = None  # a LatentAttention head (latent_attention pooling)
+    int8_scales: dict[int, float] = field(default_factory=dict)  # width -> scale (vectors.calibrate_int8)
 
 
 def read_layout(path: Path) -> Layout:
@@ -132,7 +134,22 @@ def read_layout(path: Path) -> Layout:
         include_prompt=bool(pool_cfg.get("include_prompt", True)),
         attention=own.get("attention"),
         latent=latent,
+        int8_scales=_read_int8_scales(path),
     )
+
+
+INT8_SCALES = "int8_scales.json"  # {"scales": {width: scale}}; model_revision hashes it (codes depend on it)
+
+
+def _read_int8_scales(path: Path) -> dict[int, float]:
+    scales = _read_json(path / INT8_SCALES).get("scales") or {}
+    try:
+        out = {int(w): float(s) for w, s in scales.items()}
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path / INT8_SCALES}: scales must map widths to numbers ({e})") from None
+    if any(w <= 0 or not 127 <= s < 1e6 for w, s in out.items()):
+        raise ValueError(f"{path / INT8_SCALES}: widths must be > 0 and scales in [127, 1e6), got {out}")
+    return out
 
 
 def _pooling(pool_cfg: dict[str, Any], path: Path) -> str:
@@ -177,6 +194,8 @@ def write_layout(out: Path, layout: Layout, hidden_size: int, dim: int) -> None:
     )
     own = {"name": layout.name, "dim": dim, "pooling": layout.pooling, "attention": layout.attention}
     _write_json(out / "rayembed.json", own)
+    if layout.int8_scales:
+        _write_json(out / INT8_SCALES, {"scales": {str(w): s for w, s in sorted(layout.int8_scales.items())}})
 
 
 def _is(module: dict[str, Any], kind: str) -> bool:

@@ -116,7 +116,13 @@ class ModelEngine:
         self.metrics.inputs.inc(len(tokens.ids))
         self.metrics.tokens.inc(n)
         normalized = job.normalize and self.embedder.normalize
-        vectors = postprocess(unit(raw) if normalized else raw, job.dimensions, job.precision, normalized)
+        vectors = postprocess(
+            unit(raw) if normalized else raw,
+            job.dimensions,
+            job.precision,
+            normalized,
+            self.embedder.int8_scales,
+        )
         return Embedded(vectors, n, self.name, self.revision)
 
     def _alone(self, job: Job) -> bool:

@@ -41,13 +41,26 @@ def fit_rotation(cfg: TrainConfig, ds: Any) -> np.ndarray:
     rows = ds.take_batch(cfg.pca_rows, batch_format="numpy")
     if cfg.loss == "distill" and cfg.teacher_column:
         return principal_axes(np.stack(list(rows[cfg.teacher_column])).astype(np.float32))
-    columns = ["query"] if cfg.data_format == "flagembedding" else input_columns(cfg)
-    texts = [str(t) for c in columns for t in rows[c]]
+    texts = row_texts(cfg, rows)
     teacher = cfg.loss == "distill" and cfg.teacher
     model = (
         Embedder.load(resolve_model_path(teacher, cfg.s3_endpoint_url)) if teacher else starting_model(cfg)
     )
     return principal_axes(model.encode(texts, batch_size=64))
+
+
+def row_texts(cfg: TrainConfig, rows: dict[str, Any]) -> list[str]:
+    """The texts of a batch of training rows (FlagEmbedding rows: their queries)."""
+    columns = ["query"] if cfg.data_format == "flagembedding" else input_columns(cfg)
+    return [str(t) for c in columns for t in rows[c]]
+
+
+def calibrate(cfg: TrainConfig, model: Embedder, ds: Any) -> None:
+    """The exported model's int8 scales, from its vectors of the texts of the first
+    `int8_calibration_rows` rows (every text column of a row)."""
+    if cfg.int8_calibration_rows:
+        rows = ds.take_batch(cfg.int8_calibration_rows, batch_format="numpy")
+        model.calibrate_int8(row_texts(cfg, rows), [d for d in cfg.matryoshka_dims if d < model.dim])
 
 
 def run_checkpoints(
@@ -273,6 +286,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         history = json.loads(Path(d, HISTORY).read_text()) if Path(d, HISTORY).is_file() else []
         rotation = saved_rotation(d, rotation)
     model.name, model.prompts = f"{model.name}-{cfg.run_name}", exported_prompts(cfg, model)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    calibrate(cfg, model, ds)
     root = cfg.output_dir.rstrip("/")
     summary = {
         "output_dir": publish(model.save, f"{root}/model", cfg.s3_endpoint_url),
@@ -280,7 +295,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         **(result.metrics or {}),
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    evals = run_evals(cfg, model.to("cuda" if torch.cuda.is_available() else "cpu"), rotation)
+    evals = run_evals(cfg, model, rotation)
     summary["report"] = publish(
         lambda p: write_report(p, summary, history, evals), f"{root}/report", cfg.s3_endpoint_url
     )

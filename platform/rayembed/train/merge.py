@@ -62,6 +62,7 @@ def merge(cfg: MergeConfig) -> dict[str, object]:
     states = [state_of(m, base) for m in cfg.models]
     merged = with_weights(base, soup(states, weights), "the merged weights")
     merged.name = cfg.name or f"{base.name}-soup{len(cfg.models)}"
+    merged.int8_scales = {}  # the base's scales were fitted to other weights: the soup is uncalibrated
     out = merged.save(cfg.output)
     summary: dict[str, object] = {
         "output": str(out),
