@@ -100,7 +100,9 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
     from rayembed.io import read_dataset
     from rayembed.train.job import fit_rotation
 
-    refit = fit_rotation(cfg(4, pca_rows=200), read_dataset(str(snli_triples)))
+    refit = fit_rotation(
+        cfg(4, pca_rows=200), read_dataset(str(snli_triples)).take_batch(200, batch_format="numpy")
+    )
     assert not np.allclose(np.abs(refit), np.abs(rotation.numpy()), atol=1e-2)
 
     # The run report: per-step history carried across the resume, eval before/after, a plot.
@@ -239,5 +241,10 @@ def test_missing_column_and_unknown_model_fail_fast(
         )
     with pytest.raises(FileNotFoundError, match="not found"):
         train(TrainConfig(data=str(snli_triples), output_dir=str(tmp_path), model=str(tmp_path / "missing")))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no training rows in .*empty.jsonl"):
+        train(
+            TrainConfig(data=str(tmp_path / "empty.jsonl"), output_dir=str(tmp_path), model=str(tiny_model))
+        )
     with pytest.raises(ValueError, match="zero_stage"):
         TrainConfig(data="x", output_dir="y", zero_stage=4)

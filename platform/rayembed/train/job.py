@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import torch
 
 from rayembed.data.flagembedding import normalize
-from rayembed.io import ensure_ray, filesystem, is_s3, read_dataset, require_columns, strip_scheme
+from rayembed.io import ensure_ray, filesystem, is_s3, read_dataset, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.model import backbone as families
 from rayembed.model.layout import read_layout
@@ -35,10 +35,10 @@ from rayembed.train.report import write_report
 from rayembed.train.start import starting_model
 
 
-def fit_rotation(cfg: TrainConfig, ds: Any) -> np.ndarray:
-    """pca_rotation: principal axes of what the model learns to match, from the first `pca_rows` rows:
-    teacher vectors when distilling (the column, or the in-loop teacher's), else its own embeddings."""
-    rows = ds.take_batch(cfg.pca_rows, batch_format="numpy")
+def fit_rotation(cfg: TrainConfig, rows: dict[str, Any]) -> np.ndarray:
+    """pca_rotation: principal axes of what the model learns to match, from the first `pca_rows` of
+    `rows`: teacher vectors when distilling (the column, or the in-loop teacher's), else its own embeddings."""
+    rows = {k: v[: cfg.pca_rows] for k, v in rows.items()}
     if cfg.loss == "distill" and cfg.teacher_column:
         return principal_axes(np.stack(list(rows[cfg.teacher_column])).astype(np.float32))
     texts = row_texts(cfg, rows)
@@ -49,17 +49,32 @@ def fit_rotation(cfg: TrainConfig, ds: Any) -> np.ndarray:
     return principal_axes(model.encode(texts, batch_size=64))
 
 
+def first_rows(cfg: TrainConfig, ds: Any, resumed: bool) -> dict[str, Any]:
+    """One read of the first rows, for all the driver needs of them: the columns (a missing one fails
+    before any worker starts), the teacher column's width, `pca_rows` to fit a new run's pca_rotation
+    and `int8_calibration_rows` to calibrate the exported model."""
+    n = max(1, cfg.pca_rows if cfg.pca_rotation and not resumed else 0, cfg.int8_calibration_rows)
+    try:
+        rows = ds.take_batch(n, batch_format="numpy")
+    except ValueError as e:  # Ray Data: "The dataset is empty."
+        raise ValueError(f"train: no training rows in {cfg.data} ({e})") from None
+    missing = [c for c in input_columns(cfg) if c not in rows]
+    if missing:
+        raise ValueError(f"train: input lacks column(s) {missing}; it has {list(rows)}")
+    return rows
+
+
 def row_texts(cfg: TrainConfig, rows: dict[str, Any]) -> list[str]:
     """The texts of a batch of training rows (FlagEmbedding rows: their queries)."""
     columns = ["query"] if cfg.data_format == "flagembedding" else input_columns(cfg)
     return [str(t) for c in columns for t in rows[c]]
 
 
-def calibrate(cfg: TrainConfig, model: Embedder, ds: Any) -> None:
+def calibrate(cfg: TrainConfig, model: Embedder, rows: dict[str, Any]) -> None:
     """The exported model's int8 scales, from its vectors of the texts of the first
     `int8_calibration_rows` rows (every text column of a row)."""
     if cfg.int8_calibration_rows:
-        rows = ds.take_batch(cfg.int8_calibration_rows, batch_format="numpy")
+        rows = {k: v[: cfg.int8_calibration_rows] for k, v in rows.items()}
         model.calibrate_int8(row_texts(cfg, rows), [d for d in cfg.matryoshka_dims if d < model.dim])
 
 
@@ -139,26 +154,25 @@ def saved_width(path: Any) -> int:
     return int(AutoConfig.from_pretrained(path, local_files_only=True).hidden_size)
 
 
-def teacher_dim(cfg: TrainConfig, ds: Any) -> int | None:
+def teacher_dim(cfg: TrainConfig, rows: dict[str, Any]) -> int | None:
     """Width of the vectors a distilled model must match (the teacher column's or the teacher's)."""
     if cfg.loss != "distill":
         return None
     if cfg.teacher_column:
-        return len(ds.take_batch(1, batch_format="numpy")[cfg.teacher_column][0])
+        return len(rows[cfg.teacher_column][0])
     return saved_width(resolve_model_path(str(cfg.teacher), cfg.s3_endpoint_url))
 
 
 def dataset(cfg: TrainConfig) -> Any:
-    """The training rows as a Ray Dataset of the columns the objective reads (FlagEmbedding files:
-    normalized per file, with each row's source path)."""
+    """The training rows as a Ray Dataset (FlagEmbedding files: normalized per file, with each row's
+    source path)."""
     if cfg.data_format == "flagembedding":
         ds = read_dataset(cfg.data, cfg.s3_endpoint_url, include_paths=True).map_batches(
             normalize, batch_format="pyarrow", batch_size=None
         )
     else:
         ds = read_dataset(cfg.data, cfg.s3_endpoint_url)
-    require_columns(ds, input_columns(cfg), "train")
-    return ds.select_columns(input_columns(cfg))
+    return ds
 
 
 def check_storage(cfg: TrainConfig) -> None:
@@ -269,15 +283,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     check_storage(cfg)
     check_run(cfg)
     ds = dataset(cfg)
-    if (target := teacher_dim(cfg, ds)) not in (None, width):
-        raise ValueError(
-            f"the teacher's vectors are {target}-d, the student's {width}-d: set output_dim={target}"
-        )
     rotation = None
     if cfg.pca_rotation:  # a resumed run keeps the axes it started with; only a new run fits them
         rotation = checkpoint_rotation(str(cfg.storage_path), cfg.run_name, cfg.s3_endpoint_url)
-        rotation = fit_rotation(cfg, ds) if rotation is None else rotation
-    trainer = torch_trainer(cfg, ds, rotation)
+    rows = first_rows(cfg, ds, resumed=rotation is not None)
+    if (target := teacher_dim(cfg, rows)) not in (None, width):
+        raise ValueError(
+            f"the teacher's vectors are {target}-d, the student's {width}-d: set output_dim={target}"
+        )
+    if cfg.pca_rotation and rotation is None:
+        rotation = fit_rotation(cfg, rows)
+    trainer = torch_trainer(cfg, ds.select_columns(input_columns(cfg)), rotation)
     started = time.perf_counter()
     result = trainer.fit()
     assert result.checkpoint is not None
@@ -287,7 +303,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         rotation = saved_rotation(d, rotation)
     model.name, model.prompts = f"{model.name}-{cfg.run_name}", exported_prompts(cfg, model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    calibrate(cfg, model, ds)
+    calibrate(cfg, model, rows)
     root = cfg.output_dir.rstrip("/")
     summary = {
         "output_dir": publish(model.save, f"{root}/model", cfg.s3_endpoint_url),
