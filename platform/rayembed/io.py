@@ -102,7 +102,15 @@ def read_dataset(path: str, endpoint_url: str | None = None, **kw: Any) -> ray.d
     fmt = detect_format(path, fs)
     target = strip_scheme(path) if fs is not None else os.path.abspath(path)
     if fmt == "parquet":
-        return ray.data.read_parquet(target, filesystem=fs, file_extensions=["parquet"], **kw)
+        # Ray Data's first reader (V1): 2.60's default DataSourceV2 Parquet read spends ~4 s in its
+        # ListFiles step per execution, waiting with the CPU idle, however small the data (0.2 s here
+        # with V1; docs/benchmarks.md). The choice is made when the read is planned, i.e. now.
+        context = ray.data.DataContext.get_current()
+        v2, context.use_datasource_v2 = context.use_datasource_v2, False
+        try:
+            return ray.data.read_parquet(target, filesystem=fs, file_extensions=["parquet"], **kw)
+        finally:
+            context.use_datasource_v2 = v2
     # pyarrow's JSON-lines reader keeps id strings as strings (the pandas one would make "4983" an int).
     return ray.data.read_json(target, filesystem=fs, **kw)
 
