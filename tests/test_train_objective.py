@@ -160,3 +160,22 @@ def test_dropout_setting_reaches_every_dropout_of_encoders_and_decoders(
         assert lora == {0.05}  # LoRA keeps its own lora_dropout
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         TrainConfig(data="x", output_dir="y", dropout=1.0)
+
+
+def test_int8_calibration_takes_the_first_texts_row_by_row(tiny_model: Path) -> None:
+    from rayembed.model.vectors import calibrate_int8
+    from rayembed.train.job import calibrate, row_texts
+
+    cfg = TrainConfig(data="x", output_dir="y", negative_column="negative", matryoshka_dims=[32, 16],
+                      int8_calibration_texts=5)  # fmt: skip
+    rows = {c: np.array([f"{c} {i}" for i in range(4)]) for c in ("query", "positive", "negative")}
+    assert row_texts(cfg, rows)[:4] == ["query 0", "positive 0", "negative 0", "query 1"]
+    model = Embedder.load(tiny_model, device="cpu")
+    calibrate(cfg, model, rows)
+    expected = calibrate_int8(model.encode(row_texts(cfg, rows)[:5]), [32, 16])
+    assert model.int8_scales == expected and set(expected) == {32, 16}
+    off = Embedder.load(tiny_model, device="cpu")
+    calibrate(TrainConfig(data="x", output_dir="y", int8_calibration_texts=0), off, rows)
+    assert off.int8_scales == {}
+    with pytest.raises(ValueError, match="int8_calibration_texts must be 0"):
+        TrainConfig(data="x", output_dir="y", int8_calibration_texts=1)

@@ -5,7 +5,7 @@
         --texts /tmp/bench-quality/texts.jsonl [--workdir /tmp/bench-int8]
 
 The model is one the train job exported (so it carries the int8 scales it calibrated on the first 512
-rows of its training text; bench_quality.py trains such students). Scored on the **dev** collections of
+texts of its training text; bench_quality.py trains such students). Scored on the **dev** collections of
 tests/bench/distill_sweep.py (SNLI-dev retrieval, SciFact *train* queries), never on the test
 collections bench_quality.py reports, at full width and 128-d, each variant as nDCG@10 over float32:
 

@@ -144,10 +144,11 @@ class TrainConfig:
     pca_rows: int = 4096
     """Rows read to fit `pca_rotation`: their teacher_column vectors, or else their texts embedded on the
     driver (a one-off cost before the workers start; a few thousand vectors fit 384 axes well)."""
-    int8_calibration_rows: int = 512
-    """Texts of the first rows the exported model embeds (on the driver, after training) to calibrate
-    its int8 scales at full width and each matryoshka_dims width (rayembed.model.vectors.calibrate_int8;
-    kept in the model's int8_scales.json). 0: none, int8 codes stay round(127 x)."""
+    int8_calibration_texts: int = 512
+    """Texts (those of the first rows, row by row) the exported model embeds on the driver after
+    training to calibrate its int8 scales at full width and each matryoshka_dims width
+    (rayembed.model.vectors.calibrate_int8; kept in the model's int8_scales.json). 0: none, int8 codes
+    stay round(127 x)."""
     matryoshka_2d: list[list[int]] = field(default_factory=list)
     """2D Matryoshka (Starbucks): [layers, dim] pairs, e.g. [[2, 128], [4, 256]]; each trains the model's
     first `layers` layers, pooled, at width `dim`, with the same loss (weight 1), besides the full model.
@@ -253,8 +254,8 @@ class TrainConfig:
         check(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
         check(self.pca_rows >= 2, "pca_rows must be >= 2 (vectors to fit the rotation)")
         check(
-            self.int8_calibration_rows == 0 or self.int8_calibration_rows >= 2,
-            f"int8_calibration_rows must be 0 (off) or >= 2, got {self.int8_calibration_rows}",
+            self.int8_calibration_texts == 0 or self.int8_calibration_texts >= 2,
+            f"int8_calibration_texts must be 0 (off) or >= 2, got {self.int8_calibration_texts}",
         )
         check(all(k > 0 for k in self.matryoshka_dims), "matryoshka_dims must be positive")
         check(

@@ -52,8 +52,8 @@ def fit_rotation(cfg: TrainConfig, rows: dict[str, Any]) -> np.ndarray:
 def first_rows(cfg: TrainConfig, ds: Any, resumed: bool) -> dict[str, Any]:
     """One read of the first rows, for all the driver needs of them: the columns (a missing one fails
     before any worker starts), the teacher column's width, `pca_rows` to fit a new run's pca_rotation
-    and `int8_calibration_rows` to calibrate the exported model."""
-    n = max(1, cfg.pca_rows if cfg.pca_rotation and not resumed else 0, cfg.int8_calibration_rows)
+    and the rows of `int8_calibration_texts` texts to calibrate the exported model."""
+    n = max(1, cfg.pca_rows if cfg.pca_rotation and not resumed else 0, cfg.int8_calibration_texts)
     try:
         rows = ds.take_batch(n, batch_format="numpy")
     except ValueError as e:  # Ray Data: "The dataset is empty."
@@ -65,17 +65,17 @@ def first_rows(cfg: TrainConfig, ds: Any, resumed: bool) -> dict[str, Any]:
 
 
 def row_texts(cfg: TrainConfig, rows: dict[str, Any]) -> list[str]:
-    """The texts of a batch of training rows (FlagEmbedding rows: their queries)."""
+    """The texts of a batch of training rows, row by row (FlagEmbedding rows: their queries)."""
     columns = ["query"] if cfg.data_format == "flagembedding" else input_columns(cfg)
-    return [str(t) for c in columns for t in rows[c]]
+    return [str(rows[c][i]) for i in range(len(rows[columns[0]])) for c in columns]
 
 
 def calibrate(cfg: TrainConfig, model: Embedder, rows: dict[str, Any]) -> None:
-    """The exported model's int8 scales, from its vectors of the texts of the first
-    `int8_calibration_rows` rows (every text column of a row)."""
-    if cfg.int8_calibration_rows:
-        rows = {k: v[: cfg.int8_calibration_rows] for k, v in rows.items()}
-        model.calibrate_int8(row_texts(cfg, rows), [d for d in cfg.matryoshka_dims if d < model.dim])
+    """The exported model's int8 scales, from its vectors of the first `int8_calibration_texts` texts
+    of `rows` (row by row: every text column of a row)."""
+    if cfg.int8_calibration_texts:
+        texts = row_texts(cfg, rows)[: cfg.int8_calibration_texts]
+        model.calibrate_int8(texts, [d for d in cfg.matryoshka_dims if d < model.dim])
 
 
 def run_checkpoints(
