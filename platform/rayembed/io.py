@@ -113,11 +113,3 @@ def read_dataset(path: str, endpoint_url: str | None = None, **kw: Any) -> ray.d
             context.use_datasource_v2 = v2
     # pyarrow's JSON-lines reader keeps id strings as strings (the pandas one would make "4983" an int).
     return ray.data.read_json(target, filesystem=fs, **kw)
-
-
-def require_columns(ds: ray.data.Dataset, columns: list[str], what: str) -> None:
-    """Fail before any work starts if the input lacks a needed column."""
-    names = list(ds.schema().names)
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(f"{what}: input lacks column(s) {missing}; it has {names}")

@@ -167,12 +167,10 @@ def dataset(cfg: TrainConfig) -> Any:
     """The training rows as a Ray Dataset (FlagEmbedding files: normalized per file, with each row's
     source path)."""
     if cfg.data_format == "flagembedding":
-        ds = read_dataset(cfg.data, cfg.s3_endpoint_url, include_paths=True).map_batches(
+        return read_dataset(cfg.data, cfg.s3_endpoint_url, include_paths=True).map_batches(
             normalize, batch_format="pyarrow", batch_size=None
         )
-    else:
-        ds = read_dataset(cfg.data, cfg.s3_endpoint_url)
-    return ds
+    return read_dataset(cfg.data, cfg.s3_endpoint_url)
 
 
 def check_storage(cfg: TrainConfig) -> None:
