@@ -203,6 +203,11 @@ def parse() -> argparse.Namespace:
         "--dropout", type=float, default=None, help="the student's dropout (default: the model's)"
     )
     ap.add_argument("--spread-weight", type=float, default=0.1, help="spread-out regulariser weight")
+    ap.add_argument(
+        "--matryoshka-weights",
+        default="",
+        help="weights of widths 384,256,128,64 (default 1 each), e.g. 1,1,2,1",
+    )
     ap.add_argument("--decay", action="store_true", help="lr decays linearly to 0 after the warm-up")
     ap.add_argument(
         "--average-last",
@@ -312,7 +317,8 @@ class Step:
             return self.student._pool(out.last_hidden_state, f["attention_mask"], False)
 
         emb = by_length(forward, feats, a.forward_tokens)
-        loss = matryoshka(self.loss_fn, DIMS, None, emb, target) + a.spread_weight * self.spread(emb, emb)
+        weights = [float(w) for w in a.matryoshka_weights.split(",")] if a.matryoshka_weights else None
+        loss = matryoshka(self.loss_fn, DIMS, weights, emb, target) + a.spread_weight * self.spread(emb, emb)
         return loss + sum(terms) / feats["attention_mask"].sum() if terms else loss
 
 
