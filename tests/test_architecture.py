@@ -126,3 +126,21 @@ def test_public_names_still_import() -> None:
     for fn, module in ((embed, "embed.job"), (evaluate, "eval.job"),
                        (app_builder, "serve.deployment"), (train, "train.job")):  # fmt: skip
         assert fn.__module__ == f"rayembed.{module}"
+
+
+def test_configs_the_cli_and_read_tasks_import_no_torch() -> None:
+    """Processes that only parse specs or run Ray Data read tasks on rayembed code (a FlagEmbedding
+    file's `normalize`, the train job's ingest) stay free of torch and transformers: each import costs a
+    Ray worker process ~3.5 s of CPU (docs/benchmarks.md "Test-suite time")."""
+    import subprocess
+    import sys
+
+    light = ["rayembed", "rayembed.cli", "rayembed.config", "rayembed.spec", "rayembed.io",
+             "rayembed.data.flagembedding", "rayembed.train.order", "rayembed.model.layout"]  # fmt: skip
+    code = f"import sys\nfor m in {light!r}: __import__(m)\nprint(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+    heavy = "import sys, rayembed\nrayembed.Embedder\nprint('torch' in sys.modules)"  # first use imports it
+    assert (
+        subprocess.run([sys.executable, "-c", heavy], capture_output=True, text=True).stdout.strip() == "True"
+    )

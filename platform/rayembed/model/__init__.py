@@ -10,11 +10,22 @@ endpoint alike.
 - pca.py       principal axes (the rotation behind `pca_rotation`)
 """
 
-from rayembed.model.batching import Tokens, length_batches, pad_batch, validate_texts
-from rayembed.model.embedder import Embedder
-from rayembed.model.layout import default_model_path, model_ref, resolve_model_path
-from rayembed.model.vectors import PRECISIONS, postprocess
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from rayembed.model.batching import Tokens, length_batches, pad_batch, validate_texts
+    from rayembed.model.embedder import Embedder
+    from rayembed.model.layout import default_model_path, model_ref, resolve_model_path
+    from rayembed.model.vectors import PRECISIONS, postprocess
+
+# name -> submodule, imported on first use: job configs import layout.py (model_ref) and stay free of
+# torch and transformers, and so do Ray Data tasks that run rayembed code.
+_EXPORTS = {
+    "Tokens": "batching", "length_batches": "batching", "pad_batch": "batching", "validate_texts": "batching",
+    "Embedder": "embedder", "default_model_path": "layout", "model_ref": "layout",
+    "resolve_model_path": "layout", "PRECISIONS": "vectors", "postprocess": "vectors",
+}  # fmt: skip
 __all__ = [
     "PRECISIONS",
     "Embedder",
@@ -27,3 +38,9 @@ __all__ = [
     "resolve_model_path",
     "validate_texts",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"rayembed.model.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'rayembed.model' has no attribute {name!r}")

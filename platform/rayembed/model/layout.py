@@ -17,9 +17,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch itself only where weights are read: configs import this module
+    import torch
 
 DEFAULT_MODEL_ALIASES = ("default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -236,6 +237,8 @@ def _read_dense(path: Path, dense: list[dict[str, Any]]) -> torch.Tensor | None:
         from safetensors.torch import load_file
 
         return load_file(folder / "model.safetensors")["linear.weight"]
+    import torch
+
     return torch.load(folder / "pytorch_model.bin", map_location="cpu")["linear.weight"]
 
 
