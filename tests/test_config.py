@@ -82,7 +82,7 @@ def test_cli_flags_mix_with_overrides() -> None:
         ("embed", {"input": "x", "output": "y", "precision": "fp8"}, "precision must be"),
         ("serve", {"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
         ("serve", {"dtype": "float16"}, "float16 with num_gpus > 0"),
-        ("serve", {"look_back_period_s": 2.0}, "must exceed the 10.0 s at which replicas push"),
+        ("serve", {"look_back_period_s": 1.0}, "must exceed the 1.0 s at which replicas push"),  # conftest's
         ("embed", {"input": "x", "output": "y", "cpu_dtype": "float16"}, "cpu_dtype must be"),
         ("prepare", {"kind": "csv", "source": "x", "output": "y"}, "kind must be"),
         (
@@ -108,6 +108,13 @@ def test_cli_flags_mix_with_overrides() -> None:
 def test_bad_settings_are_refused(job: str, values: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build(CONFIGS[job], values)
+
+
+def test_look_back_must_exceed_the_replicas_push_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S")  # Serve's default: 10 s
+    with pytest.raises(ValueError, match="look_back_period_s \\(2.0\\) must exceed the 10.0 s"):
+        build(CONFIGS["serve"], {"look_back_period_s": 2.0})
+    assert build(CONFIGS["serve"], {"look_back_period_s": 11.0}).look_back_period_s == 11.0
 
 
 def test_bad_override_syntax() -> None:
