@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -57,3 +60,33 @@ def test_merge_refuses_other_architectures(
         merge(MergeConfig(models=[str(tiny_model), "default"], output=str(tmp_path / "x")))
     assert main(["merge", f"models=[{tiny_model}]", "weights=[1, 2]", f"output={tmp_path / 'y'}"]) == 2
     assert "one weight per model" in capsys.readouterr().err
+
+
+def test_soup_calibrated_on_texts_at_the_base_widths(tiny_model: Path, tmp_path: Path) -> None:
+    """With calibration_texts the soup gets int8 scales of its own, fitted to its weights at the widths
+    the base was calibrated at; the endpoint and the batch job then code int8 with them."""
+    other = build_tiny(tmp_path / "other", seed=7)
+    base = Embedder.load(other, device="cpu")
+    base.calibrate_int8(["fitted to these weights", "not to a soup's", "a third text"], widths=[16])
+    base.save(other)
+    texts = [f"calibration text number {i} about soups and scales" for i in range(40)]
+    data = tmp_path / "texts"
+    data.mkdir()
+    pq.write_table(pa.table({"id": list(range(40)), "body": texts}), data / "part-0.parquet")
+    cfg = MergeConfig(models=[str(tiny_model), str(other)], output=str(tmp_path / "soup"), base=str(other),
+                      calibration_texts=str(data), text_column="body", int8_calibration_texts=32)  # fmt: skip
+    out = merge(cfg)
+    soup = Embedder.load(out["output"], device="cpu")
+    assert sorted(soup.int8_scales) == [16, 32] and soup.int8_scales != base.int8_scales
+    fresh = Embedder.load(out["output"], device="cpu")
+    expected = fresh.calibrate_int8(texts[:32], widths=[16])  # the first 32 texts, the same function
+    assert soup.int8_scales == pytest.approx(expected)
+    assert out["int8_scales"] == {str(w): s for w, s in sorted(soup.int8_scales.items())}
+    probe = soup.encode(["a probe"], precision="int8")
+    unit = soup.encode(["a probe"])
+    np.testing.assert_array_equal(probe, np.clip(np.round(unit * soup.int8_scales[32]), -127, 127))
+
+    with pytest.raises(ValueError, match="has no column 'text'"):
+        merge(dataclasses.replace(cfg, text_column="text"))
+    with pytest.raises(FileNotFoundError, match="calibration_texts .*nowhere does not exist"):
+        merge(dataclasses.replace(cfg, calibration_texts=str(tmp_path / "nowhere")))

@@ -374,9 +374,19 @@ class MergeConfig:
     """Name of the merged model (default: <base name>-soup<N>)."""
     eval: dict[str, Any] | None = None
     """Eval settings (EvalConfig fields) applied to every ingredient and the soup (merge_report.md/.json)."""
+    calibration_texts: str | None = None
+    """JSONL or Parquet file or folder of texts (e.g. the runs' training data): the soup's int8 scales are
+    calibrated on its first `int8_calibration_texts` texts, at the widths the base model was calibrated at
+    (its int8_scales.json; full width if none). Unset: the soup is saved uncalibrated (int8 = round(127 x)),
+    as the ingredients' scales were fitted to other weights."""
+    text_column: str = "text"
+    """Column of `calibration_texts` holding the texts."""
+    int8_calibration_texts: int = 512
+    """How many texts of `calibration_texts` calibrate the soup's int8 scales (>= 2)."""
 
     def __post_init__(self) -> None:
         check(len(self.models) >= 1, "merge needs at least one model")
+        check(self.int8_calibration_texts >= 2, "int8_calibration_texts must be >= 2")
         if self.eval is not None:
             EvalConfig(**self.eval)  # bad eval settings fail before any merging
         check(

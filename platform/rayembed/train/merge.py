@@ -56,19 +56,39 @@ def with_weights(base: Embedder, state: dict[str, torch.Tensor], what: str) -> E
     return copy.deepcopy(base).load_weights(state, what)
 
 
+def calibration_texts(cfg: MergeConfig) -> list[str]:
+    """The first `int8_calibration_texts` texts of `calibration_texts` (JSONL or Parquet, file or folder)."""
+    import pyarrow.dataset as pads
+
+    from rayembed.io import detect_format
+
+    path = str(cfg.calibration_texts)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"merge: calibration_texts {path} does not exist")
+    data = pads.dataset(path, format=detect_format(path, None))
+    if cfg.text_column not in data.schema.names:
+        raise ValueError(f"merge: {path} has no column {cfg.text_column!r} (columns: {data.schema.names})")
+    return data.head(cfg.int8_calibration_texts, columns=[cfg.text_column]).column(0).to_pylist()
+
+
 def merge(cfg: MergeConfig) -> dict[str, object]:
+    texts = calibration_texts(cfg) if cfg.calibration_texts else None  # bad texts fail before merging
     base = Embedder.load(cfg.base or cfg.models[0], device="cpu")
     weights = cfg.weights or [1.0] * len(cfg.models)
     states = [state_of(m, base) for m in cfg.models]
     merged = with_weights(base, soup(states, weights), "the merged weights")
     merged.name = cfg.name or f"{base.name}-soup{len(cfg.models)}"
-    merged.int8_scales = {}  # the base's scales were fitted to other weights: the soup is uncalibrated
+    widths = [w for w in base.int8_scales if w < merged.dim]  # where the ingredients were calibrated
+    merged.int8_scales = {}  # the base's scales were fitted to other weights
+    if texts is not None:
+        merged.calibrate_int8(texts, widths)
     out = merged.save(cfg.output)
     summary: dict[str, object] = {
         "output": str(out),
         "models": cfg.models,
         "weights": weights,
         "name": merged.name,
+        "int8_scales": {str(w): s for w, s in sorted(merged.int8_scales.items())},
     }
     if cfg.eval:
         from rayembed.eval.config import EvalConfig
