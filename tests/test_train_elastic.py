@@ -21,8 +21,9 @@ def _worker_group_start_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     """Set before the `cluster` fixture starts its nodes (autouse fixtures come first), so its Ray Train
     controller reads it. Just after a node loss, Ray Train's view of the cluster still counts the lost
     node: it tries the old group size and waits this long for it (default 60 s) before going on with
-    the workers left. 30 s: twice what the first group start takes on this 2-core VM."""
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    the workers left. 20 s: about twice what the first group start takes on this 2-core VM (7-11 s); a
+    start that overran it would be retried (the controller's own errors are retried without limit)."""
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
 
 
 def _live_train_worker_nodes() -> list[str]:
