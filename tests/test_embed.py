@@ -34,6 +34,7 @@ def test_embed_local_jsonl(tiny_model: Path, scifact_docs: Path, tmp_path: Path)
     cfg = EmbedConfig(
         input=str(scifact_docs), output=str(out), model=str(tiny_model), id_column="_id", title_column="title",
         fragment_bytes=100_000,  # the ~0.4 MB file becomes several line-aligned byte ranges
+        num_actors=2,  # that two actors share (not one per fragment, each loading the model, on 2 cores)
     )  # fmt: skip
     summary = embed(cfg)
     rows = _rows(scifact_docs)
