@@ -248,3 +248,18 @@ def test_missing_column_and_unknown_model_fail_fast(
         )
     with pytest.raises(ValueError, match="zero_stage"):
         TrainConfig(data="x", output_dir="y", zero_stage=4)
+
+
+def test_training_rows_read_without_progress_bars(snli_triples: Path, tmp_path: Path) -> None:
+    """The run reports its own steps: its datasets (plain and FlagEmbedding files) show no Ray Data progress
+    bars in workers' logs, and other datasets of the same process keep theirs."""
+    import ray.data
+
+    from rayembed.train.job import dataset
+
+    flag = str(Path(SHARED_DATA) / "flagembedding-examples" / "retrieval")
+    for data, fmt, rows in ((str(snli_triples), "columns", 200), (flag, "flagembedding", 30)):
+        cfg = TrainConfig(data=data, output_dir=str(tmp_path), data_format=fmt)
+        ds = dataset(cfg)
+        assert ds.context.enable_progress_bars is False and ds.select_columns(["query"]).count() == rows
+    assert ray.data.DataContext.get_current().enable_progress_bars is True
