@@ -131,7 +131,7 @@ def test_public_names_still_import() -> None:
 def test_configs_the_cli_and_read_tasks_import_no_torch() -> None:
     """Processes that only parse specs or run Ray Data read tasks on rayembed code (a FlagEmbedding
     file's `normalize`, the train job's ingest) stay free of torch and transformers: each import costs a
-    Ray worker process ~3.5 s of CPU (docs/benchmarks.md "Test-suite time")."""
+    Ray worker process ~3 s of CPU and ~180 MB (docs/benchmarks.md "What a Ray worker process imports")."""
     import subprocess
     import sys
 

@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     """The model's names, imported on first use: a process that only reads configs or runs Ray Data
-    read tasks (a FlagEmbedding file's `normalize`) never imports torch and transformers (~3.5 s of CPU
-    and ~0.3 GB per process)."""
+    read tasks (a FlagEmbedding file's `normalize`) never imports torch and transformers (~3 s of CPU
+    and ~180 MB per process; docs/benchmarks.md)."""
     if name in __all__:
         import rayembed.model
 
