@@ -235,6 +235,10 @@ def parse() -> argparse.Namespace:
     )
     ap.add_argument("--eval-every", type=int, default=0, help="SNLI-dev nDCG@10 every this many steps")
     ap.add_argument("--eval-teacher", action="store_true")
+    ap.add_argument(
+        "--eval-teacher-pca", action="store_true",
+        help="score the teacher rotated by the principal axes of its vectors of the training text (no training)",
+    )  # fmt: skip
     ap.add_argument("--workdir", default="/tmp/sweep")
     return ap.parse_args()
 
@@ -335,6 +339,9 @@ def main() -> None:
         return
     texts, vectors = training_text(args, work, teacher)
     axes = principal_axes(vectors)
+    if args.eval_teacher_pca:  # the student's target: what its prefixes can at best imitate
+        record(work, {"name": args.name, "args": vars(args), "scores": scores(teacher.rotate(axes), evals)})
+        return
     targets = torch.as_tensor(vectors @ axes)
     student = Embedder.load("default", device="cpu").keep_layers([int(x) for x in args.layers.split(",")])
     student.rotate(axes).train()
