@@ -13,11 +13,17 @@ endpoint alike.
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from rayembed.model.batching import Tokens, length_batches, pad_batch, validate_texts
-    from rayembed.model.embedder import Embedder
-    from rayembed.model.layout import default_model_path, model_ref, resolve_model_path
-    from rayembed.model.vectors import PRECISIONS, postprocess
+if TYPE_CHECKING:  # `as` marks each a re-export
+    from rayembed.model.batching import Tokens as Tokens
+    from rayembed.model.batching import length_batches as length_batches
+    from rayembed.model.batching import pad_batch as pad_batch
+    from rayembed.model.batching import validate_texts as validate_texts
+    from rayembed.model.embedder import Embedder as Embedder
+    from rayembed.model.layout import default_model_path as default_model_path
+    from rayembed.model.layout import model_ref as model_ref
+    from rayembed.model.layout import resolve_model_path as resolve_model_path
+    from rayembed.model.vectors import PRECISIONS as PRECISIONS
+    from rayembed.model.vectors import postprocess as postprocess
 
 # name -> submodule, imported on first use: job configs import layout.py (model_ref) and stay free of
 # torch and transformers, and so do Ray Data tasks that run rayembed code.
@@ -26,18 +32,7 @@ _EXPORTS = {
     "Embedder": "embedder", "default_model_path": "layout", "model_ref": "layout",
     "resolve_model_path": "layout", "PRECISIONS": "vectors", "postprocess": "vectors",
 }  # fmt: skip
-__all__ = [
-    "PRECISIONS",
-    "Embedder",
-    "Tokens",
-    "default_model_path",
-    "length_batches",
-    "model_ref",
-    "pad_batch",
-    "postprocess",
-    "resolve_model_path",
-    "validate_texts",
-]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
