@@ -101,10 +101,7 @@ def ray_local(_ray_shutdown_at_end: None) -> None:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
 
 
-@pytest.fixture
-def cluster() -> Iterator[Any]:
-    """A local multi-node Ray cluster (ray.cluster_utils.Cluster): a 1-CPU head and two 2-CPU worker
-    nodes, each its own raylet; this test's driver is connected to it (the shared local cluster stops)."""
+def _multi_node_cluster() -> Iterator[Any]:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -117,6 +114,34 @@ def cluster() -> Iterator[Any]:
     yield c
     ray.shutdown()
     c.shutdown()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Any]:
+    """A local multi-node Ray cluster (ray.cluster_utils.Cluster): a 1-CPU head and two 2-CPU worker
+    nodes, each its own raylet; this test's driver is connected to it (the shared local cluster stops)."""
+    yield from _multi_node_cluster()
+
+
+@pytest.fixture(scope="module")
+def module_cluster() -> Iterator[Any]:
+    """The same cluster, shared by the tests of one module (~8 s a start saved): a test that removes a
+    node must be its module's last."""
+    yield from _multi_node_cluster()
+
+
+OWN_CLUSTER = {"cluster", "module_cluster", "ray_started"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a test that starts its own Ray cluster run last (in their order), so the shared local
+    cluster of `ray_local` starts once rather than again after each of them."""
+
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    own = {module(item) for item in items if OWN_CLUSTER & set(getattr(item, "fixturenames", ()))}
+    items.sort(key=lambda item: module(item) in own)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float) -> bool:

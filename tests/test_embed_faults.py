@@ -91,7 +91,9 @@ def _cfg(model: Path, lake: Path, out: Path) -> EmbedConfig:
     )
 
 
-def test_killed_actor(cluster: Any, tiny_model: Path, lake: tuple[Path, set[str]], tmp_path: Path) -> None:
+def test_killed_actor(
+    module_cluster: Any, tiny_model: Path, lake: tuple[Path, set[str]], tmp_path: Path
+) -> None:
     root, ids = lake
     cfg = _cfg(tiny_model, root, tmp_path / "out")
 
@@ -103,8 +105,8 @@ def test_killed_actor(cluster: Any, tiny_model: Path, lake: tuple[Path, set[str]
     _assert_exactly_once(Path(cfg.output), ids)
 
 
-def test_lost_worker_node(
-    cluster: Any, tiny_model: Path, lake: tuple[Path, set[str]], tmp_path: Path
+def test_lost_worker_node(  # last in this module: it removes a node of the module's cluster
+    module_cluster: Any, tiny_model: Path, lake: tuple[Path, set[str]], tmp_path: Path
 ) -> None:
     root, ids = lake
     cfg = _cfg(tiny_model, root, tmp_path / "out")
@@ -113,10 +115,10 @@ def test_lost_worker_node(
         deadline, busy, nodes = time.time() + 60, set(), []
         while not nodes and time.time() < deadline:  # an actor may be (re)starting right now
             busy = {a["Address"]["NodeID"] for a in _embedding_actors()}
-            nodes = [n for n in cluster.worker_nodes if n.node_id in busy]
+            nodes = [n for n in module_cluster.worker_nodes if n.node_id in busy]
             time.sleep(0.2)
         assert nodes, f"no embedding actor on a worker node (actors on {busy})"
-        cluster.remove_node(nodes[0], allow_graceful=False)
+        module_cluster.remove_node(nodes[0], allow_graceful=False)
 
     _run_with_fault(cfg, kill_node)
     _assert_exactly_once(Path(cfg.output), ids)

@@ -41,7 +41,7 @@ def _s3_files(s3_endpoint: str, prefix: str) -> list[str]:
 
 
 def test_train_across_nodes_with_everything_on_s3(
-    cluster: Any, tiny_model: Path, snli_triples: Path, s3_endpoint: str
+    module_cluster: Any, tiny_model: Path, snli_triples: Path, s3_endpoint: str
 ) -> None:
     upload_dir(tiny_model, f"{ROOT}/model", s3_endpoint)
     upload_dir(snli_triples.parent, f"{ROOT}/data", s3_endpoint)
@@ -78,7 +78,7 @@ def test_train_across_nodes_with_everything_on_s3(
 
 
 def test_a_local_storage_path_is_refused_on_several_nodes(
-    cluster: Any, snli_triples: Path, tmp_path: Path
+    module_cluster: Any, snli_triples: Path, tmp_path: Path
 ) -> None:
     cfg = TrainConfig(data=str(snli_triples), output_dir=str(tmp_path / "run"), negative_column="negative")
     with pytest.raises(ValueError, match="is a local folder and this Ray cluster has 3 nodes"):
