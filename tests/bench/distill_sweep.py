@@ -38,6 +38,7 @@ from rayembed.train.losses import EmbeddingDistill, matryoshka
 from rayembed.train.regularizers import SpreadOut
 
 DIMS = [384, 256, 128, 64]
+PREFIX_FULL_BELOW = 256  # --prefix-full-weight: the widths below this (128, 64) get the full-width target
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "distill-sweep.json"
 
 
@@ -195,6 +196,11 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--kl-weight", type=float, default=1.0)
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--no-self-pairs", action="store_true", help="relational KL without each row's own pair")
+    ap.add_argument(
+        "--prefix-full-weight", type=float, default=0.0,
+        help="weight of a relational KL between each prefix's (128, 64) similarities and the teacher's full-width ones",
+    )  # fmt: skip
+    ap.add_argument("--prefix-full-temperature", type=float, default=0.1)
     ap.add_argument("--token-weight", type=float, default=0.0, help="last-layer token states")
     ap.add_argument("--hidden-weight", type=float, default=0.0, help="every student layer's token states")
     ap.add_argument("--freeze-embeddings", action="store_true", help="token/position embeddings not trained")
@@ -288,6 +294,7 @@ class Step:
         self.teacher_layer = [m + 1 for m in map(int, args.layers.split(","))]  # student layer i -> h[m + 1]
         cls = NoSelfPairs if args.no_self_pairs else EmbeddingDistill
         self.loss_fn, self.spread = cls("cosine", args.kl_weight, args.temperature), SpreadOut()
+        self.prefix_kl = NoSelfPairs("cosine", 1.0, args.prefix_full_temperature)
         self.rng = np.random.default_rng(1)
 
     def token_terms(self, out: Any, feats: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -323,6 +330,12 @@ class Step:
         emb = by_length(forward, feats, a.forward_tokens)
         weights = [float(w) for w in a.matryoshka_weights.split(",")] if a.matryoshka_weights else None
         loss = matryoshka(self.loss_fn, DIMS, weights, emb, target) + a.spread_weight * self.spread(emb, emb)
+        if (
+            a.prefix_full_weight
+        ):  # the short prefixes ranked as the teacher's full width ranks, not its PCA prefix
+            loss = loss + a.prefix_full_weight * sum(
+                self.prefix_kl.relational(emb[:, :k], target) for k in DIMS if k < PREFIX_FULL_BELOW
+            )
         return loss + sum(terms) / feats["attention_mask"].sum() if terms else loss
 
 
