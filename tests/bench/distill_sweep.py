@@ -330,9 +330,8 @@ class Step:
         emb = by_length(forward, feats, a.forward_tokens)
         weights = [float(w) for w in a.matryoshka_weights.split(",")] if a.matryoshka_weights else None
         loss = matryoshka(self.loss_fn, DIMS, weights, emb, target) + a.spread_weight * self.spread(emb, emb)
-        if (
-            a.prefix_full_weight
-        ):  # the short prefixes ranked as the teacher's full width ranks, not its PCA prefix
+        # the short prefixes ranked as the teacher's full width ranks, not as its PCA prefix
+        if a.prefix_full_weight:
             loss = loss + a.prefix_full_weight * sum(
                 self.prefix_kl.relational(emb[:, :k], target) for k in DIMS if k < PREFIX_FULL_BELOW
             )
