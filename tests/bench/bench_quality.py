@@ -109,6 +109,7 @@ def train_student(work: Path, layers: int, args: argparse.Namespace, n_rows: int
             matryoshka_dims=[384, 256, 128, 64], num_workers=2, zero_stage=2, batch_size=args.batch_size,
             max_length=256, forward_tokens=4096, lr=args.lr, warmup_steps=10, max_steps=args.max_steps,
             shuffle_buffer=2000, checkpoint_every=10**6, pca_rotation=True, pca_rows=n_rows, seed=args.seed,
+            pca_ranking_steps=args.pca_ranking_steps,
         )
     )  # fmt: skip
     run = {"path": result["output_dir"], "steps": result["step"], "seconds": round(time.perf_counter() - t0),
@@ -180,6 +181,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--sentences", type=int, default=6000, help="Wikipedia sentences in the mix")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--pca-ranking-steps", type=int, default=0, help="train.pca_ranking_steps (0: principal axes)"
+    )
     ap.add_argument("--workdir", default="/tmp/bench-quality", help="kept: teacher vectors are reused")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--corpus-text", action="store_true",

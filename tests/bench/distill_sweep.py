@@ -33,7 +33,7 @@ from rayembed.data.readers import load_beir
 from rayembed.eval.job import evaluate
 from rayembed.model import Embedder
 from rayembed.model.batching import by_length
-from rayembed.model.pca import principal_axes
+from rayembed.model.pca import principal_axes, ranking_axes
 from rayembed.train.losses import EmbeddingDistill, matryoshka
 from rayembed.train.regularizers import SpreadOut
 
@@ -245,6 +245,10 @@ def parse() -> argparse.Namespace:
         "--eval-teacher-pca", action="store_true",
         help="score the teacher rotated by the principal axes of its vectors of the training text (no training)",
     )  # fmt: skip
+    ap.add_argument(
+        "--ranking-steps", type=int, default=0, help="pca axes turned by rayembed.model.pca.ranking_axes"
+    )
+    ap.add_argument("--ranking-temperature", type=float, default=0.1)
     ap.add_argument("--workdir", default="/tmp/sweep")
     return ap.parse_args()
 
@@ -350,7 +354,11 @@ def main() -> None:
         record(work, {"name": "teacher", "scores": scores(teacher, evals)})
         return
     texts, vectors = training_text(args, work, teacher)
-    axes = principal_axes(vectors)
+    axes = (
+        ranking_axes(vectors, [d for d in DIMS if d < DIMS[0]], args.ranking_temperature, args.ranking_steps)
+        if args.ranking_steps
+        else principal_axes(vectors)
+    )
     if args.eval_teacher_pca:  # the student's target: what its prefixes can at best imitate
         record(work, {"name": args.name, "args": vars(args), "scores": scores(teacher.rotate(axes), evals)})
         return

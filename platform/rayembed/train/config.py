@@ -141,6 +141,13 @@ class TrainConfig:
     teacher vectors alike. Full-width similarities stay as they were while every prefix starts with the
     most variance it can hold (rayembed.pca; all-MiniLM-L6-v2 on SciFact, 128-d: 93.3% of full nDCG@10
     as it is, 97.6% rotated). The rotation is kept in checkpoints, so a resumed run uses the same one."""
+    pca_ranking_steps: int = 0
+    """With pca_rotation: turn the principal axes by this many steps of `rayembed.model.pca.ranking_axes`
+    so that each matryoshka_dims prefix ranks neighbours as the full width does (variance is not ranking:
+    on text unlike the fitted rows, the top axes hold less of what tells neighbours apart). 0 keeps the
+    principal axes. 1000 steps: ~2 min on 2 CPU cores, on the driver before the workers start
+    (docs/benchmarks.md: the teacher's 128-d prefix 95.6% -> 97.1% of full on SNLI-dev, 93.4% -> 94.3%
+    on SciFact-train)."""
     pca_rows: int = 4096
     """Rows read to fit `pca_rotation`: their teacher_column vectors, or else their texts embedded on the
     driver (a one-off cost before the workers start; a few thousand vectors fit 384 axes well)."""
@@ -253,6 +260,11 @@ class TrainConfig:
         check(self.report_interval_s >= 0, "report_interval_s must be >= 0")
         check(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
         check(self.pca_rows >= 2, "pca_rows must be >= 2 (vectors to fit the rotation)")
+        check(
+            self.pca_ranking_steps == 0 or (self.pca_rotation and bool(self.matryoshka_dims)),
+            "pca_ranking_steps needs pca_rotation and matryoshka_dims (the prefixes it turns the axes for)",
+        )
+        check(self.pca_ranking_steps >= 0, "pca_ranking_steps must be >= 0")
         check(
             self.int8_calibration_texts == 0 or self.int8_calibration_texts >= 2,
             f"int8_calibration_texts must be 0 (off) or >= 2, got {self.int8_calibration_texts}",

@@ -24,7 +24,7 @@ from rayembed.model import Embedder, resolve_model_path
 from rayembed.model import backbone as families
 from rayembed.model.layout import read_layout
 from rayembed.model.lora import check_targets
-from rayembed.model.pca import principal_axes
+from rayembed.model.pca import principal_axes, ranking_axes
 from rayembed.model.tokenizer import prepare_tokenizer
 from rayembed.train.config import TrainConfig
 from rayembed.train.export import HISTORY, ROTATION, consolidate, publish, saved_rotation
@@ -37,16 +37,25 @@ from rayembed.train.start import starting_model
 
 def fit_rotation(cfg: TrainConfig, rows: dict[str, Any]) -> np.ndarray:
     """pca_rotation: principal axes of what the model learns to match, from the first `pca_rows` of
-    `rows`: teacher vectors when distilling (the column, or the in-loop teacher's), else its own embeddings."""
+    `rows`: teacher vectors when distilling (the column, or the in-loop teacher's), else its own
+    embeddings; turned for ranking at the matryoshka widths below full if `pca_ranking_steps`."""
     rows = {k: v[: cfg.pca_rows] for k, v in rows.items()}
     if cfg.loss == "distill" and cfg.teacher_column:
-        return principal_axes(np.stack(list(rows[cfg.teacher_column])).astype(np.float32))
-    texts = row_texts(cfg, rows)
-    teacher = cfg.loss == "distill" and cfg.teacher
-    model = (
-        Embedder.load(resolve_model_path(teacher, cfg.s3_endpoint_url)) if teacher else starting_model(cfg)
+        vectors = np.stack(list(rows[cfg.teacher_column])).astype(np.float32)
+    else:
+        teacher = cfg.loss == "distill" and cfg.teacher
+        model = (
+            Embedder.load(resolve_model_path(teacher, cfg.s3_endpoint_url))
+            if teacher
+            else starting_model(cfg)
+        )
+        vectors = model.encode(row_texts(cfg, rows), batch_size=64)
+    if not cfg.pca_ranking_steps:
+        return principal_axes(vectors)
+    prefixes = [d for d in cfg.matryoshka_dims if d < vectors.shape[1]]
+    return (
+        ranking_axes(vectors, prefixes, steps=cfg.pca_ranking_steps) if prefixes else principal_axes(vectors)
     )
-    return principal_axes(model.encode(texts, batch_size=64))
 
 
 def first_rows(cfg: TrainConfig, ds: Any, resumed: bool) -> dict[str, Any]:
