@@ -1,5 +1,4 @@
-"""`train` and `merge` job settings: one `@dataclass` each, a docstring per field, checks in
-`__post_init__`."""
+"""`train` and `merge` job settings: one `@dataclass` each, a docstring per field, checks in `__post_init__`."""
 
 from __future__ import annotations
 
@@ -136,26 +135,18 @@ class TrainConfig:
     """Weights of the Matryoshka widths (default 1 each)."""
     pca_rotation: bool = False
     """Matryoshka from a model not trained for it: before training, add an orthogonal output layer (a
-    sentence-transformers Dense) set to the principal axes of the vectors the model learns to match
-    (distill: the teacher's; otherwise its own embeddings of the first `pca_rows` rows), and rotate
-    teacher vectors alike. Full-width similarities stay as they were while every prefix starts with the
-    most variance it can hold (rayembed.pca; all-MiniLM-L6-v2 on SciFact, 128-d: 93.3% of full nDCG@10
-    as it is, 97.6% rotated). The rotation is kept in checkpoints, so a resumed run uses the same one."""
+    sentence-transformers Dense) at the principal axes of the vectors the model learns to match (the
+    teacher's, else its own embeddings of the first `pca_rows` rows), teacher vectors rotated alike: full-width
+    similarities unchanged, each prefix starts with the most variance it can hold. Kept in checkpoints."""
     pca_ranking_steps: int = 0
-    """With pca_rotation: turn the principal axes by this many steps of `rayembed.model.pca.ranking_axes`
-    so that each matryoshka_dims prefix ranks neighbours as the full width does (variance is not ranking:
-    on text unlike the fitted rows, the top axes hold less of what tells neighbours apart). 0 keeps the
-    principal axes. 1000 steps: ~2 min on 2 CPU cores, on the driver before the workers start
-    (docs/benchmarks.md: the teacher's 128-d prefix 95.6% -> 97.1% of full on SNLI-dev, 93.4% -> 94.3%
-    on SciFact-train)."""
+    """With pca_rotation: turn the axes by this many steps of rayembed.model.pca.ranking_axes, so each
+    matryoshka_dims prefix ranks neighbours as full width does (1000: ~2 min on 2 cores). 0: principal axes."""
     pca_rows: int = 4096
-    """Rows read to fit `pca_rotation`: their teacher_column vectors, or else their texts embedded on the
-    driver (a one-off cost before the workers start; a few thousand vectors fit 384 axes well)."""
+    """Rows read to fit `pca_rotation`: their teacher_column vectors, else their texts embedded on the driver."""
     int8_calibration_texts: int = 512
-    """Texts (those of the first rows, row by row) the exported model embeds on the driver after
-    training to calibrate its int8 scales at full width and each matryoshka_dims width
-    (rayembed.model.vectors.calibrate_int8; kept in the model's int8_scales.json). 0: none, int8 codes
-    stay round(127 x)."""
+    """Texts (of the first rows) the exported model embeds on the driver after training to calibrate its
+    int8 scales at full width and each matryoshka_dims width (rayembed.model.vectors.calibrate_int8; kept
+    in the model's int8_scales.json). 0: none, int8 codes stay round(127 x)."""
     matryoshka_2d: list[list[int]] = field(default_factory=list)
     """2D Matryoshka (Starbucks): [layers, dim] pairs, e.g. [[2, 128], [4, 256]]; each trains the model's
     first `layers` layers, pooled, at width `dim`, with the same loss (weight 1), besides the full model.
@@ -260,10 +251,8 @@ class TrainConfig:
         check(self.report_interval_s >= 0, "report_interval_s must be >= 0")
         check(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
         check(self.pca_rows >= 2, "pca_rows must be >= 2 (vectors to fit the rotation)")
-        check(
-            self.pca_ranking_steps == 0 or (self.pca_rotation and bool(self.matryoshka_dims)),
-            "pca_ranking_steps needs pca_rotation and matryoshka_dims (the prefixes it turns the axes for)",
-        )
+        ranking = self.pca_ranking_steps == 0 or (self.pca_rotation and bool(self.matryoshka_dims))
+        check(ranking, "pca_ranking_steps needs pca_rotation and matryoshka_dims (prefixes to turn for)")
         check(self.pca_ranking_steps >= 0, "pca_ranking_steps must be >= 0")
         check(
             self.int8_calibration_texts == 0 or self.int8_calibration_texts >= 2,
