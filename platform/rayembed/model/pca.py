@@ -45,7 +45,8 @@ def ranking_axes(
     less of what tells neighbours apart. Starting from the principal axes A0, this learns A = A0 @
     exp(S - S^T) (orthogonal for any S) by Adam on random batches of rows, minimising per width the KL
     from the full-width similarity distribution of each row over the other rows of the batch
-    (softmax at `temperature`) to its prefix's. Full-width dot products stay as they were.
+    (softmax at `temperature`) to its prefix's. Full-width dot products stay as they were. With no
+    `dims` or no `steps`, the principal axes as they are.
     """
     import torch
     import torch.nn.functional as F
@@ -55,19 +56,24 @@ def ranking_axes(
     full = x_all.shape[1]
     if any(not 0 < d < full for d in dims):
         raise ValueError(f"dims must lie in (0, {full}), got {dims}")
+    if not dims or not steps:
+        return a0.numpy()
     gen = torch.Generator().manual_seed(seed)
     s = torch.zeros(full, full, requires_grad=True)
     opt = torch.optim.Adam([s], lr=lr)
     n = min(batch, x_all.shape[0])
     self_pair = torch.eye(n, dtype=torch.bool)
+
+    def neighbours(v: torch.Tensor) -> torch.Tensor:  # log-softmax of each row over the other rows
+        return F.log_softmax((v @ v.T / temperature).masked_fill(self_pair, -1e4), dim=-1)
+
     for _ in range(steps):
         x = x_all[torch.randperm(x_all.shape[0], generator=gen)[:n]]
-        target = F.log_softmax((x @ x.T / temperature).masked_fill(self_pair, -1e4), dim=-1)
+        target = neighbours(x)
         y = x @ (a0 @ torch.linalg.matrix_exp(s - s.T))
         loss = x.new_zeros(())
         for d in dims:
-            p = F.normalize(y[:, :d], dim=-1)
-            pred = F.log_softmax((p @ p.T / temperature).masked_fill(self_pair, -1e4), dim=-1)
+            pred = neighbours(F.normalize(y[:, :d], dim=-1))
             loss = loss + F.kl_div(pred, target, log_target=True, reduction="batchmean")
         opt.zero_grad()
         loss.backward()

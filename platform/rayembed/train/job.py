@@ -24,7 +24,7 @@ from rayembed.model import Embedder, resolve_model_path
 from rayembed.model import backbone as families
 from rayembed.model.layout import read_layout
 from rayembed.model.lora import check_targets
-from rayembed.model.pca import principal_axes, ranking_axes
+from rayembed.model.pca import ranking_axes
 from rayembed.model.tokenizer import prepare_tokenizer
 from rayembed.train.config import TrainConfig
 from rayembed.train.export import HISTORY, ROTATION, consolidate, publish, saved_rotation
@@ -50,12 +50,8 @@ def fit_rotation(cfg: TrainConfig, rows: dict[str, Any]) -> np.ndarray:
             else starting_model(cfg)
         )
         vectors = model.encode(row_texts(cfg, rows), batch_size=64)
-    if not cfg.pca_ranking_steps:
-        return principal_axes(vectors)
     prefixes = [d for d in cfg.matryoshka_dims if d < vectors.shape[1]]
-    return (
-        ranking_axes(vectors, prefixes, steps=cfg.pca_ranking_steps) if prefixes else principal_axes(vectors)
-    )
+    return ranking_axes(vectors, prefixes, steps=cfg.pca_ranking_steps)  # 0 steps: the principal axes
 
 
 def first_rows(cfg: TrainConfig, ds: Any, resumed: bool) -> dict[str, Any]:
