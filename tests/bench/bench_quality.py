@@ -18,6 +18,10 @@ collections whose text never entered training (writes docs/results/quality.json)
 --corpus-text (another --out and --workdir): every document of both collections joins the training text
 (what `prepare kind=general corpus=` does for a user's corpus), queries and qrels stay out (`overlap`
 then counts queries); the figures go under `corpus_text`, never `unseen`.
+--genre-text (another --out and --workdir): the sentences of e-SNLI *dev* (premises and hypotheses, no
+labels; the 216 that are verbatim SNLI-test text left out) join the training text: other text of the SNLI
+collection's genre, none of the collection's own (`overlap` still counts queries and documents, must be
+0); figures under `genre_text`, never `unseen`.
 Goals (issue 17): on every unseen collection the 3-layer student keeps >= 95 % of the teacher's nDCG@10;
 its 128-d >= 95 % of its full width; int8 >= 99 % of float32.
 """
@@ -44,6 +48,13 @@ from rayembed.model import Embedder
 from rayembed.train import train
 
 LAYERS = {3: [0, 2, 5], 4: [0, 2, 4, 5], 2: [0, 5]}
+PROTOCOL = {
+    "unseen": "train on rayembed.data.mix.general_texts; unseen = collections with no text in training",
+    "corpus_text": "train on general_texts + every document of both collections (queries and qrels out); "
+    "corpus_text = those collections",
+    "genre_text": "train on general_texts + e-SNLI dev's sentences (less those verbatim in an eval collection);"
+    " genre_text = collections none of whose text is in training, SNLI-test's genre is",
+}
 OUT = Path(__file__).resolve().parents[2] / "docs" / "results" / "quality.json"
 
 
@@ -83,6 +94,20 @@ def corpus_file(work: Path, evals: dict[str, EvalConfig]) -> Path:
     path = work / "corpus.jsonl"
     write_jsonl(path, ({"text": t} for docs, _, _ in beir for t in docs.values() if norm(t) not in queries))
     return path
+
+
+def genre_file(work: Path, evals: dict[str, EvalConfig]) -> tuple[Path, int]:
+    """--genre-text: e-SNLI dev's sentences as one JSONL for `general_texts(corpus=...)`, less any that is
+    verbatim text of an eval collection; returns the file and how many were left out."""
+    beir = [load_beir(str(cfg.beir_dir), cfg.split) for cfg in evals.values()]
+    held = {norm(t) for docs, qs, _ in beir for t in [*docs.values(), *qs.values()]}
+    root = Path(SHARED_DATA) / "snli-esnli"
+    lines = [s.strip() for f in ("s1.dev", "s2.dev") for s in (root / f).read_text("utf-8").splitlines()]
+    sentences = [s for s in dict.fromkeys(lines) if s]
+    kept = [s for s in sentences if norm(s) not in held]
+    path = work / "genre.jsonl"
+    write_jsonl(path, ({"text": t} for t in kept))
+    return path, len(sentences) - len(kept)
 
 
 def teacher_vectors(work: Path, rows: list[dict[str, str]]) -> float:
@@ -189,6 +214,9 @@ def main() -> None:
     ap.add_argument("--corpus-text", action="store_true",
                     help="the collections' documents join the training text (queries do not); figures under "
                     "`corpus_text`, not `unseen` (use another --out and --workdir)")  # fmt: skip
+    ap.add_argument("--genre-text", action="store_true",
+                    help="e-SNLI dev's sentences join the training text (SNLI-test's own text stays out); "
+                    "figures under `genre_text`, not `unseen` (use another --out and --workdir)")  # fmt: skip
     args = ap.parse_args()
     import ray
 
@@ -196,7 +224,9 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     evals = collections(work)
-    corpus = corpus_file(work, evals) if args.corpus_text else None
+    corpus, left_out = (corpus_file(work, evals) if args.corpus_text else None), 0
+    if args.genre_text:
+        corpus, left_out = genre_file(work, evals)
     rows = general_texts(SHARED_DATA, args.sentences, args.seed, corpus, corpus_rows=10**9)
     found = overlap(rows, evals, docs=not args.corpus_text)
     assert not any(found.values()), f"eval text in the training mix: {found}"
@@ -219,14 +249,14 @@ def main() -> None:
     figures = summary(results, students, list(evals), len(rows))
     if args.corpus_text:  # the documents were training text: not an unseen-collection figure
         figures = {"corpus_text": figures.pop("unseen")} | figures
+    if args.genre_text:  # the SNLI collection's genre was training text, its own text was not
+        figures = {"genre_text": figures.pop("unseen")} | figures
     out = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM (no GPU)",
         "command": "python tests/bench/bench_quality.py " + " ".join(sys.argv[1:]),
-        "protocol": "train on rayembed.data.mix.general_texts; unseen = collections with no text in training"
-        if not args.corpus_text else "train on general_texts + every document of both collections "
-        "(queries and qrels out); corpus_text = those collections",
-        "texts": len(rows), "overlap": found, "seconds": seconds, **figures,
+        "protocol": PROTOCOL["corpus_text" if args.corpus_text else "genre_text" if args.genre_text else "unseen"],
+        "texts": len(rows), "genre_text_left_out": left_out, "overlap": found, "seconds": seconds, **figures,
         "scores": results,
     }  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -27,9 +27,9 @@ class PrepareConfig:
     seed: int = 0
     """general: seed of the sentence sample and of the shuffle."""
     corpus: str | None = None
-    """general: JSONL file (or folder of *.jsonl) of the corpus the student will embed; the `text` (and
-    `title`) of its first `corpus_rows` rows join the mix as source 'corpus'. Documents only: no queries,
-    no labels (docs/benchmarks.md "Text of the corpus to embed")."""
+    """general: JSONL file (or folder of *.jsonl) of the corpus the student will embed, or of other text of
+    its kind; the `text` (and `title`) of its first `corpus_rows` rows join the mix as source 'corpus'.
+    Documents only: no queries, no labels (docs/benchmarks.md "Text of the corpus to embed")."""
     corpus_rows: int = 20000
     """general: at most this many corpus rows, read from the start."""
     limit: int | None = None
