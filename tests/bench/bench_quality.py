@@ -12,9 +12,10 @@ collections whose text never entered training (writes docs/results/quality.json)
    Seen: STS-B test Spearman (the news/forum sentences of all STS splits are training text).
 3. Teacher vectors by the batch pipeline (`rayembed embed`, text passed through), once.
 4. Each student (`--students`: 3 = layers 0,2,5; 4 = 0,2,4,5; 2 = 0,5 of the teacher) is trained as
-   `jobs/distill.yaml` does (distill against the teacher column, pca_rotation, Matryoshka 384/256/128/64,
-   dropout 0, ZeRO-2 on 2 CPU workers), then evaluated with `evaluate` (what `rayembed eval` runs) at full width and
-   128-d, float32 and int8, and timed on 1,000 SciFact abstracts (docs/s, same run as the teacher).
+   `jobs/distill.yaml` does (distill against the teacher column, pca_rotation with the axes turned for
+   ranking, Matryoshka 384/256/128/64, dropout 0, ZeRO-2 on 2 CPU workers), then evaluated with `evaluate`
+   (what `rayembed eval` runs) at full width and 128-d, float32 and int8, and timed on 1,000 SciFact
+   abstracts (docs/s, same run as the teacher).
 --corpus-text (another --out and --workdir): every document of both collections joins the training text
 (what `prepare kind=general corpus=` does for a user's corpus), queries and qrels stay out (`overlap`
 then counts queries); the figures go under `corpus_text`, never `unseen`.
@@ -207,7 +208,7 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=6000, help="Wikipedia sentences in the mix")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--pca-ranking-steps", type=int, default=0, help="train.pca_ranking_steps (0: principal axes)"
+        "--pca-ranking-steps", type=int, default=1000, help="train.pca_ranking_steps (0: principal axes)"
     )
     ap.add_argument("--workdir", default="/tmp/bench-quality", help="kept: teacher vectors are reused")
     ap.add_argument("--out", default=str(OUT))
