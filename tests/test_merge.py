@@ -90,3 +90,22 @@ def test_soup_calibrated_on_texts_at_the_base_widths(tiny_model: Path, tmp_path:
         merge(dataclasses.replace(cfg, text_column="text"))
     with pytest.raises(FileNotFoundError, match="calibration_texts .*nowhere does not exist"):
         merge(dataclasses.replace(cfg, calibration_texts=str(tmp_path / "nowhere")))
+
+
+def test_merge_refuses_models_on_different_axes(tiny_model: Path, tmp_path: Path) -> None:
+    """Runs that fitted their own pca rotation emit coordinates along different axes: averaging their
+    weights mixes them, so merge refuses; models on one rotation merge and the soup keeps its id."""
+    from rayembed.model.pca import frame_id, principal_axes
+
+    rng = np.random.default_rng(0)
+    axes = [principal_axes(rng.normal(size=(64, 32))) for _ in range(2)]
+    folders = []
+    for i, r in enumerate([axes[0], axes[0], axes[1]]):
+        model = Embedder.load(build_tiny(tmp_path / f"m{i}", seed=i), device="cpu").rotate(r)
+        folders.append(str(model.save(tmp_path / f"m{i}")))
+    assert json.loads((tmp_path / "m2" / "rayembed.json").read_text())["frame"] == frame_id(axes[1])
+    with pytest.raises(ValueError, match="different axes"):
+        merge(MergeConfig(models=folders[1:], output=str(tmp_path / "refused")))
+    assert not (tmp_path / "refused").exists()
+    out = merge(MergeConfig(models=folders[:2], output=str(tmp_path / "soup")))
+    assert Embedder.load(out["output"], device="cpu").frame == frame_id(axes[0])

@@ -79,6 +79,9 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
     assert json.loads((model_dir / "int8_scales.json").read_text())["scales"].keys() == {"16", "32"}
 
     rotation = torch.from_numpy(np.load(ckpt / "pca_rotation.npy"))  # before keep_checkpoints prunes it
+    from rayembed.model.pca import frame_id
+
+    assert exported.frame == frame_id(rotation.numpy())  # the axes' id (rayembed.json): what merge compares
     # What the driver of a resumed run reads instead of fitting the axes again.
     from rayembed.train.job import checkpoint_rotation
 

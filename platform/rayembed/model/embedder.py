@@ -33,6 +33,7 @@ from rayembed.model import backbone as families  # noqa: E402
 from rayembed.model.batching import Text, Tokens, length_batches, pad_batch, validate_texts  # noqa: E402
 from rayembed.model.latent_attention import LatentAttention  # noqa: E402
 from rayembed.model.layout import Layout, read_layout, resolve_model_path, write_layout  # noqa: E402
+from rayembed.model.pca import frame_id  # noqa: E402
 from rayembed.model.pooling import POOLINGS, pool, pool_mask  # noqa: E402
 from rayembed.model.tokenizer import prepare_tokenizer, save_tokenizer  # noqa: E402
 from rayembed.model.vectors import PRECISIONS, calibrate_int8, postprocess, unit  # noqa: E402
@@ -73,6 +74,7 @@ class Embedder(nn.Module):
         self._mask_4d = False  # bidirectional without a native switch: forward passes a 4D mask
         self._prompt_lengths: dict[str, int] = {}
         self.int8_scales: dict[int, float] = {}  # width -> int8 scale (`calibrate_int8`); {}: 127
+        self.frame: str | None = None  # id of the output axes `rotate` turned to (pca.frame_id)
         self.set_pooling(pooling)
 
     # ---- construction -------------------------------------------------------------------------
@@ -106,7 +108,7 @@ class Embedder(nn.Module):
             model.set_pooling(pooling)
         if layout.projection is not None:
             model.set_projection(layout.projection)
-        model.int8_scales = layout.int8_scales
+        model.int8_scales, model.frame = layout.int8_scales, layout.frame
         model.eval()
         return model if is_deepspeed_zero3_enabled() else model.to(device)
 
@@ -124,7 +126,7 @@ class Embedder(nn.Module):
         projection = self.projection.weight if self.projection is not None else None
         layout = Layout(
             self.pooling, self.normalize, self.max_length, self.name, self.prompts, projection,
-            self.include_prompt, self.attention, self.latent, self.int8_scales,
+            self.include_prompt, self.attention, self.latent, self.int8_scales, self.frame,
         )  # fmt: skip
         write_layout(out, layout, self.hidden_size, self.dim)
         return out
@@ -172,6 +174,7 @@ class Embedder(nn.Module):
         if r.shape != (self.dim, self.dim) or not torch.allclose(r.T @ r, torch.eye(self.dim), atol=1e-4):
             raise ValueError(f"rotation must be an orthogonal [{self.dim}, {self.dim}] matrix")
         old = self.projection.weight.detach().float().cpu() if self.projection is not None else None
+        self.frame = frame_id(r.numpy(), self.frame)
         return self.set_projection(r.T if old is None else r.T @ old)
 
     def calibrate_int8(

@@ -112,6 +112,7 @@ class Layout:
     attention: str | None = None  # decoders: causal | bidirectional (None: as the family was trained)
     latent: Any = None  # a LatentAttention head (latent_attention pooling)
     int8_scales: dict[int, float] = field(default_factory=dict)  # width -> scale (vectors.calibrate_int8)
+    frame: str | None = None  # the output axes' id (pca.frame_id) when the model was rotated
 
 
 def read_layout(path: Path) -> Layout:
@@ -136,6 +137,7 @@ def read_layout(path: Path) -> Layout:
         attention=own.get("attention"),
         latent=latent,
         int8_scales=_read_int8_scales(path),
+        frame=own.get("frame"),
     )
 
 
@@ -194,6 +196,7 @@ def write_layout(out: Path, layout: Layout, hidden_size: int, dim: int) -> None:
         out / "config_sentence_transformers.json", {"similarity_fn_name": "cosine", "prompts": layout.prompts}
     )
     own = {"name": layout.name, "dim": dim, "pooling": layout.pooling, "attention": layout.attention}
+    own |= {"frame": layout.frame} if layout.frame else {}
     _write_json(out / "rayembed.json", own)
     if layout.int8_scales:
         _write_json(out / INT8_SCALES, {"scales": {str(w): s for w, s in sorted(layout.int8_scales.items())}})

@@ -7,7 +7,16 @@ SciFact keeps 93.3% of its full-width nDCG@10 at 128-d as it is and 97.6% rotate
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+
+
+def frame_id(rotation: np.ndarray, before: str | None = None) -> str:
+    """Fingerprint of the output axes a model was turned onto (after the turn `before`, if any). Two
+    models with different ids emit coordinates along different axes: their weights cannot be averaged."""
+    digest = hashlib.sha256(np.ascontiguousarray(rotation, dtype=np.float32).tobytes()).hexdigest()
+    return hashlib.sha256(f"{before}:{digest}".encode()).hexdigest()[:16] if before else digest[:16]
 
 
 def principal_axes(vectors: np.ndarray) -> np.ndarray:

@@ -50,9 +50,9 @@ def checkpoint_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def consolidate(checkpoint_dir: str | Path, cfg: TrainConfig) -> Embedder:
-    """The trained model of a run's checkpoint on CPU, as a plain model: the starting model (start.py)
-    with the checkpoint's weights, LoRA adapters merged into the backbone."""
-    model = trainable_model(cfg, starting_model(cfg, "cpu"))
+    """The trained model of a run's checkpoint on CPU, as a plain model: the starting model (start.py,
+    turned by the run's pca rotation: its frame) with the checkpoint's weights, LoRA adapters merged."""
+    model = trainable_model(cfg, starting_model(cfg, "cpu", saved_rotation(checkpoint_dir)))
     state = checkpoint_state(checkpoint_dir)
     model.load_weights(state, f"the checkpoint's weights (base {cfg.model})", partial=has_lora(model))
     # The base model's max length is kept: `max_length` in training is a speed setting, not the model's limit.

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from rayembed.model import Embedder
+from rayembed.model.layout import read_layout, resolve_model_path
+from rayembed.model.pca import frame_id
 from rayembed.train.config import MergeConfig
-from rayembed.train.export import checkpoint_state
+from rayembed.train.export import checkpoint_state, saved_rotation
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
@@ -39,6 +41,29 @@ def state_of(source: str, base: Embedder | None) -> dict[str, torch.Tensor]:
             )
         return {k: v.float() for k, v in state.items()}
     return {k: v.float() for k, v in Embedder.load(source, device="cpu").state_dict().items()}
+
+
+def frame_of(source: str, base: Embedder | None) -> str | None:
+    """The output axes' id of one source (pca.frame_id): a model folder's own, or for a DeepSpeed
+    checkpoint the base turned by the run's saved pca rotation; None where nothing says."""
+    if is_deepspeed_checkpoint(source):
+        rotation = saved_rotation(source)
+        before = base.frame if base is not None else None
+        return frame_id(rotation.numpy(), before) if rotation is not None else before
+    return read_layout(resolve_model_path(source)).frame
+
+
+def common_frame(sources: list[str], frames: list[str | None]) -> str | None:
+    """The one frame of the sources that record one; different frames are refused: runs that fitted
+    their own pca rotation emit coordinates along different axes, and averaging those mixes them."""
+    known = {f for f in frames if f}
+    if len(known) > 1:
+        by = ", ".join(f"{s} ({f})" for s, f in zip(sources, frames, strict=True))
+        raise ValueError(
+            f"merge: the models' outputs are on different axes (pca_rotation fitted per run): {by}. "
+            "Merge checkpoints or runs that share one rotation"
+        )
+    return next(iter(known), None)
 
 
 def soup(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -76,7 +101,9 @@ def merge(cfg: MergeConfig) -> dict[str, object]:
     base = Embedder.load(cfg.base or cfg.models[0], device="cpu")
     weights = cfg.weights or [1.0] * len(cfg.models)
     states = [state_of(m, base) for m in cfg.models]
+    frame = common_frame(cfg.models, [frame_of(m, base) for m in cfg.models])
     merged = with_weights(base, soup(states, weights), "the merged weights")
+    merged.frame = frame
     merged.name = cfg.name or f"{base.name}-soup{len(cfg.models)}"
     widths = [w for w in base.int8_scales if w < merged.dim]  # where the ingredients were calibrated
     merged.int8_scales = {}  # the base's scales were fitted to other weights
