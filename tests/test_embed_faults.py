@@ -18,12 +18,14 @@ from conftest import DATA
 from rayembed.config import EmbedConfig
 from rayembed.embed import embed
 
-FILES, ROWS = 8, 100
+# 400 rows a file: a fragment then takes ~1 s, so the job still runs for seconds after its first commit
+# (with 100, the other fragments could all finish within ~1.5 s, before a fault found an actor to hit).
+FILES, ROWS = 8, 400
 
 
 @pytest.fixture
 def lake(tmp_path: Path) -> tuple[Path, set[str]]:
-    """8 JSONL files x 100 real SciFact documents, ids unique across files."""
+    """8 JSONL files x 400 real SciFact documents, ids unique across files."""
     from rayembed.data.readers import read_jsonl
 
     docs = [d for _, d in zip(range(ROWS), read_jsonl(DATA / "scifact" / "corpus.jsonl"), strict=False)]
