@@ -138,6 +138,11 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
     merged = Embedder.load(soup["output"], device="cpu").state_dict()
     for k, v in states[0].items():
         torch.testing.assert_close(merged[k], (v + states[1][k]) / 2)
+    assert Embedder.load(soup["output"], device="cpu").frame == exported.frame  # the run's axes
+    # A checkpoint and the run's export (the base here) share those axes: merged, not refused.
+    both = [str(kept[0]), str(second["output_dir"])]
+    mixed = merge(MergeConfig(models=both, base=str(second["output_dir"]), output=str(tmp_path / "mixed")))
+    assert Embedder.load(mixed["output"], device="cpu").frame == exported.frame
 
     from sentence_transformers import SentenceTransformer
 

@@ -45,12 +45,15 @@ def state_of(source: str, base: Embedder | None) -> dict[str, torch.Tensor]:
 
 def frame_of(source: str, base: Embedder | None) -> str | None:
     """The output axes' id of one source (pca.frame_id): a model folder's own, or for a DeepSpeed
-    checkpoint the base turned by the run's saved pca rotation; None where nothing says."""
-    if is_deepspeed_checkpoint(source):
-        rotation = saved_rotation(source)
-        before = base.frame if base is not None else None
-        return frame_id(rotation.numpy(), before) if rotation is not None else before
-    return read_layout(resolve_model_path(source)).frame
+    checkpoint the base turned by the run's saved pca rotation (the base as the run started from it, or
+    already turned by that rotation alone, e.g. the run's export); None where nothing says."""
+    if not is_deepspeed_checkpoint(source):
+        return read_layout(resolve_model_path(source)).frame
+    rotation, before = saved_rotation(source), base.frame if base is not None else None
+    if rotation is None:
+        return before
+    own = frame_id(rotation.numpy())
+    return own if before == own else frame_id(rotation.numpy(), before)
 
 
 def common_frame(sources: list[str], frames: list[str | None]) -> str | None:
@@ -100,8 +103,8 @@ def merge(cfg: MergeConfig) -> dict[str, object]:
     texts = calibration_texts(cfg) if cfg.calibration_texts else None  # bad texts fail before merging
     base = Embedder.load(cfg.base or cfg.models[0], device="cpu")
     weights = cfg.weights or [1.0] * len(cfg.models)
+    frame = common_frame(cfg.models, [frame_of(m, base) for m in cfg.models])  # before any weights load
     states = [state_of(m, base) for m in cfg.models]
-    frame = common_frame(cfg.models, [frame_of(m, base) for m in cfg.models])
     merged = with_weights(base, soup(states, weights), "the merged weights")
     merged.frame = frame
     merged.name = cfg.name or f"{base.name}-soup{len(cfg.models)}"
