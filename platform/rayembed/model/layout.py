@@ -5,7 +5,8 @@ Transformer -> [LatentAttention] -> Pooling -> optional Dense (bias-free, identi
 Normalize. With mean, CLS or last-token pooling it loads with `SentenceTransformer(path)` as it is, and
 TEI and vLLM read the same files (modules.json, 1_Pooling/config.json, prompts); a LatentAttention
 module is rayembed's own (architecture.md says who can load it). rayembed.json records what only
-rayembed reads: the name, the width, the pooling kind and the attention (causal or bidirectional);
+rayembed reads: the name, the width, the pooling kind, the attention (causal or bidirectional) and,
+for a rotated model, the id of its output axes (`frame`, which merge compares);
 int8_scales.json, if there, the calibrated int8 scales (vectors.calibrate_int8).
 Models are local folders only; nothing comes from a hub.
 """
