@@ -75,6 +75,10 @@ def test_ranking_axes_rank_prefix_neighbours_closer_to_full_width_on_unseen_rows
     pca = principal_axes(fit)
     axes = ranking_axes(fit, [4], temperature=0.1, steps=150, batch=256, lr=1e-2)
     np.testing.assert_allclose(axes.T @ axes, np.eye(16), atol=1e-5)
+    np.testing.assert_allclose(axes[:, 8:], pca[:, 8:], atol=1e-5)  # only the top 2 x 4 axes turn
+    assert not np.allclose(axes[:, :8], pca[:, :8], atol=1e-2)
+    np.testing.assert_allclose(axes[:, 8:], pca[:, 8:], atol=1e-5)  # only the top 2 x 4 axes turn
+    assert not np.allclose(axes[:, :8], pca[:, :8], atol=1e-2)
     np.testing.assert_allclose((unseen @ axes) @ (unseen @ axes).T, unseen @ unseen.T, atol=1e-5)
     before, after = prefix_ranking_gap(unseen, pca, 4), prefix_ranking_gap(unseen, axes, 4)
     assert after < 0.7 * before, (before, after)  # measured 0.177 -> 0.088

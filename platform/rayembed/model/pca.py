@@ -54,8 +54,11 @@ def ranking_axes(
     less of what tells neighbours apart. Starting from the principal axes A0, this learns A = A0 @
     exp(S - S^T) (orthogonal for any S) by Adam on random batches of rows, minimising per width the KL
     from the full-width similarity distribution of each row over the other rows of the batch
-    (softmax at `temperature`) to its prefix's. Full-width dot products stay as they were. With no
-    `dims` or no `steps`, the principal axes as they are.
+    (softmax at `temperature`) to its prefix's. Full-width dot products stay as they were. Only the top
+    k = 2 x max(dims) principal axes are turned (all of them when that reaches the width): each step's
+    matrix_exp costs k^3 (11 s a step at 2,560 on a 2-core CPU, 0.6 s at k = 512:
+    docs/benchmarks.md), and the axes past k, which hold the least
+    variance, keep their order. With no `dims` or no `steps`, the principal axes as they are.
     """
     import torch
     import torch.nn.functional as F
@@ -68,7 +71,9 @@ def ranking_axes(
     if not dims or not steps:
         return a0.numpy()
     gen = torch.Generator().manual_seed(seed)
-    s = torch.zeros(full, full, requires_grad=True)
+    k = min(full, 2 * max(dims))  # the turn mixes the top k principal axes only: matrix_exp costs k^3
+    top = a0[:, :k]
+    s = torch.zeros(k, k, requires_grad=True)
     opt = torch.optim.Adam([s], lr=lr)
     n = min(batch, x_all.shape[0])
     self_pair = torch.eye(n, dtype=torch.bool)
@@ -79,7 +84,7 @@ def ranking_axes(
     for _ in range(steps):
         x = x_all[torch.randperm(x_all.shape[0], generator=gen)[:n]]
         target = neighbours(x)
-        y = x @ (a0 @ torch.linalg.matrix_exp(s - s.T))
+        y = x @ (top @ torch.linalg.matrix_exp(s - s.T))
         loss = x.new_zeros(())
         for d in dims:
             pred = neighbours(F.normalize(y[:, :d], dim=-1))
@@ -88,6 +93,6 @@ def ranking_axes(
         loss.backward()
         opt.step()
     with torch.no_grad():
-        axes = (a0 @ torch.linalg.matrix_exp(s - s.T)).double()
+        axes = torch.cat([top @ torch.linalg.matrix_exp(s - s.T), a0[:, k:]], dim=1).double()
     q, _ = torch.linalg.qr(axes)  # exact orthogonality, not float32's
     return np.ascontiguousarray((q * torch.sign(torch.diagonal(q.T @ axes))).numpy(), dtype=np.float32)
