@@ -24,21 +24,20 @@ import platform
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from bench_quality import collections
+from bench_quality import collections, scores
 from distill_sweep import dev_sets
 
-from rayembed.eval.job import evaluate
 from rayembed.model import Embedder
+from rayembed.train.export import saved_rotation
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "results" / "quality-soup.json"
 
 
 def rotation(run: Path) -> torch.Tensor:
-    """The axes the run started from (kept with each checkpoint as pca_rotation.npy)."""
-    [path, *_] = sorted(run.glob("student3/checkpoints/student3/checkpoint_*/pca_rotation.npy"))
-    return torch.as_tensor(np.load(path), dtype=torch.float32)
+    """The axes the run started from (kept with each of its checkpoints)."""
+    [checkpoint, *_] = sorted(run.glob("student3/checkpoints/student3/checkpoint_*"))
+    return saved_rotation(checkpoint).float()
 
 
 def soup(models: list[Embedder], rotations: list[torch.Tensor] | None) -> Embedder:
@@ -49,15 +48,6 @@ def soup(models: list[Embedder], rotations: list[torch.Tensor] | None) -> Embedd
             state["projection.weight"] = rotations[0].T @ r @ state["projection.weight"]
     mean = {k: sum(s[k] for s in states) / len(states) for k in states[0]}
     return copy.deepcopy(models[0]).load_weights(mean, "the soup")
-
-
-def ndcg(model: Embedder, sets: dict) -> dict[str, dict[str, float]]:
-    out = {}
-    for name, cfg in sets.items():
-        report = evaluate(cfg, model)
-        out[name] = {k: round(v["ndcg@10"], 4) for k, v in report["beir"].items() if isinstance(v, dict)}
-        print(name, out[name], flush=True)
-    return out
 
 
 def main() -> None:
@@ -75,9 +65,9 @@ def main() -> None:
     for m in (aligned, naive):  # as the train job and merge do: scales fitted to these weights
         m.calibrate_int8(texts, [256, 128, 64])
     dev, test = dev_sets(work), collections(work)
-    test["scifact"].sts_file = None
-    dev_scores = {f"seed_{i}": ndcg(m, dev) for i, m in enumerate(models)}
-    dev_scores |= {"soup_aligned": ndcg(aligned, dev), "soup_naive": ndcg(naive, dev)}
+    test["scifact"].sts_file = None  # nDCG@10 only (scores then adds no STS-B entry)
+    dev_scores = {f"seed_{i}": scores(m, dev) for i, m in enumerate(models)}
+    dev_scores |= {"soup_aligned": scores(aligned, dev), "soup_naive": scores(naive, dev)}
     seeds_test = [json.loads((r / "scores-student3.json").read_text()) for r in runs]
     result = {
         "date": datetime.date.today().isoformat(),
@@ -87,7 +77,7 @@ def main() -> None:
         "dev": dev_scores,
         "test": {
             **{f"seed_{i}": {k: s[k] for k in ("scifact", "snli")} for i, s in enumerate(seeds_test)},
-            "soup_aligned": ndcg(aligned, test),
+            "soup_aligned": scores(aligned, test),
         },
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
