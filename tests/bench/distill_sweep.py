@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_quality import scores
 
 from rayembed.config import SHARED_DATA, EvalConfig
 from rayembed.data.mix import general_texts, nli_retrieval
 from rayembed.data.readers import load_beir
-from rayembed.eval.job import evaluate
 from rayembed.model import Embedder
 from rayembed.model.batching import by_length
 from rayembed.model.pca import principal_axes, ranking_axes
@@ -49,14 +49,6 @@ def dev_sets(work: Path) -> dict[str, EvalConfig]:
         "snli_dev": EvalConfig(beir_dir=str(work / "snli-dev"), max_queries=1000, **common),  # type: ignore[arg-type]
         "scifact_train": EvalConfig(beir_dir=f"{SHARED_DATA}/scifact", split="train", **common),  # type: ignore[arg-type]
     }
-
-
-def scores(model: Embedder, evals: dict[str, EvalConfig]) -> dict[str, dict[str, float]]:
-    out = {}
-    for name, cfg in evals.items():
-        beir = evaluate(cfg, model)["beir"]
-        out[name] = {k: round(v["ndcg@10"], 4) for k, v in beir.items() if isinstance(v, dict)}
-    return out
 
 
 class NoSelfPairs(EmbeddingDistill):
