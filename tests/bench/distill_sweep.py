@@ -193,6 +193,11 @@ def parse() -> argparse.Namespace:
         help="weight of a relational KL between each prefix's (128, 64) similarities and the teacher's full-width ones",
     )  # fmt: skip
     ap.add_argument("--prefix-full-temperature", type=float, default=0.1)
+    ap.add_argument(
+        "--whiten-weight", type=float, default=0.0,
+        help="weight of a squared error between unit student and teacher vectors, each principal axis "
+        "divided by the teacher's spread along it (every axis counts alike, not by its variance)",
+    )  # fmt: skip
     ap.add_argument("--token-weight", type=float, default=0.0, help="last-layer token states")
     ap.add_argument("--hidden-weight", type=float, default=0.0, help="every student layer's token states")
     ap.add_argument("--freeze-embeddings", action="store_true", help="token/position embeddings not trained")
@@ -283,10 +288,16 @@ class Step:
     optional token-state terms against the teacher run on the same tokens."""
 
     def __init__(
-        self, args: argparse.Namespace, student: Embedder, teacher: Embedder, axes: np.ndarray
+        self,
+        args: argparse.Namespace,
+        student: Embedder,
+        teacher: Embedder,
+        axes: np.ndarray,
+        spread_per_axis: torch.Tensor,
     ) -> None:
         self.args, self.student, self.teacher = args, student, teacher
         self.axes = torch.as_tensor(axes)
+        self.spread_per_axis = spread_per_axis  # --whiten-weight: the unit targets' std per axis
         self.teacher_layer = [m + 1 for m in map(int, args.layers.split(","))]  # student layer i -> h[m + 1]
         cls = NoSelfPairs if args.no_self_pairs else EmbeddingDistill
         self.loss_fn, self.spread = cls("cosine", args.kl_weight, args.temperature), SpreadOut()
@@ -331,6 +342,9 @@ class Step:
             loss = loss + a.prefix_full_weight * sum(
                 self.prefix_kl.relational(emb[:, :k], target) for k in DIMS if k < PREFIX_FULL_BELOW
             )
+        if a.whiten_weight:
+            diff = (F.normalize(emb, dim=-1) - F.normalize(target, dim=-1)) / self.spread_per_axis
+            loss = loss + a.whiten_weight * diff.pow(2).mean()
         return loss + sum(terms) / feats["attention_mask"].sum() if terms else loss
 
 
@@ -362,7 +376,7 @@ def main() -> None:
         student.backbone.get_input_embeddings().weight.requires_grad_(False)
         for p in student.backbone.embeddings.parameters():
             p.requires_grad_(False)
-    step_loss = Step(args, student, teacher, axes)
+    step_loss = Step(args, student, teacher, axes, F.normalize(targets, dim=-1).std(0))
     opt = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01
     )
