@@ -162,8 +162,12 @@ class WeightAverage:
 
 
 def record(work: Path, result: dict[str, Any]) -> None:
-    """Append one variant to <work>/sweep.jsonl and rewrite docs/results/distill-sweep.json from it."""
+    """Append one variant to <work>/sweep.jsonl and rewrite docs/results/distill-sweep.json from it; a new
+    workdir starts from the runs already in that file, so they are kept."""
     print(json.dumps(result))
+    if not (work / "sweep.jsonl").exists() and RESULTS.exists():
+        earlier = json.loads(RESULTS.read_text())["runs"]
+        (work / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier))
     with open(work / "sweep.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     runs = [json.loads(line) for line in (work / "sweep.jsonl").read_text().splitlines()]
@@ -285,7 +289,8 @@ def training_text(args: argparse.Namespace, work: Path, teacher: Embedder) -> tu
 
 class Step:
     """One variant's loss of a batch: pooled alignment + relational (Matryoshka), spread-out, and the
-    optional token-state terms against the teacher run on the same tokens."""
+    optional terms: prefixes against full width, whitened error, token states against the teacher run on
+    the same tokens."""
 
     def __init__(
         self,
