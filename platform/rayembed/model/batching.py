@@ -65,14 +65,33 @@ def length_batches(
     return batches
 
 
+def split_to(batches: list[np.ndarray], pieces: int) -> list[np.ndarray]:
+    """`batches` cut further until there are `pieces` of them: the one with most rows is halved (its rows
+    stay length-sorted), so no piece pads more than before. ValueError if there are fewer rows than
+    pieces."""
+    out = list(batches)
+    while len(out) < pieces:
+        i = max(range(len(out)), key=lambda j: len(out[j]))
+        if len(out[i]) < 2:
+            rows = sum(map(len, out))
+            raise ValueError(f"cannot cut {rows} rows into {pieces} forward passes")
+        half = (len(out[i]) + 1) // 2
+        out[i : i + 1] = [out[i][:half], out[i][half:]]
+    return out
+
+
 def length_chunks(
-    feats: dict[str, torch.Tensor], max_tokens: int
+    feats: dict[str, torch.Tensor], max_tokens: int, pieces: Callable[[int], int] | None = None
 ) -> list[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """A right-padded tokenized batch cut into length-sorted chunks of <= max_tokens padded tokens, each
-    trimmed to its own longest row: (row indices, features) per chunk."""
+    trimmed to its own longest row: (row indices, features) per chunk. `pieces(n)`: how many chunks to
+    make given this plan's n (>= n; e.g. the most any worker needs, see `by_length`)."""
     lengths = feats["attention_mask"].sum(dim=1).tolist()
+    plan = length_batches(lengths, len(lengths), max_tokens)
+    if pieces is not None:
+        plan = split_to(plan, pieces(len(plan)))
     chunks = []
-    for idx in length_batches(lengths, len(lengths), max_tokens):
+    for idx in plan:
         rows, longest = torch.from_numpy(idx), max(lengths[i] for i in idx)
         chunks.append((idx, {k: v[rows, :longest] if v.ndim == 2 else v[rows] for k, v in feats.items()}))
     return chunks
@@ -82,13 +101,19 @@ def by_length(
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     feats: dict[str, torch.Tensor],
     max_tokens: int | None,
+    pieces: Callable[[int], int] | None = None,
 ) -> torch.Tensor:
     """forward(feats) computed chunk by chunk over `length_chunks` and put back in row order: the same
     rows as one padded pass (autograd flows through), with far less padding when lengths are mixed.
-    None: one pass."""
+    None: one pass.
+
+    The number of passes follows this batch's lengths. Where every worker must run as many passes as the
+    others (ZeRO-3 gathers each layer's parameters from all workers in every forward and backward pass),
+    `pieces` agrees on a count, e.g. the most any worker's plan needs (train.dist.most): a worker whose
+    plan is shorter halves its biggest chunks until it has that many."""
     if not max_tokens:
         return forward(feats)
-    chunks = length_chunks(feats, max_tokens)
+    chunks = length_chunks(feats, max_tokens, pieces)
     if len(chunks) == 1:
         return forward(feats)  # rows as they are (a chunk's are sorted by length)
     out = torch.cat([forward(part) for _, part in chunks])

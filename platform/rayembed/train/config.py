@@ -22,9 +22,8 @@ class TrainConfig:
     """Model to start from: a local folder or 'default' (bundled all-MiniLM-L6-v2); any HF encoder or
     decoder backbone (BERT, Llama/Mistral, Qwen2/3, Gemma/Gemma 3, ...)."""
     pooling: str | None = None
-    """Pooling of the trained model: mean, cls, lasttoken (the final EOS token's state) or
-    latent_attention (NV-Embed's trainable head, then mean); null: the model's own (a plain decoder
-    folder pools by its last token, an encoder by the mean)."""
+    """Pooling: mean, cls, lasttoken (the final EOS token's state) or latent_attention (NV-Embed's
+    trainable head, then mean); null: the model's own (a plain decoder: last token, an encoder: mean)."""
     attention: str | None = None
     """Decoder backbones: causal, or bidirectional (the causal mask removed, as NV-Embed, LLM2Vec and
     Gemini Embedding do); kept in the exported model, so embed and serve attend the same way. Null: as
@@ -57,8 +56,8 @@ class TrainConfig:
     """Add a trainable bias-free output layer of this width (a sentence-transformers Dense), e.g. the
     teacher's width when the student's hidden size differs (a decoder teacher, an encoder student)."""
     storage_path: str | None = None
-    """Ray Train storage for checkpoints (local folder or s3://); default: <output_dir>/checkpoints. On a
-    cluster of several nodes it must be s3:// or a shared filesystem (see shared_storage)."""
+    """Checkpoints' Ray Train storage, local or s3:// (several nodes: s3:// or shared_storage); default:
+    <output_dir>/checkpoints."""
     shared_storage: bool = False
     """storage_path is a local path that every node mounts (NFS, EFS, Lustre): allowed on several nodes."""
     s3_endpoint_url: str | None = None
@@ -69,11 +68,9 @@ class TrainConfig:
     num_workers: int = 2
     """Ray Train workers (one GPU each when use_gpu); with min_workers, the most it runs."""
     min_workers: int | None = None
-    """Elastic training: run on as few as this many workers when no more fit (e.g. after a node loss,
-    with max_failures > 0, Ray Train restarts the group from the last checkpoint on the workers it can
-    place). The epoch goes on at the first row not yet trained on (rayembed.train.order); the global
-    batch is batch_size x the workers running; a checkpoint saved by another number of workers is loaded
-    through DeepSpeed's universal checkpoint (converted on the workers as they resume)."""
+    """Elastic training: after a node loss (max_failures > 0) Ray Train restarts from the last checkpoint
+    on as few as this many workers, at the first row not yet trained on (train/order.py), the checkpoint
+    loaded through DeepSpeed's universal form; the global batch is batch_size x the workers running."""
     use_gpu: bool = False
     """Run on GPUs (nccl); otherwise CPU workers (gloo)."""
     cpus_per_worker: float = 1.0
@@ -82,17 +79,15 @@ class TrainConfig:
     """How Ray places the workers: PACK (fewest nodes), SPREAD (one per node where it can), or
     STRICT_PACK / STRICT_SPREAD."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage: 0 (plain data parallel, as DDP), 1 (optimizer states sharded), 2 (+
-    gradients) or 3 (+ parameters: the model is built already sharded, no worker holds it whole)."""
+    """DeepSpeed ZeRO stage: 0 (as DDP), 1 (optimizer states sharded), 2 (+ gradients) or 3 (+ parameters)."""
     zero_bucket_size: int = 50_000_000
     """Elements per ZeRO communication bucket, ZeRO-3 prefetch and live-parameter window, and optimizer
     sub-group. DeepSpeed's own defaults (5e8 to 1e9) hold buffers of several GB per worker: a 0.5B model's
     ZeRO-3 peak per worker fell from 8.8 to 5.6 GB with 5e7 (docs/benchmarks.md); raise it on large GPUs."""
     malloc_mmap_threshold: int | None = 65536
-    """glibc's MALLOC_MMAP_THRESHOLD_ for the training workers (bytes): freed buffers above it go back to
-    the OS. glibc's own threshold grows after large frees, so transient gradient and optimizer buffers
-    stayed resident: a 0.4B decoder's ZeRO-3 peak per worker was 7.0 GB without this and 3.9 GB with
-    64 KiB (docs/benchmarks.md). Null: glibc's default (or what the workers' environment says)."""
+    """glibc's MALLOC_MMAP_THRESHOLD_ for the workers (bytes): freed buffers above it go back to the OS (a
+    0.4B decoder's ZeRO-3 peak per worker: 7.0 GB with glibc's growing default, 3.9 GB with 64 KiB,
+    docs/benchmarks.md). Null: glibc's default (or what the workers' environment says)."""
     offload: str | None = None
     """ZeRO-Offload, a GPU lever: 'optimizer' keeps optimizer states (and their step) in CPU memory
     (ZeRO 1-3); 'all' also the parameters (ZeRO-3)."""
@@ -191,9 +186,9 @@ class TrainConfig:
     memory follows the chunk while the loss still sees the whole (gathered) batch; gradients are exact."""
     forward_tokens: int | None = None
     """Cut each tower (or GradCache chunk) into length-sorted pieces of at most this many padded tokens
-    for its forward passes (model.batching.by_length); the loss still sees the whole batch, and the
-    result is that of one padded pass. On mixed-length text (paragraphs among sentences) padding is
-    otherwise most of the compute. None: one padded pass per tower."""
+    for its forward passes (model.batching.by_length): the result of one padded pass, without padding
+    most of the compute on mixed lengths. Workers run as many pieces as the one that needs most (ZeRO-3
+    gathers parameters in every pass). None: one padded pass per tower."""
     max_length: int | None = None
     """Token limit while training (default: the model's max_seq_length); the exported model keeps its own."""
     lr: float = 2e-5
@@ -213,14 +208,17 @@ class TrainConfig:
     checkpoint_every: int = 50
     """Report a checkpoint every N steps (and always at the end)."""
     report_interval_s: float = 5.0
-    """Seconds between metric reports to Ray Train, at least (checkpoints are always reported; every
-    step's loss still goes to the run's history). Ray Train takes about one report per 2 s (a queue of
-    one, polled every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reporting every step held a GPU to
-    0.5 steps/s (docs/benchmarks.md). 0: every step."""
+    """Seconds between metric reports to Ray Train, at least (checkpoints always; the history has every
+    step): Ray Train takes ~1 report per 2 s, so reporting every step held a GPU to 0.5 steps/s. 0: all."""
     keep_checkpoints: int = 2
     """Checkpoints kept by Ray Train."""
     max_failures: int = 0
     """Worker failures Ray Train recovers from (restarting from the latest checkpoint)."""
+    collective_timeout_s: float = 600.0
+    """Longest wait in a collective: past it a worker fails naming the step, phase and collective (hang.py)
+    and Ray Train restarts from the last checkpoint (max_failures). Above the slowest checkpoint upload."""
+    stall_warning_s: float = 900.0
+    """The driver warns (summary: `stalls`) when no step has finished for this long; 0: no watchdog."""
     seed: int = 0
     """Random seed."""
     eval: dict[str, Any] | None = None
@@ -249,6 +247,8 @@ class TrainConfig:
 
         check(self.epochs >= 1 and self.checkpoint_every >= 1, "epochs and checkpoint_every must be >= 1")
         check(self.report_interval_s >= 0, "report_interval_s must be >= 0")
+        check(self.collective_timeout_s > 0, "collective_timeout_s must be > 0")
+        check(self.stall_warning_s >= 0, "stall_warning_s must be >= 0 (0: no watchdog)")
         check(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
         check(self.pca_rows >= 2, "pca_rows must be >= 2 (vectors to fit the rotation)")
         ranking = self.pca_ranking_steps == 0 or (self.pca_rotation and bool(self.matryoshka_dims))

@@ -53,6 +53,16 @@ def agree(every: bool, any_: bool = False, device: torch.device | str = "cpu") -
     return bool(t[0].item() == 1), bool(t[1].item() == -1)
 
 
+def most(n: int, device: torch.device | str = "cpu") -> int:
+    """The largest `n` of all workers (one all_reduce): e.g. how many forward passes each must run so
+    that all run as many."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def init_deepspeed(use_gpu: bool) -> None:
     """DeepSpeed's communication over the process group Ray Train made (nccl on GPU, gloo on CPU).
 

@@ -28,6 +28,7 @@ from rayembed.model.pca import ranking_axes
 from rayembed.model.tokenizer import prepare_tokenizer
 from rayembed.train.config import TrainConfig
 from rayembed.train.export import HISTORY, ROTATION, consolidate, publish, saved_rotation
+from rayembed.train.hang import Board, Watchdog
 from rayembed.train.loop import train_loop
 from rayembed.train.objective import input_columns
 from rayembed.train.order import ingest_config
@@ -250,14 +251,15 @@ def exported_prompts(cfg: TrainConfig, model: Embedder) -> dict[str, str]:
     return {**model.prompts, **cfg.prompts, **query}
 
 
-def torch_trainer(cfg: TrainConfig, ds: Any, rotation: Any) -> Any:
-    """The Ray Train trainer of the run: workers get the whole config as a dict (no module globals)."""
+def torch_trainer(cfg: TrainConfig, ds: Any, rotation: Any, board: Any = None) -> Any:
+    """The Ray Train trainer of the run: workers get the whole config as a dict (no module globals), and
+    the run's hang.Board to post their step and phase to."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "rotation": rotation},
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "rotation": rotation, "board": board},
         scaling_config=ray.train.ScalingConfig(
             # elastic: Train v2 takes (min, max)
             num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,  # type: ignore[arg-type]
@@ -265,7 +267,9 @@ def torch_trainer(cfg: TrainConfig, ds: Any, rotation: Any) -> Any:
             resources_per_worker={"CPU": cfg.cpus_per_worker},
             placement_strategy=cfg.placement_strategy,
         ),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=TorchConfig(
+            backend="nccl" if cfg.use_gpu else "gloo", timeout_s=int(cfg.collective_timeout_s)
+        ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=strip_scheme(str(cfg.storage_path)),
@@ -277,6 +281,22 @@ def torch_trainer(cfg: TrainConfig, ds: Any, rotation: Any) -> Any:
         datasets={"train": ds},
         dataset_config=ingest_config(),  # every worker reads all rows in one order (order.py)
     )
+
+
+def fit(cfg: TrainConfig, ds: Any, rotation: Any) -> tuple[Any, dict[str, Any]]:
+    """Ray Train's run, watched (hang.py): (its result, the stalls the driver saw and the failures the
+    workers explained)."""
+    import ray
+
+    board: Any = ray.remote(Board).options(num_cpus=0).remote()
+    watchdog = Watchdog(board, cfg.stall_warning_s) if cfg.stall_warning_s else None
+    try:
+        result = torch_trainer(cfg, ds, rotation, board).fit()
+    finally:
+        stalls = watchdog.stop() if watchdog else []
+        failures = ray.get(board.snapshot.remote())["failures"]
+        ray.kill(board)
+    return result, {"stalls": stalls, "worker_failures": failures}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -298,9 +318,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
     if cfg.pca_rotation and rotation is None:
         rotation = fit_rotation(cfg, rows)
-    trainer = torch_trainer(cfg, ds.select_columns(input_columns(cfg)), rotation)
     started = time.perf_counter()
-    result = trainer.fit()
+    result, watched = fit(cfg, ds.select_columns(input_columns(cfg)), rotation)
     assert result.checkpoint is not None
     with result.checkpoint.as_directory() as d:
         model = consolidate(d, cfg)
@@ -315,6 +334,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "checkpoint": ("s3://" if is_s3(str(cfg.storage_path)) else "") + result.checkpoint.path,
         **(result.metrics or {}),
         "wall_s": round(time.perf_counter() - started, 1),
+        **watched,
     }
     evals = run_evals(cfg, model, rotation)
     summary["report"] = publish(

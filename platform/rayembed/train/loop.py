@@ -23,9 +23,10 @@ from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.batching import Text, by_length
 from rayembed.model.lora import has_lora
 from rayembed.train.config import TrainConfig
-from rayembed.train.dist import agree, init_deepspeed
+from rayembed.train.dist import agree, init_deepspeed, most
 from rayembed.train.export import CKPT_TAG, HISTORY, ROTATION, saved_rotation, saved_world_size, to_universal
 from rayembed.train.gradcache import LossOf, grad_cache_step
+from rayembed.train.hang import Watch, bound_collectives
 from rayembed.train.losses import GUIDED
 from rayembed.train.objective import LossState, build_loss, objective, sub_model_layers
 from rayembed.train.order import epoch_order, global_batches, num_rows, worker_slice
@@ -90,8 +91,13 @@ def backward_step(engine: Any, cfg: TrainConfig, towers: list[Sequence[Text]], l
 
     def embed(texts: Sequence[Text]) -> Tensor:
         feats = {k: v.to(engine.device) for k, v in model.tokenize(list(texts)).items()}
+        # every worker runs as many passes as the one whose lengths need most: ZeRO-3 gathers each
+        # layer's parameters from all workers in every pass, so a worker with fewer would wait forever
         return by_length(
-            lambda f: engine(**f, layers=layers) if layers else engine(**f), feats, cfg.forward_tokens
+            lambda f: engine(**f, layers=layers) if layers else engine(**f),
+            feats,
+            cfg.forward_tokens,
+            pieces=lambda n: most(n, engine.device),
         )
 
     if not cfg.grad_cache_chunk:
@@ -198,19 +204,36 @@ def _epoch_batches(
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: config = {"cfg": TrainConfig fields, "rotation": pca axes or None}."""
+    """Runs on every Ray Train worker: config = {"cfg": TrainConfig fields, "rotation": pca axes or None,
+    "board": the run's hang.Board or None}. An error in a collective is raised as a CollectiveError that
+    names the step, the phase and the collective (hang.py)."""
     cfg = TrainConfig(**config["cfg"])
+    import ray.train
+
+    bound_collectives(cfg.collective_timeout_s)  # DeepSpeed's own groups too
+    init_deepspeed(cfg.use_gpu)
+    torch.manual_seed(cfg.seed)
+    watch = Watch(ray.train.get_context().get_world_rank(), cfg.collective_timeout_s, config.get("board"))
+    try:
+        _train(cfg, config, watch)
+    except Exception as e:
+        if (explained := watch.explain(e)) is None:
+            raise
+        raise explained from e
+
+
+def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
     import ray.train
     import ray.train.torch
 
-    init_deepspeed(cfg.use_gpu)
-    torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     rotation = None if config["rotation"] is None else torch.as_tensor(config["rotation"])
     fixed = {"base_mem_mb": peak_memory_mb(device)}  # the process before any model: Python, torch, Ray
+    watch.at(0, "engine start")
     engine, teacher = _build(cfg, device, rotation)
     loss_state = LossState(build_loss(cfg).to(device), cfg.scale_lr)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    watch.at(0, "resume")
     state, history, rotation = _resume(engine, loss_state, rotation, cfg.batch_size * world)
     fixed["resumed_from"], started = state["step"], time.perf_counter()
     shard = ray.train.get_dataset_shard("train")
@@ -220,6 +243,7 @@ def train_loop(config: dict[str, Any]) -> None:
     while state["epoch"] < cfg.epochs and state["step"] < max_steps:
         it = _epoch_batches(shard, cfg, state, rank, world)
         while state["step"] < max_steps:
+            watch.at(state["step"] + 1, "reading the batch")
             rows, batch = next(it, (0, None))
             due = time.perf_counter() - last_report >= cfg.report_interval_s
             ready, report = agree(batch is not None, due, device)  # same answers on every worker
@@ -227,10 +251,13 @@ def train_loop(config: dict[str, Any]) -> None:
                 fixed["rows_left_out"] += rows  # an epoch's last rows, fewer than the workers
                 break
             assert batch is not None
+            fixed["rows_left_out"] += rows - world * num_rows(batch)  # a short last batch's remainder
             # seeded by position: a resumed run samples the same FlagEmbedding groups it would have
             rng = np.random.default_rng([cfg.seed, state["epoch"], state["step"], rank])
             towers, loss_of = objective(cfg, batch, teacher, device, loss_state.loss_fn, rotation, rng)
+            watch.at(state["step"] + 1, "forward and backward")
             loss = float(backward_step(engine, cfg, towers, loss_of))
+            watch.at(state["step"] + 1, "optimizer step")
             engine.step()
             loss_state.step()
             at = {"epoch": state["epoch"], "row": state["row_in_epoch"], "rows": rows, "workers": world}
@@ -241,14 +268,17 @@ def train_loop(config: dict[str, Any]) -> None:
                 {"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started} | at | extra
             )
             if state["step"] % cfg.checkpoint_every == 0:
+                watch.at(state["step"], "checkpoint")
                 _save_and_report(engine, state, metrics, history, loss_state, rotation)
                 saved, last_report = state["step"], time.perf_counter()
             elif report:
+                watch.at(state["step"], "report")
                 ray.train.report({**metrics, **state})
                 last_report = time.perf_counter()
         else:
             break
         state["epoch"], state["row_in_epoch"] = state["epoch"] + 1, 0
     if saved != state["step"] or state["step"] == 0:
+        watch.at(state["step"], "checkpoint")
         metrics |= fixed | {"peak_mem_mb": peak_memory_mb(device)}
         _save_and_report(engine, state, metrics, history, loss_state, rotation)

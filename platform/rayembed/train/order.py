@@ -5,9 +5,10 @@ Every worker reads the whole training set in the same order (Ray Data with `pres
 splits nothing, see `ingest_config`), permutes it the same way (seeded windows of `shuffle_buffer` rows,
 a new permutation each epoch) and cuts it into global batches of world_size x batch_size rows; worker r
 trains on the r-th slice of each. The position in an epoch is a row count (`row_in_epoch`, saved in every
-checkpoint), independent of the number of workers. The last global batch of an epoch may be short: it is
-split as evenly as it goes, and if it has fewer rows than there are workers, those rows are left out and
-counted (`rows_left_out` in the run's metrics).
+checkpoint), independent of the number of workers. The last global batch of an epoch may be short: every
+worker still gets as many rows as the others (their gathers, GradCache chunks and, under ZeRO-3, forward
+passes must match), so its last `rows % workers` rows are left out and counted (`rows_left_out` in the
+run's metrics).
 
 The cost: each worker reads every row's columns (text, and teacher vectors for distillation), not just
 its share; they are small next to the model's work on them.
@@ -90,8 +91,9 @@ def global_batches(rows: Iterable[Batch], start_row: int, size: int) -> Iterator
 
 
 def worker_slice(batch: Batch, rank: int, world: int) -> Batch | None:
-    """Worker `rank`'s contiguous share of a global batch; None if it has fewer rows than workers."""
-    n = num_rows(batch)
-    if n < world:
+    """Worker `rank`'s contiguous share of a global batch, the same number of rows for every worker (the
+    last `rows % world` rows are no one's); None if it has fewer rows than workers."""
+    share = num_rows(batch) // world
+    if share == 0:
         return None
-    return _cut(batch, n * rank // world, n * (rank + 1) // world)
+    return _cut(batch, share * rank, share * (rank + 1))
