@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import tempfile
 import time
@@ -144,6 +145,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: module(item) in own)
 
 
+def record(figures: dict[str, Any], name: str = "figures") -> None:
+    """Figures a test measured, kept where $RAYEMBED_FIGURES_DIR points (tests/bench/bench_reliability.py
+    sets it and gathers them into docs/results/reliability.json); nothing otherwise."""
+    import json
+
+    folder = os.environ.get("RAYEMBED_FIGURES_DIR")
+    if folder:
+        path = Path(folder) / f"{name}-{os.getpid()}-{time.time_ns()}.json"
+        path.write_text(json.dumps(figures, indent=1))
+
+
 def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
     """Poll `cond` every 0.5 s until it holds (True) or `timeout` seconds pass (False)."""
     deadline = time.time() + timeout
@@ -217,9 +229,51 @@ def _ranged_reads_cost_their_range() -> None:
     FakeKey.value = property(value, set_value)
 
 
+class S3Faults:
+    """WSGI middleware in front of the moto server: requests whose method is in `methods` and whose path
+    matches the regex `path` fail with `status` (503 SlowDown: S3's throttling; 500 InternalError; 403
+    AccessDenied, which no client retries) while
+    `share` of them are drawn to fail (seeded), at most `limit` times. `failed` counts what it refused.
+    Off until `set()` is called."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        self.app, self.lock = app, threading.Lock()
+        self.set(share=0.0)
+
+    def set(self, share: float, path: str = "", methods: tuple[str, ...] = ("PUT", "POST"),
+            status: int = 503, limit: int | None = None, seed: int = 0) -> None:  # fmt: skip
+        with self.lock:
+            self.share, self.path, self.methods, self.status = share, path, methods, status
+            self.limit, self.rng, self.failed = limit, random.Random(seed), 0
+
+    def _fail_now(self, environ: dict[str, Any]) -> bool:
+        with self.lock:
+            hit = environ["REQUEST_METHOD"] in self.methods and re.search(
+                self.path, environ.get("PATH_INFO", "")
+            )
+            if not hit or (self.limit is not None and self.failed >= self.limit):
+                return False
+            if self.rng.random() >= self.share:
+                return False
+            self.failed += 1
+            return True
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if not self._fail_now(environ):
+            return self.app(environ, start_response)
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))  # drain the upload
+        del body
+        code = {503: "SlowDown", 500: "InternalError", 403: "AccessDenied"}[self.status]
+        xml = f"<Error><Code>{code}</Code><Message>injected by the test</Message></Error>".encode()
+        start_response(f"{self.status} {code}", [("Content-Type", "application/xml"),
+                                                  ("Content-Length", str(len(xml)))])  # fmt: skip
+        return [xml]
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server on loopback with an empty bucket `rayembed`."""
+def _moto() -> Iterator[tuple[str, S3Faults]]:
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -227,10 +281,25 @@ def s3_endpoint() -> Iterator[str]:
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    faults = S3Faults(server._server.app)  # type: ignore[union-attr]
+    server._server.app = faults  # type: ignore[union-attr]
     url = f"http://127.0.0.1:{port}"
     boto3.client("s3", endpoint_url=url).create_bucket(Bucket="rayembed")
-    yield url
+    yield url, faults
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(_moto: tuple[str, S3Faults]) -> str:
+    """A moto S3 server on loopback with a bucket `rayembed`."""
+    return _moto[0]
+
+
+@pytest.fixture
+def s3_faults(_moto: tuple[str, S3Faults]) -> Iterator[S3Faults]:
+    """The loopback S3 server's fault switch (off again after the test)."""
+    yield _moto[1]
+    _moto[1].set(share=0.0)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -51,3 +52,34 @@ def test_killed_worker_resumes_from_checkpoint(tiny_model: Path, snli_triples: P
     assert not job.is_alive() and result, "training did not finish after the worker was killed"
     assert result["step"] == 16
     assert result["resumed_from"] >= 2  # the restarted group started from a checkpoint, not from scratch
+
+
+def test_a_checkpoint_the_store_refuses_is_not_reported_and_training_goes_on(
+    tiny_model: Path, snli_triples: Path, tmp_path: Path, s3_endpoint: str, s3_faults: Any
+) -> None:
+    """Checkpoints on S3 (the loopback server); every write of step 4's checkpoint is refused (403, as when
+    a bucket policy or expired credentials refuse it; the workers retry it 4 times): the run goes on, step 4 is not reported (a resume would not
+    find it whole), and the run ends at step 6 from its step-6 checkpoint. Before persist.py, Ray's own
+    upload reported step 4 as created, with no file of it in the store."""
+    import s3fs
+
+    from rayembed.train.persist import checkpoint_name
+
+    storage = "s3://rayembed/faults/ckpt"
+    cfg = TrainConfig(
+        data=str(snli_triples), output_dir=str(tmp_path / "run"), model=str(tiny_model), num_workers=2,
+        zero_stage=2, batch_size=4, max_steps=6, checkpoint_every=2, keep_checkpoints=5, lr=1e-3,
+        storage_path=storage, s3_endpoint_url=s3_endpoint,
+    )  # fmt: skip
+    s3_faults.set(share=1.0, path=checkpoint_name(4), status=403)
+    result = train(cfg)
+    assert s3_faults.failed > 0  # the store did refuse step 4's uploads
+    assert result["step"] == 6 and result["checkpoint_failures"] == 1
+    assert result["checkpoint"].endswith(checkpoint_name(6))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    kept = sorted(
+        p.rsplit("/", 1)[1] for p in fs.ls(f"rayembed/faults/ckpt/{cfg.run_name}") if "/checkpoint_step" in p
+    )
+    assert kept == [checkpoint_name(2), checkpoint_name(6)], kept  # step 4's partial upload removed
+    history = json.loads(Path(tmp_path / "run" / "report" / "report.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]

@@ -10,6 +10,9 @@ import os
 # load balancer that must let go of them.
 os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+# A replica that dies drops the requests it held: HAProxy sends those that got no answer to another
+# replica (embedding requests have no side effect), not only those it could not connect for (serve/ingress.py).
+os.environ.setdefault("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response junk-response")
 
 from typing import TYPE_CHECKING, Any  # noqa: E402
 

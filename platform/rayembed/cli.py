@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from typing import Any
 
 from rayembed.config import CONFIGS, JOBS
@@ -107,8 +109,17 @@ def cluster_cpus(planned: list[tuple[str, Any]]) -> float | None:
     return max(needs) if len(needs) > 1 else None
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command; 0 on success (and for `serve` stopped by Ctrl-C or SIGTERM, its normal end), 2 on
+    bad input, 130 when another job is interrupted. A local Ray cluster this process started is stopped
+    on the way out, Serve (and its HAProxy) first (io.stop_local_ray)."""
     args = parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: the exit path runs (Python's default does not)
     try:
         planned = plan(args)
         if (cpus := cluster_cpus(planned)) is not None:
@@ -116,10 +127,16 @@ def main(argv: list[str] | None = None) -> int:
 
             ensure_ray(cpus)
         for name, cfg in planned:
-            print(json.dumps({name: run_job(name, cfg)}, indent=2, default=str))
+            print(json.dumps({name: run_job(name, cfg)}, indent=2, default=str), flush=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"rayembed {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from rayembed.io import stop_local_ray
+
+        stop_local_ray()
+        print(f"rayembed {args.command}: stopped", file=sys.stderr)
+        return 0 if args.command == "serve" else 130
     return 0
 
 

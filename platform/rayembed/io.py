@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from pathlib import Path
@@ -29,6 +30,24 @@ def ensure_ray(min_cpus: float = 1) -> None:
         ray.init()
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)))
+        atexit.register(stop_local_ray)  # runs before Ray's own atexit shutdown (registered earlier)
+
+
+def stop_local_ray() -> None:
+    """Stop the local cluster this process started, Serve first: Serve's proxies stop the HAProxy
+    processes they started, which a plain `ray.shutdown()` (killing the actors) would leave running,
+    holding the endpoint's port."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # no Serve on this cluster, or it is already gone
+        pass
+    ray.shutdown()
 
 
 def local_abspath(path: str) -> str:
@@ -62,12 +81,32 @@ def s3(endpoint_url: str | None = None) -> Any:
 
 
 def upload_dir(local: str | os.PathLike[str], uri: str, endpoint_url: str | None = None) -> None:
-    """Copy a local folder to a local path or s3:// URI (replacing what is there)."""
+    """Copy a local folder to a local path or s3:// URI (replacing what is there); OSError if the store
+    did not take every file (copy_dir)."""
     fs = filesystem(uri, endpoint_url) or pafs.LocalFileSystem()
     target = strip_scheme(uri)
     fs.create_dir(target, recursive=True)
     fs.delete_dir_contents(target, missing_dir_ok=True)
-    pafs.copy_files(str(local), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    copy_dir(local, fs, target)
+
+
+def copy_dir(local: str | os.PathLike[str], fs: pafs.FileSystem, target: str) -> None:
+    """Copy a local folder's files into `target` on `fs`, file by file, then check that each is there at
+    its size; OSError otherwise. (pyarrow's copy_files into an fsspec filesystem such as s3fs reports
+    success when the store refused every write: seen with S3 answering 503, no file written.)"""
+    import shutil
+
+    root = Path(local)
+    files = {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+    for rel in sorted(files):
+        dest = f"{target}/{rel}"
+        fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+        with open(root / rel, "rb") as src, fs.open_output_stream(dest) as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+    there = fs.get_file_info([f"{target}/{rel}" for rel in sorted(files)])
+    missing = [i.path for i, rel in zip(there, sorted(files), strict=True) if i.size != files[rel]]
+    if missing:
+        raise OSError(f"the store did not take {len(missing)} of {len(files)} files, e.g. {missing[0]}")
 
 
 def strip_scheme(path: str) -> str:

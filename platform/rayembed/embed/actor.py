@@ -52,6 +52,16 @@ def output_schema(meta: dict[str, str], dim: int, precision: str, base: pa.Schem
     return pa.schema(fields, metadata=meta)
 
 
+def store_error(e: BaseException) -> bool:
+    """An error of the store or the network (worth redoing the fragment), not of the data or the code:
+    OSError (pyarrow's and fsspec's I/O errors) or botocore's, anywhere in the exception's chain."""
+    while e is not None:
+        if isinstance(e, OSError) or any(c.__module__.startswith("botocore") for c in type(e).__mro__):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
+
+
 def reject_reason(text: Any) -> str | None:
     if text is None:
         return "null"
@@ -113,11 +123,29 @@ class EmbedFragments:
         self.root = strip_scheme(c.output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = [self.process(Fragment(**json.loads(str(s)))) for s in batch["fragment"]]
+        out = [self.attempt(Fragment(**json.loads(str(s)))) for s in batch["fragment"]]
         return {
             "stats": np.array([json.dumps(s) for s in out], dtype=object),
             "threads": np.full(len(out), self.threads),  # torch threads this actor runs (its plan)
         }
+
+    def attempt(self, frag: Fragment) -> dict[str, Any]:
+        """`process(frag)`, redone from scratch when the store fails it past the client's own retries
+        (botocore retries a throttled or failed request 4 times in ~2 s): up to `store_retries` times,
+        waiting 2, 4, 8, ... s. Safe: nothing of a fragment is visible before its commit marker, and its
+        final names are fixed. Counted as `store_retries`."""
+        for attempt in range(self.cfg.store_retries + 1):
+            try:
+                stats = self.process(frag)
+                return stats | ({"store_retries": attempt} if attempt else {})
+            except Exception as e:
+                if attempt == self.cfg.store_retries or not store_error(e):
+                    raise
+                wait = 2.0 ** (attempt + 1)
+                print(f"embed: fragment {frag.name}: the store failed ({type(e).__name__}: {e}); "
+                      f"redoing it in {wait:g} s ({attempt + 1}/{self.cfg.store_retries})", flush=True)  # fmt: skip
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def read(self, frag: Fragment) -> Iterator[pa.Table]:
         c = self.cfg

@@ -63,6 +63,10 @@ class EmbedConfig:
     same vectors online."""
     s3_endpoint_url: str | None = None
     """Endpoint of an S3-compatible store (default: AWS, or $AWS_ENDPOINT_URL)."""
+    store_retries: int = 5
+    """A fragment whose output the store refuses past the S3 client's own retries (an outage, sustained
+    throttling) is redone from scratch up to this many times, after 2, 4, 8, ... s (exactly-once holds:
+    nothing of it is visible before its commit); the summary counts them (`store_retries`)."""
     overwrite: bool = False
     """Delete what the output folder holds first (otherwise a rerun resumes; other settings are refused)."""
     input_format: str = "files"
@@ -120,6 +124,7 @@ class EmbedConfig:
             "batch_size, chunk_rows, fragment_rows, fragment_bytes must be >= 1",
         )
         check(bool(self.output) and self.input != self.output, "output must be a folder other than the input")
+        check(self.store_retries >= 0, "store_retries must be >= 0")
 
 
 @dataclass

@@ -247,6 +247,7 @@ def summarize(
         "padding_ratio": round(1 - total["tokens"] / padded, 4) if padded else 0.0,
         "wall_s": round(wall, 2),
         "run_rows": run["rows_out"],
+        "store_retries": run["store_retries"],  # this run's fragments redone after store failures
         "docs_per_s": round(run["rows_out"] / wall, 1) if wall else 0.0,
         "tokens_per_s": round(run["tokens"] / wall, 1) if wall else 0.0,
     }

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from rayembed.serve import schema
 from rayembed.serve.api import (
     APIError,
     Limits,
@@ -163,44 +164,44 @@ class EmbeddingService:
                  "dimensions": d["dim"]} for d in described]  # fmt: skip
         return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", **schema.EMBEDDINGS)
     async def embeddings(self, request: Request) -> Response:
         return await self.answer(request, self._openai)
 
-    @app.post("/embed")
+    @app.post("/embed", **schema.TEI_EMBED)
     async def embed(self, request: Request) -> Response:
         return await self.answer(request, self._tei)
 
-    @app.post("/")
+    @app.post("/", **schema.TEI_EMBED)
     async def root(self, request: Request) -> Response:  # TEI's route for the model's own task
         return await self.answer(request, self._tei)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", **schema.TOKENIZE)
     async def tokenize(self, request: Request) -> Response:
         return await self.answer(request, self._tokenize)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **schema.MODELS)
     async def models(self, request: Request) -> Response:
         return await self.answer(request, self._listing)
 
     async def _info(self, _: bytes) -> Response:
         return JSONResponse(tei_info(await self.backends[self.default].describe(), self.cfg))
 
-    @app.get("/info")
+    @app.get("/info", **schema.INFO)
     async def info(self, request: Request) -> Response:
         return await self.answer(request, self._info)
 
-    @app.get("/healthz")
+    @app.get("/healthz", **schema.HEALTH)
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", **schema.READY)
     async def readyz(self) -> JSONResponse:
         queued = self.engine.batcher.queued if self.engine else 0
         ready = queued < self.cfg.max_queued_inputs
         return JSONResponse({"ready": ready, "queued_inputs": queued}, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", **schema.METRICS)
     async def metrics_endpoint(self) -> Response:
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
 

@@ -30,6 +30,7 @@ from rayembed.train.hang import Watch, bound_collectives
 from rayembed.train.losses import GUIDED
 from rayembed.train.objective import LossState, build_loss, objective, sub_model_layers
 from rayembed.train.order import epoch_order, global_batches, num_rows, worker_slice
+from rayembed.train.persist import checkpoint_name, discard, upload
 from rayembed.train.start import starting_model, trainable_model
 
 
@@ -128,20 +129,31 @@ def _save_and_report(
     history: list[Any],
     loss: LossState,
     rotation: Tensor | None,
-) -> None:
+) -> bool:
     """Every worker saves its ZeRO shard (and the loss's own state) — with LoRA only what trains; rank 0
     adds the metric history (history.json) for the report and the pca rotation the run started with
-    (pca_rotation.npy)."""
+    (pca_rotation.npy). Each uploads its files (retried, persist.py); the checkpoint is reported only if
+    every worker's arrived, else the metrics alone are: returns whether it was."""
     import ray.train
 
+    name, rank = checkpoint_name(state["step"]), ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
         client = {**state, **loss.state_dict()}
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=client, exclude_frozen_parameters=True)
-        if ray.train.get_context().get_world_rank() == 0:
+        if rank == 0:
             Path(tmp, HISTORY).write_text(json.dumps(history))
             if rotation is not None:
                 np.save(Path(tmp, ROTATION), rotation.cpu().numpy())
-        ray.train.report({**metrics, **state}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        persisted = upload(tmp, name)
+    complete, _ = agree(persisted is not None, device=engine.device)
+    if not complete:
+        if rank == 0:
+            discard(name)
+        ray.train.report({**metrics, **state})
+        return False
+    ray.train.report({**metrics, **state}, checkpoint=persisted, checkpoint_dir_name=name,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)  # fmt: skip
+    return True
 
 
 def _build(cfg: TrainConfig, device: torch.device, rotation: Tensor | None) -> tuple[Any, Embedder | None]:
@@ -203,6 +215,19 @@ def _epoch_batches(
         yield num_rows(batch), worker_slice(batch, rank, world)
 
 
+def _step(cfg: TrainConfig, engine: Any, fixed: tuple[Any, LossState, Tensor | None], batch: Any,
+          rng: np.random.Generator, watch: Watch, step: int) -> float:  # fmt: skip
+    """Optimizer step `step` on this worker's rows, its phases marked on `watch`."""
+    teacher, loss_state, rotation = fixed
+    towers, loss_of = objective(cfg, batch, teacher, engine.device, loss_state.loss_fn, rotation, rng)
+    watch.at(step, "forward and backward")
+    loss = float(backward_step(engine, cfg, towers, loss_of))
+    watch.at(step, "optimizer step")
+    engine.step()
+    loss_state.step()
+    return loss
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: config = {"cfg": TrainConfig fields, "rotation": pca axes or None,
     "board": the run's hang.Board or None}. An error in a collective is raised as a CollectiveError that
@@ -239,7 +264,7 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
     shard = ray.train.get_dataset_shard("train")
     max_steps = cfg.max_steps or 10**12
     metrics: dict[str, float] = {"loss": float("nan")}
-    saved, last_report, fixed["rows_left_out"] = -1, 0.0, 0
+    saved, last_report, fixed["rows_left_out"], fixed["checkpoint_failures"] = -1, 0.0, 0, 0
     while state["epoch"] < cfg.epochs and state["step"] < max_steps:
         it = _epoch_batches(shard, cfg, state, rank, world)
         while state["step"] < max_steps:
@@ -254,12 +279,7 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
             fixed["rows_left_out"] += rows - world * num_rows(batch)  # a short last batch's remainder
             # seeded by position: a resumed run samples the same FlagEmbedding groups it would have
             rng = np.random.default_rng([cfg.seed, state["epoch"], state["step"], rank])
-            towers, loss_of = objective(cfg, batch, teacher, device, loss_state.loss_fn, rotation, rng)
-            watch.at(state["step"] + 1, "forward and backward")
-            loss = float(backward_step(engine, cfg, towers, loss_of))
-            watch.at(state["step"] + 1, "optimizer step")
-            engine.step()
-            loss_state.step()
+            loss = _step(cfg, engine, (teacher, loss_state, rotation), batch, rng, watch, state["step"] + 1)
             at = {"epoch": state["epoch"], "row": state["row_in_epoch"], "rows": rows, "workers": world}
             state["step"], state["row_in_epoch"] = state["step"] + 1, state["row_in_epoch"] + rows
             extra = loss_state.metrics()  # e.g. a learnable scale
@@ -269,8 +289,11 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
             )
             if state["step"] % cfg.checkpoint_every == 0:
                 watch.at(state["step"], "checkpoint")
-                _save_and_report(engine, state, metrics, history, loss_state, rotation)
-                saved, last_report = state["step"], time.perf_counter()
+                if _save_and_report(engine, state, metrics, history, loss_state, rotation):
+                    saved = state["step"]
+                else:  # the store refused it: training goes on, the next one is due as planned
+                    fixed["checkpoint_failures"] += 1
+                last_report = time.perf_counter()
             elif report:
                 watch.at(state["step"], "report")
                 ray.train.report({**metrics, **state})
@@ -281,4 +304,5 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
     if saved != state["step"] or state["step"] == 0:
         watch.at(state["step"], "checkpoint")
         metrics |= fixed | {"peak_mem_mb": peak_memory_mb(device)}
-        _save_and_report(engine, state, metrics, history, loss_state, rotation)
+        if not _save_and_report(engine, state, metrics, history, loss_state, rotation):
+            raise RuntimeError(f"the final checkpoint (step {state['step']}) could not be uploaded")
