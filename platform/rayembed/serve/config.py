@@ -50,6 +50,10 @@ class ServeConfig:
     ingress. Empty: the one `model`, served by the ingress replicas themselves (no extra hop)."""
     ingress_replicas: int = 1
     """Ingress replicas when requests are routed to model deployments (several models, or scale to zero)."""
+    request_retries: int = 2
+    """Routed: a request whose model replica dies while it holds it (a crash, an OOM kill, a lost node) is
+    sent to another replica up to this many times (embedding has no side effect); counted in
+    `rayembed_retries_total`. With one model and no routing, HAProxy retries in its place (serving.md)."""
     ingress_cpus: float = 0.5
     """CPUs per ingress replica when routed (it parses, checks and forwards; the models do the work)."""
     downscale_to_zero_delay_s: float | None = None
@@ -111,6 +115,7 @@ class ServeConfig:
             "need 0 <= min_replicas <= max_replicas, max_replicas >= 1",
         )
         check(self.ingress_replicas >= 1, "ingress_replicas must be >= 1")
+        check(self.request_retries >= 0, "request_retries must be >= 0")
         specs = self.specs()  # bad model entries fail here
         names = [s.name for s in specs]
         check(len(set(names)) == len(names), f"models need distinct names, got {names}")

@@ -64,20 +64,44 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return JSONResponse(APIError(400, f"invalid request: {exc.errors()[0].get('msg')}").body(), 400)
 
 
-class Remote:
-    """A model deployment behind a handle, with an engine's interface."""
+def replica_died(e: BaseException) -> bool:
+    """The model replica holding a call died or became unreachable (a crash, OOM kill, SIGKILL, lost
+    node): the call never finished there, and an embedding call has no side effect to repeat."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
 
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
+    while e is not None:
+        if isinstance(e, RayActorError | ActorUnavailableError | serve.exceptions.ReplicaUnavailableError):
+            return True
+        e = e.__cause__  # type: ignore[assignment]  # Serve wraps an upstream death in RayServeException
+    return False
+
+
+class Remote:
+    """A model deployment behind a handle, with an engine's interface. A call whose replica dies is sent
+    again (Serve routes it to a live replica) up to `retries` times, counted in `metrics.retries`."""
+
+    def __init__(self, handle: Any, retries: int = 0, metrics: Metrics | None = None) -> None:
+        self.handle, self.retries, self.metrics = handle, retries, metrics
+
+    async def call(self, method: str, *args: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return await getattr(self.handle, method).remote(*args)
+            except Exception as e:
+                if attempt == self.retries or not replica_died(e):
+                    raise
+                if self.metrics is not None:
+                    self.metrics.retries.inc()
+        raise AssertionError("unreachable")
 
     async def embed(self, job: Any) -> Embedded:
-        return await self.handle.embed.remote(job)
+        return await self.call("embed", job)
 
     async def tokenize(self, texts: list[str], prompt_name: Any, special: bool) -> Any:
-        return await self.handle.tokenize.remote(texts, prompt_name, special)
+        return await self.call("tokenize", texts, prompt_name, special)
 
     async def describe(self) -> dict[str, Any]:
-        return await self.handle.describe.remote()
+        return await self.call("describe")
 
 
 class Local:
@@ -106,7 +130,9 @@ class EmbeddingService:
         self.metrics = Metrics()
         self.engine: ModelEngine | None = None
         if models:  # routed: names -> handles of ModelDeployments
-            self.backends: dict[str, Any] = {name: Remote(h) for name, h in models.items()}
+            self.backends: dict[str, Any] = {
+                name: Remote(h, c.request_retries, self.metrics) for name, h in models.items()
+            }
         else:
             self.engine = ModelEngine(c.specs()[0], c, self.metrics)
             self.backends = {self.engine.name: Local(self.engine)}

@@ -16,6 +16,9 @@ class Metrics:
         self.rejections = Counter(
             "rayembed_rejections", "Requests refused, by reason", ["reason"], registry=r
         )
+        self.retries = Counter(
+            "rayembed_retries", "Routed requests sent again after their model replica died", registry=r
+        )
         self.latency = Histogram("rayembed_request_latency_seconds", "Request latency", registry=r)
         buckets = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
         self.batch_inputs = Histogram(
