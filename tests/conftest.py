@@ -26,11 +26,6 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray Train's controller polls its workers every 2 s by default: a run's end (and a lost node) is seen up to
 # 2 s late, twice a run. Polled every 0.25 s here, a 2-step run takes ~4.5 s less; nothing else changes.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-# Serve's replicas and handles push autoscaling metrics every 10 s by default, so a look-back window (and
-# a scale-down after load) is at least that long; pushed every second here, the autoscaling tests use a
-# look-back of 3 s (ServeConfig checks it against the replicas' interval).
-os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
-os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 os.environ.setdefault("RAYEMBED_MODEL_CACHE", tempfile.mkdtemp(prefix="rayembed-models-"))  # s3:// models
 
 DATA = Path(SHARED_DATA)

@@ -82,7 +82,7 @@ def test_cli_flags_mix_with_overrides() -> None:
         ("embed", {"input": "x", "output": "y", "precision": "fp8"}, "precision must be"),
         ("serve", {"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
         ("serve", {"dtype": "float16"}, "float16 with num_gpus > 0"),
-        ("serve", {"look_back_period_s": 1.0}, "must exceed the 1.0 s at which replicas push"),  # conftest's
+        ("serve", {"look_back_period_s": 10.0}, "must exceed the 10.0 s at which Ray Serve's replicas push"),
         ("embed", {"input": "x", "output": "y", "cpu_dtype": "float16"}, "cpu_dtype must be"),
         ("prepare", {"kind": "csv", "source": "x", "output": "y"}, "kind must be"),
         (
@@ -110,11 +110,30 @@ def test_bad_settings_are_refused(job: str, values: dict, message: str) -> None:
         build(CONFIGS[job], values)
 
 
-def test_look_back_must_exceed_the_replicas_push_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S")  # Serve's default: 10 s
+def test_no_ray_future_warning_from_the_platforms_own_serve_configs() -> None:
+    """Every autoscaling config the platform builds (the shipped spec, the RayService's, the tests') passes
+    Ray's own validation without a FutureWarning (Ray 2.60 warns, and will refuse, a look-back window not
+    above its 10 s metrics interval)."""
+    import warnings
+
+    import yaml
+    from ray.serve.config import AutoscalingConfig
+
+    from rayembed.serve.deployment import _autoscaling
+
+    root = Path(__file__).resolve().parents[1]
+    service = yaml.safe_load((root / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    configs = [load_spec(str(root / "jobs" / "serve.yaml"))["serve"], args, {"look_back_period_s": 11}]
+    for settings in configs:
+        cfg = build(CONFIGS["serve"], settings)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            AutoscalingConfig(**_autoscaling(cfg, cfg.specs()[0]))
     with pytest.raises(ValueError, match="look_back_period_s \\(2.0\\) must exceed the 10.0 s"):
         build(CONFIGS["serve"], {"look_back_period_s": 2.0})
-    assert build(CONFIGS["serve"], {"look_back_period_s": 11.0}).look_back_period_s == 11.0
+    with pytest.warns(FutureWarning, match="look_back_period_s"):  # what the check keeps users from
+        AutoscalingConfig(look_back_period_s=2.0)
 
 
 def test_bad_override_syntax() -> None:

@@ -20,7 +20,7 @@ def test_replica_added_under_load_and_removed_after(tiny_model: Path) -> None:
 
     url = start_endpoint(
         model=str(tiny_model), min_replicas=1, max_replicas=2, target_ongoing_requests=1,
-        upscale_delay_s=0.5, downscale_delay_s=1.0, look_back_period_s=3, batch_wait_timeout_s=0.05,
+        upscale_delay_s=0.5, downscale_delay_s=1.0, look_back_period_s=11, batch_wait_timeout_s=0.05,
     )  # fmt: skip
 
     def running() -> int:

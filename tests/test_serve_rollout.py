@@ -116,7 +116,7 @@ def test_a_model_scaled_to_zero_serves_the_first_request_after_idle(tiny_model: 
     from ray import serve
 
     url = start_endpoint(model=str(tiny_model), min_replicas=0, max_replicas=1, upscale_delay_s=0,
-                         downscale_delay_s=1, downscale_to_zero_delay_s=1, look_back_period_s=3)  # fmt: skip
+                         downscale_delay_s=1, downscale_to_zero_delay_s=1, look_back_period_s=11)  # fmt: skip
 
     def replicas() -> int:
         deployments = serve.status().applications["rayembed"].deployments

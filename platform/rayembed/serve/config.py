@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +31,9 @@ class ModelSpec:
     """GPUs per replica."""
     torch_threads: int | None = None
     """Torch threads per replica."""
+
+
+METRICS_INTERVAL_S = 10.0  # Ray Serve's AutoscalingConfig.metrics_interval_s default (ray.serve.config)
 
 
 @dataclass
@@ -96,8 +98,9 @@ class ServeConfig:
     downscale_delay_s: float = 60.0
     """How long load must stay low before a replica is removed."""
     look_back_period_s: float = 30.0
-    """Window over which ongoing requests are averaged for autoscaling; must exceed the interval at which
-    replicas push their metrics (RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S, 10 s by default)."""
+    """Window over which ongoing requests are averaged for autoscaling; must exceed the 10 s at which Ray
+    2.60's replicas push their metrics (AutoscalingConfig.metrics_interval_s: the RAY_SERVE_*_PUSH_INTERVAL_S
+    variables meant to replace it are not read yet), else Ray warns that it will refuse it."""
     num_cpus: float = 1
     """CPUs per replica."""
     num_gpus: float = 0
@@ -120,11 +123,10 @@ class ServeConfig:
         names = [s.name for s in specs]
         check(len(set(names)) == len(names), f"models need distinct names, got {names}")
         check(not self.models or all(s.name for s in specs), "every entry of models needs a name")
-        push = float(os.environ.get("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", 10))
         check(
-            self.look_back_period_s > push,
-            f"look_back_period_s ({self.look_back_period_s}) must exceed the {push} s at which replicas push "
-            "autoscaling metrics (RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S)",
+            self.look_back_period_s > METRICS_INTERVAL_S,
+            f"look_back_period_s ({self.look_back_period_s}) must exceed the {METRICS_INTERVAL_S} s at which Ray "
+            "Serve's replicas push autoscaling metrics",
         )
         check(
             min(
