@@ -126,7 +126,7 @@ def module_cluster() -> Iterator[Any]:
     yield from _multi_node_cluster()
 
 
-OWN_CLUSTER = {"cluster", "module_cluster", "ray_started"}
+OWN_CLUSTER = {"cluster", "module_cluster", "ray_started", "recipe_dir"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

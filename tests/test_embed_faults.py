@@ -73,11 +73,15 @@ def _capture(errors: list[BaseException], cfg: EmbedConfig) -> None:
         errors.append(e)
 
 
-def _assert_exactly_once(out: Path, ids: set[str]) -> None:
+def _assert_exactly_once(out: Path, ids: set[str], fault: str) -> None:
     got = pads.dataset(out, format="parquet").to_table(columns=["id"]).column("id").to_pylist()
-    assert len(got) == len(ids) and set(got) == ids  # 0 lost, 0 duplicated
+    lost, duplicated = len(ids - set(got)), len(got) - len(set(got))
+    assert (lost, duplicated) == (0, 0) and set(got) == ids
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["rows"] == len(ids) and summary["fragments"] == FILES
+    from conftest import record
+
+    record({"faults": {fault: {"rows": len(ids), "lost": lost, "duplicated": duplicated}}})
 
 
 def _cfg(model: Path, lake: Path, out: Path) -> EmbedConfig:
@@ -104,7 +108,7 @@ def test_killed_actor(
         os.kill(victim["Pid"], signal.SIGKILL)
 
     _run_with_fault(cfg, kill_actor)
-    _assert_exactly_once(Path(cfg.output), ids)
+    _assert_exactly_once(Path(cfg.output), ids, "embed_actor_sigkill")
 
 
 def test_lost_worker_node(  # last in this module: it removes a node of the module's cluster
@@ -123,4 +127,4 @@ def test_lost_worker_node(  # last in this module: it removes a node of the modu
         module_cluster.remove_node(nodes[0], allow_graceful=False)
 
     _run_with_fault(cfg, kill_node)
-    _assert_exactly_once(Path(cfg.output), ids)
+    _assert_exactly_once(Path(cfg.output), ids, "embed_node_lost")

@@ -52,6 +52,14 @@ def test_killed_worker_resumes_from_checkpoint(tiny_model: Path, snli_triples: P
     assert not job.is_alive() and result, "training did not finish after the worker was killed"
     assert result["step"] == 16
     assert result["resumed_from"] >= 2  # the restarted group started from a checkpoint, not from scratch
+    steps = [
+        h["step"] for h in json.loads(Path(cfg.output_dir, "report", "report.json").read_text())["history"]
+    ]
+    assert steps == list(range(1, 17))
+    from conftest import record
+
+    record({"faults": {"train_worker_sigkill": {"lost": 16 - len(set(steps)), "duplicated": len(steps) - len(set(steps)),
+                                                "resumed_from": result["resumed_from"]}}})  # fmt: skip
 
 
 def test_a_checkpoint_the_store_refuses_is_not_reported_and_training_goes_on(
@@ -81,5 +89,13 @@ def test_a_checkpoint_the_store_refuses_is_not_reported_and_training_goes_on(
         p.rsplit("/", 1)[1] for p in fs.ls(f"rayembed/faults/ckpt/{cfg.run_name}") if "/checkpoint_step" in p
     )
     assert kept == [checkpoint_name(2), checkpoint_name(6)], kept  # step 4's partial upload removed
-    history = json.loads(Path(tmp_path / "run" / "report" / "report.json").read_text())["history"]
-    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    steps = [
+        h["step"]
+        for h in json.loads(Path(tmp_path / "run" / "report" / "report.json").read_text())["history"]
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    from conftest import record
+
+    record({"faults": {"train_checkpoint_upload_refused": {
+        "refused_writes": s3_faults.failed, "checkpoint_failures": result["checkpoint_failures"],
+        "checkpoints_in_store": kept, "lost": 6 - len(set(steps)), "duplicated": len(steps) - len(set(steps))}}})  # fmt: skip
