@@ -168,3 +168,17 @@ def test_zero_working_sets_and_worker_allocator_follow_the_config() -> None:
     assert worker_env(TrainConfig(**base, malloc_mmap_threshold=None)) == {}
     with pytest.raises(ValueError, match="zero_bucket_size must be >= 1e6"):
         TrainConfig(**base, zero_bucket_size=10)
+
+
+def test_overrides_reach_settings_inside_settings() -> None:
+    """`train.eval.max_queries=50` sets one key of train's eval section (the rest as the spec has it); a
+    one-job command takes `eval.max_queries=50` as its own eval's; a plain setting has no keys inside."""
+    spec = str(Path(__file__).resolve().parents[1] / "jobs" / "distill.yaml")
+    got = load_spec(spec, ["train.eval.max_queries=50", "eval.max_docs=300"])
+    assert got["train"]["eval"]["max_queries"] == 50 and got["train"]["eval"]["max_docs"] == 1000
+    assert got["eval"]["max_docs"] == 300  # the spec's own eval section
+    one_job = load_spec(spec, ["eval.max_queries=5", "max_steps=3"], job="train")
+    assert one_job["train"]["eval"]["max_queries"] == 5 and one_job["train"]["max_steps"] == 3
+    assert load_spec(None, ["merge.eval.max_docs=9"]) == {"merge": {"eval": {"max_docs": 9}}}
+    with pytest.raises(ValueError, match="train.lr holds no settings of its own"):
+        load_spec(spec, ["train.lr.x=1"])

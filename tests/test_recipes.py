@@ -1,8 +1,9 @@
-"""Every shipped recipe CI can afford runs to its end as a user runs it (tests/recipes.py): `rayembed run
-jobs/<name>.yaml` in its own process and local Ray cluster, real data, shipped settings, 30 training steps
-across at least two checkpoints, exit status 0, under a timeout. jobs/train.yaml (sized for GPUs: minutes a
-step on 2 CPU cores) and jobs/mine.yaml (SciFact abstracts at 256 tokens) run in
-tests/bench/bench_reliability.py, which records every recipe in docs/results/reliability.json."""
+"""Shipped recipes run to their end as a user runs them (tests/recipes.py): `rayembed run jobs/<name>.yaml`
+in its own process and local Ray cluster, real data, shipped settings, 30 training steps across at least two
+checkpoints, exit status 0, under a timeout. CI affords two on 2 cores: distill (the one that hung) and
+serve. All of them, jobs/train.yaml (sized for GPUs: minutes a step on 2 CPU cores) and jobs/mine.yaml
+included, run in tests/bench/bench_reliability.py, which records them in docs/results/reliability.json
+(the 2-core VM took 7 min for distill, 4 for llm-lora, 3.6 for smoke; 18 min for the seven CI-sized runs)."""
 
 from __future__ import annotations
 
@@ -47,16 +48,13 @@ def check_run(run: Run) -> None:
                                    "wall_s": run.wall_s}}})  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["smoke", "merge", "distill", "llm-lora", "eval", "embed"])
-def test_recipe_runs_to_its_end(name: str, recipe_dir: Path) -> None:
-    work = recipe_dir / name if name not in ("smoke", "merge") else recipe_dir  # merge soups smoke's model
-    run = run_recipe(name, work, timeout_s=1500)
+def test_distill_recipe_runs_to_its_end(recipe_dir: Path) -> None:
+    """jobs/distill.yaml (ZeRO-3, length-sorted forward passes: the recipe that hung at step ~11 when each
+    worker planned its passes alone), 30 steps across 3 checkpoints, then its eval section."""
+    run = run_recipe("distill", recipe_dir / "distill", timeout_s=1500)
     check_run(run)
-    if name == "embed":
-        assert run.sections["embed"]["rows"] == 300 and run.sections["embed"]["rejected"] == 0
-    if name in ("eval", "distill"):
-        scores = run.sections["eval"]["beir"]
-        assert all(0 < v["ndcg@10"] <= 1 for k, v in scores.items() if isinstance(v, dict)), scores
+    scores = run.sections["eval"]["beir"]
+    assert all(0 < v["ndcg@10"] <= 1 for v in scores.values() if isinstance(v, dict)), scores
 
 
 def test_serve_recipe_answers_then_stops_cleanly(recipe_dir: Path) -> None:

@@ -16,7 +16,7 @@ from conftest import record
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
-EXAMPLES = int(os.environ.get("RAYEMBED_FUZZ_EXAMPLES", "100"))  # per route and mode
+EXAMPLES = int(os.environ.get("RAYEMBED_FUZZ_EXAMPLES", "60"))  # per route and mode
 
 
 @pytest.fixture(scope="module")

@@ -65,10 +65,11 @@ def test_killed_worker_resumes_from_checkpoint(tiny_model: Path, snli_triples: P
 def test_a_checkpoint_the_store_refuses_is_not_reported_and_training_goes_on(
     tiny_model: Path, snli_triples: Path, tmp_path: Path, s3_endpoint: str, s3_faults: Any
 ) -> None:
-    """Checkpoints on S3 (the loopback server); every write of step 4's checkpoint is refused (403, as when
-    a bucket policy or expired credentials refuse it; the workers retry it 4 times): the run goes on, step 4 is not reported (a resume would not
-    find it whole), and the run ends at step 6 from its step-6 checkpoint. Before persist.py, Ray's own
-    upload reported step 4 as created, with no file of it in the store."""
+    """Checkpoints on S3 (the loopback server); every write of step 2's checkpoint is refused (403, as when
+    a bucket policy or expired credentials refuse it; the workers retry it 4 times): the run goes on, step 2
+    is not reported (a resume would not find it whole), and the run ends at step 4 from its step-4
+    checkpoint. Before persist.py, Ray's own upload reported the refused checkpoint as created, with no file
+    of it in the store."""
     import s3fs
 
     from rayembed.train.persist import checkpoint_name
@@ -76,26 +77,26 @@ def test_a_checkpoint_the_store_refuses_is_not_reported_and_training_goes_on(
     storage = "s3://rayembed/faults/ckpt"
     cfg = TrainConfig(
         data=str(snli_triples), output_dir=str(tmp_path / "run"), model=str(tiny_model), num_workers=2,
-        zero_stage=2, batch_size=4, max_steps=6, checkpoint_every=2, keep_checkpoints=5, lr=1e-3,
+        zero_stage=2, batch_size=4, max_steps=4, checkpoint_every=2, keep_checkpoints=5, lr=1e-3,
         storage_path=storage, s3_endpoint_url=s3_endpoint,
     )  # fmt: skip
-    s3_faults.set(share=1.0, path=checkpoint_name(4), status=403)
+    s3_faults.set(share=1.0, path=checkpoint_name(2), status=403)
     result = train(cfg)
-    assert s3_faults.failed > 0  # the store did refuse step 4's uploads
-    assert result["step"] == 6 and result["checkpoint_failures"] == 1
-    assert result["checkpoint"].endswith(checkpoint_name(6))
+    assert s3_faults.failed > 0  # the store did refuse step 2's uploads
+    assert result["step"] == 4 and result["checkpoint_failures"] == 1
+    assert result["checkpoint"].endswith(checkpoint_name(4))
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     kept = sorted(
         p.rsplit("/", 1)[1] for p in fs.ls(f"rayembed/faults/ckpt/{cfg.run_name}") if "/checkpoint_step" in p
     )
-    assert kept == [checkpoint_name(2), checkpoint_name(6)], kept  # step 4's partial upload removed
+    assert kept == [checkpoint_name(4)], kept  # step 2's partial upload removed
     steps = [
         h["step"]
         for h in json.loads(Path(tmp_path / "run" / "report" / "report.json").read_text())["history"]
     ]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == [1, 2, 3, 4]
     from conftest import record
 
     record({"faults": {"train_checkpoint_upload_refused": {
         "refused_writes": s3_faults.failed, "checkpoint_failures": result["checkpoint_failures"],
-        "checkpoints_in_store": kept, "lost": 6 - len(set(steps)), "duplicated": len(steps) - len(set(steps))}}})  # fmt: skip
+        "checkpoints_in_store": kept, "lost": 4 - len(set(steps)), "duplicated": len(steps) - len(set(steps))}}})  # fmt: skip

@@ -5,6 +5,8 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +28,16 @@ def ensure_ray(min_cpus: float = 1) -> None:
 
     if ray.is_initialized():
         return
+    handler = signal.getsignal(signal.SIGTERM)
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)))
         atexit.register(stop_local_ray)  # runs before Ray's own atexit shutdown (registered earlier)
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        # ray.init puts its C++ failure handler on SIGTERM (it prints a stack and kills the process): the
+        # CLI's own handler (stop Serve and Ray, exit 0) is put back
+        signal.signal(signal.SIGTERM, handler)
 
 
 def stop_local_ray() -> None:

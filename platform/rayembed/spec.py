@@ -3,6 +3,7 @@
 A spec maps job names (`prepare`, `train`, `mine`, `eval`, `embed`, `serve`, ...) to settings;
 `rayembed run spec.yaml` runs its sections in the spec's order. Overrides name the section
 (`train.max_steps=3`), or not when the command runs one job (`rayembed train spec.yaml max_steps=3`).
+A setting that holds settings of its own is reached through it (`train.eval.max_queries=50`).
 `${VAR}` in any string is expanded from the environment (`${RAYEMBED_DATA}`: the public data sets).
 """
 
@@ -40,12 +41,33 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), job: str | Non
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not key=value")
-        section, _, name = key.rpartition(".")
-        section = section or job or ""
-        if section not in JOBS:
-            raise ValueError(f"override {item!r}: prefix it with a job name, one of {JOBS}")
-        spec.setdefault(section, {})[name] = _expand(yaml.safe_load(value))
+        names = key.split(".")
+        # `max_steps=3`, `eval.max_queries=50` for a one-job command (`rayembed train`: train's eval)
+        if names[0] not in JOBS or job and names[0] != job and names[0] in _NESTED.get(job, ()):
+            if job is None:
+                raise ValueError(f"override {item!r}: prefix it with a job name, one of {JOBS}")
+            names = [job, *names]
+        if len(names) < 2:
+            raise ValueError(f"override {item!r}: name a setting of {names[0]}")
+        _set(spec, names, _expand(yaml.safe_load(value)), item)
     return spec
+
+
+# settings that hold a mapping of their own: `train.eval.max_queries=50` sets one key of train's eval
+_NESTED = {"train": ("eval",), "merge": ("eval",)}
+
+
+def _set(spec: dict[str, Any], path: list[str], value: Any, item: str) -> None:
+    """spec[path[0]][path[1]]...[path[-1]] = value, through the nested settings of `_NESTED`."""
+    section, *keys = path
+    node = spec.setdefault(section, {})
+    for key in keys[:-1]:
+        if key not in _NESTED.get(section, ()):
+            raise ValueError(f"override {item!r}: {section}.{key} holds no settings of its own")
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
 
 
 __all__ = ["build", "load_spec"]
