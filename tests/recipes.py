@@ -54,7 +54,14 @@ RECIPES: dict[str, list[str]] = {
     ],
     # sized for GPUs: on 2 CPU cores a step takes minutes (bench_reliability.py runs them, not CI)
     # (SNLI dev's 2,943 triples are 3 steps of 2 x 512 rows: 10 passes for 30 steps)
-    "train": ["train.use_gpu=false", "train.max_steps=30", "train.epochs=10", "train.checkpoint_every=10"],
+    "train": [
+        "train.use_gpu=false",
+        "train.max_steps=30",
+        "train.epochs=10",
+        "train.checkpoint_every=10",
+        "train.eval.max_queries=100",
+        "train.eval.max_docs=1000",
+    ],  # fmt: skip
     "mine": ["train.max_steps=30"],  # checkpoints every 10 steps as shipped
 }
 STEPS = {"smoke": 30, "distill": 30, "llm-lora": 30, "train": 30, "mine": 30}

@@ -79,6 +79,24 @@ def test_ingress_is_haproxy_in_front_of_the_replica(endpoint: str) -> None:
         assert r.status == 200
 
 
+def test_serve_processes_tolerate_a_busy_node(endpoint: str) -> None:
+    """`import rayembed` gives Serve's proxy 60 s (not 5) to answer its readiness check and 30 s (not 10)
+    its health check, and the processes Ray started (controller, HAProxy manager) run with them: with Ray's
+    defaults, on 2 busy cores, every `serve.start` failed with its proxy killed as unhealthy (serving.md)."""
+    import psutil
+    import ray._private.state as state
+
+    kinds = {"ServeController", "HAProxyManager"}
+    pids = [
+        a["Pid"] for a in state.actors().values() if a["State"] == "ALIVE" and a["ActorClassName"] in kinds
+    ]
+    assert len(pids) == 2, pids
+    for pid in pids:
+        env = psutil.Process(pid).environ()
+        assert env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "60"
+        assert env["RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"] == "30"
+
+
 def test_base64_int8_extension(endpoint: str, tiny_model: Path) -> None:
     body = {"input": TEXTS, "model": "tiny-bert", "encoding_format": "base64", "precision": "int8"}
     status, resp = _post(f"{endpoint}/v1/embeddings", json.dumps(body).encode())

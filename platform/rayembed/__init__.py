@@ -13,6 +13,11 @@ os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
 # A replica that dies drops the requests it held: HAProxy sends those that got no answer to another
 # replica (embedding requests have no side effect), not only those it could not connect for (serve/ingress.py).
 os.environ.setdefault("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response junk-response")
+# Serve marks a proxy unhealthy and kills it when it does not answer its readiness check within 5 s (its
+# health check within 10 s) three times: on a busy node (2 busy cores) the proxy's first answer took longer,
+# every `serve.start` failed with the proxy killed, and a loaded proxy would be killed mid-traffic.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
 
 from typing import TYPE_CHECKING, Any  # noqa: E402
 

@@ -36,6 +36,27 @@ FAULT_TESTS = [
     "tests/test_serve_faults.py", "tests/test_serve_fuzz.py",
 ]  # fmt: skip
 SERVE_TEST = "tests/test_recipes.py::test_serve_recipe_answers_then_stops_cleanly"
+# `serve.start` and one request while every core runs a busy loop, in a fresh process and Ray cluster;
+# `ray_defaults` sets Serve's proxy check timeouts back to Ray's own (5 s ready, 10 s health)
+BUSY_START = """
+import json, socket, sys, time, urllib.request
+import rayembed, ray
+from rayembed.config import ServeConfig
+from rayembed.serve import run
+ray.init(num_cpus=4)
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+t = time.perf_counter()
+try:
+    url = run(ServeConfig(port=port), blocking=False)
+    req = urllib.request.Request(url + "/v1/embeddings", data=b'{"input": "a busy node"}',
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        out = {"started": r.status == 200}
+except Exception as e:
+    out = {"started": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+print(json.dumps(out | {"wall_s": round(time.perf_counter() - t, 1)}))
+"""
 
 
 def recipe_figures(name: str, work: Path) -> dict:
@@ -49,6 +70,26 @@ def recipe_figures(name: str, work: Path) -> dict:
         figures["log_tail"] = run.log[-1500:]
     print(json.dumps({name: figures}), flush=True)
     return figures
+
+
+def busy_start(ray_defaults: bool) -> dict:
+    """BUSY_START's outcome with os.cpu_count() busy loops running beside it."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    env = os.environ | ({"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "5", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "10"}
+                        if ray_defaults else {})  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    try:
+        done = subprocess.run([sys.executable, "-c", BUSY_START], env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith('{"started"')]
+        out = json.loads(lines[-1]) if lines else {"started": False, "error": done.stderr[-300:]}
+    except subprocess.TimeoutExpired:
+        out = {"started": False, "error": "no answer in 600 s"}
+    finally:
+        for p in busy:
+            p.kill()
+    print(json.dumps({"busy_start": out, "ray_defaults": ray_defaults}), flush=True)
+    return out
 
 
 def pytest_figures(targets: list[str]) -> tuple[dict, int]:
@@ -69,15 +110,29 @@ def main() -> None:
     p.add_argument("--recipes", default=",".join([*RECIPES, "serve"]), help="comma-separated (default: all)")
     p.add_argument("--no-faults", action="store_true", help="recipes only")
     args = p.parse_args()
+    started = time.time()
+
+    def save() -> None:  # after every part: a run cut short keeps what it measured
+        result.update(date=time.strftime("%Y-%m-%d"), command="python " + " ".join(sys.argv),
+                      machine=f"{platform.node()}: {os.cpu_count()} CPUs, this project's 2-core 24 GiB CPU VM (no GPU)",
+                      wall_s=round(time.time() - started))  # fmt: skip
+        OUT.write_text(json.dumps(result, indent=1) + "\n")
+
     names = [n for n in args.recipes.split(",") if n]
     old = json.loads(OUT.read_text()) if OUT.is_file() else {}
     result = {"recipes": dict(old.get("recipes", {})), "faults": dict(old.get("faults", {}))}
     result |= {k: old[k] for k in ("fuzz_cases", "fuzz_500s", "fuzz_statuses") if k in old}
-    started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("smoke", *[n for n in names if n not in ("smoke", "serve")]):
             if name in names or name == "smoke" and "merge" in names:  # merge soups smoke's model
                 result["recipes"][name] = recipe_figures(name, Path(tmp))
+                save()
+    if not args.no_faults:  # Serve's proxy on a node whose cores are busy: Ray's check timeouts, then ours
+        result["faults"]["serve_start_busy_node"] = {
+            "ray_defaults": busy_start(True),
+            "rayembed": busy_start(False),
+        }
+        save()
     targets = ([SERVE_TEST] if "serve" in names else []) + ([] if args.no_faults else FAULT_TESTS)
     if targets:
         figures, status = pytest_figures(targets)
@@ -85,13 +140,7 @@ def main() -> None:
         result["faults"] |= figures.get("faults", {})
         result |= {k: figures[k] for k in ("fuzz_cases", "fuzz_500s", "fuzz_statuses") if k in figures}
         result["pytest_exit"] = status
-    result |= {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's 2-core 24 GiB CPU VM (no GPU)",
-        "command": "python " + " ".join(sys.argv),
-        "wall_s": round(time.time() - started),
-    }
-    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    save()
     print(json.dumps(result, indent=1))
 
 
