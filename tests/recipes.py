@@ -62,7 +62,13 @@ RECIPES: dict[str, list[str]] = {
         "train.eval.max_queries=100",
         "train.eval.max_docs=1000",
     ],  # fmt: skip
-    "mine": ["train.max_steps=30"],  # checkpoints every 10 steps as shipped
+    # ~800 mined pairs are 12 steps of 2 x 32 rows: 3 passes for 30 steps (checkpoints every 10 as shipped)
+    "mine": [
+        "train.max_steps=30",
+        "train.epochs=3",
+        "train.eval.max_queries=100",
+        "train.eval.max_docs=1000",
+    ],
 }
 STEPS = {"smoke": 30, "distill": 30, "llm-lora": 30, "train": 30, "mine": 30}
 
