@@ -52,7 +52,7 @@ RECIPES: dict[str, list[str]] = {
         "merge.eval.max_queries=50",
         "merge.eval.max_docs=300",
     ],
-    # sized for GPUs: on 2 CPU cores a step takes minutes (bench_reliability.py runs them, not CI)
+    # sized for GPUs: on 2 CPU cores one step took over 15 min (bench_reliability.py runs it, not CI)
     # (SNLI dev's 2,943 triples are 3 steps of 2 x 512 rows: 10 passes for 30 steps)
     "train": [
         "train.use_gpu=false",
@@ -61,7 +61,7 @@ RECIPES: dict[str, list[str]] = {
         "train.checkpoint_every=10",
         "train.eval.max_queries=100",
         "train.eval.max_docs=1000",
-    ],  # fmt: skip
+    ],
     # ~800 mined pairs are 12 steps of 2 x 32 rows: 3 passes for 30 steps (checkpoints every 10 as shipped)
     "mine": [
         "train.max_steps=30",

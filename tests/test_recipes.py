@@ -1,7 +1,7 @@
 """Shipped recipes run to their end as a user runs them (tests/recipes.py): `rayembed run jobs/<name>.yaml`
 in its own process and local Ray cluster, real data, shipped settings, 30 training steps across at least two
 checkpoints, exit status 0, under a timeout. CI affords two on 2 cores: distill (the one that hung) and
-serve. All of them, jobs/train.yaml (sized for GPUs: minutes a step on 2 CPU cores) and jobs/mine.yaml
+serve. All of them, jobs/train.yaml (sized for GPUs: over 15 min a step on 2 CPU cores) and jobs/mine.yaml
 included, run in tests/bench/bench_reliability.py, which records them in docs/results/reliability.json
 (the 2-core VM took 7 min for distill, 4 for llm-lora, 3.6 for smoke; 18 min for the seven CI-sized runs)."""
 

@@ -43,7 +43,7 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), job: str | Non
             raise ValueError(f"override {item!r} is not key=value")
         names = key.split(".")
         # `max_steps=3`, `eval.max_queries=50` for a one-job command (`rayembed train`: train's eval)
-        if names[0] not in JOBS or job and names[0] != job and names[0] in _NESTED.get(job, ()):
+        if names[0] not in JOBS or job and names[0] in _NESTED.get(job, ()):
             if job is None:
                 raise ValueError(f"override {item!r}: prefix it with a job name, one of {JOBS}")
             names = [job, *names]

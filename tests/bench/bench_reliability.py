@@ -110,6 +110,10 @@ def main() -> None:
     p.add_argument("--recipes", default=",".join([*RECIPES, "serve"]), help="comma-separated (default: all)")
     p.add_argument("--no-faults", action="store_true", help="recipes only")
     args = p.parse_args()
+    names = [n for n in args.recipes.split(",") if n]
+    old = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    result = {"recipes": dict(old.get("recipes", {})), "faults": dict(old.get("faults", {}))}
+    result |= {k: old[k] for k in ("fuzz_cases", "fuzz_500s", "fuzz_statuses") if k in old}
     started = time.time()
 
     def save() -> None:  # after every part: a run cut short keeps what it measured
@@ -118,10 +122,6 @@ def main() -> None:
                       wall_s=round(time.time() - started))  # fmt: skip
         OUT.write_text(json.dumps(result, indent=1) + "\n")
 
-    names = [n for n in args.recipes.split(",") if n]
-    old = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    result = {"recipes": dict(old.get("recipes", {})), "faults": dict(old.get("faults", {}))}
-    result |= {k: old[k] for k in ("fuzz_cases", "fuzz_500s", "fuzz_statuses") if k in old}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("smoke", *[n for n in names if n not in ("smoke", "serve")]):
             if name in names or name == "smoke" and "merge" in names:  # merge soups smoke's model
