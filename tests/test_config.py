@@ -84,6 +84,12 @@ def test_cli_flags_mix_with_overrides() -> None:
         ("serve", {"dtype": "float16"}, "float16 with num_gpus > 0"),
         ("serve", {"look_back_period_s": 10.0}, "must exceed the 10.0 s at which Ray Serve's replicas push"),
         ("embed", {"input": "x", "output": "y", "cpu_dtype": "float16"}, "cpu_dtype must be"),
+        (
+            "embed",
+            {"input": "x", "output": "y", "chunking": "late", "title_column": "t"},
+            "pass the title through",
+        ),
+        ("embed", {"input": "x", "output": "y", "chunk_boundary": "page"}, "chunk_boundary must be"),
         ("prepare", {"kind": "csv", "source": "x", "output": "y"}, "kind must be"),
         (
             "prepare",

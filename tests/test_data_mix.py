@@ -83,3 +83,15 @@ def test_an_unknown_prepare_kind_is_refused_by_name(
     assert main(["prepare", "kind=wiki", f"source={DATA}", f"output={tmp_path / 'x.jsonl'}"]) != 0
     assert "prepare kind must be one of snli, beir, general, nli_retrieval" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_articles_are_whole_wikipedia_articles_with_their_sections(tmp_path: Path) -> None:
+    from rayembed.data.readers import wiki_articles
+
+    rows = list(wiki_articles(DATA / "wikitext-2" / "paragraphs.jsonl"))
+    paragraphs = (DATA / "wikitext-2" / "paragraphs.jsonl").read_text().splitlines()
+    assert len(rows) == 121 and len({r["id"] for r in rows}) == 121
+    assert rows[0]["title"] == "Homarus gammarus" and "\n\nDescription\n\n" in rows[0]["text"]
+    words = sorted(len(r["text"].split()) for r in rows)
+    assert words[0] > 200 and words[len(words) // 2] > 2000  # long documents
+    assert sum(r["text"].count("\n\n") for r in rows) >= len(paragraphs) - len(rows)  # no paragraph lost

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,15 +75,22 @@ def _capture(errors: list[BaseException], cfg: EmbedConfig) -> None:
         errors.append(e)
 
 
-def _assert_exactly_once(out: Path, ids: set[str], fault: str) -> None:
-    got = pads.dataset(out, format="parquet").to_table(columns=["id"]).column("id").to_pylist()
-    lost, duplicated = len(ids - set(got)), len(got) - len(set(got))
-    assert (lost, duplicated) == (0, 0) and set(got) == ids
+def _assert_exactly_once(out: Path, ids: set[str], fault: str, chunks: dict[str, int] | None = None) -> None:
+    """Every id once or, with `chunks` (id -> how many chunks it has), every (id, chunk) once."""
+    table = pads.dataset(out, format="parquet").to_table()
+    got = table.column("id").to_pylist()
+    want = ids
+    if chunks is not None:
+        got = list(zip(got, table.column("chunk").to_pylist(), strict=True))
+        want = {(i, k) for i in ids for k in range(chunks[i])}
+    lost, duplicated = len(want - set(got)), len(got) - len(set(got))
+    assert (lost, duplicated) == (0, 0) and set(got) == want
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["rows"] == len(ids) and summary["fragments"] == FILES
+    assert summary["chunks"] == (len(want) if chunks else 0)
     from conftest import record
 
-    record({"faults": {fault: {"rows": len(ids), "lost": lost, "duplicated": duplicated}}})
+    record({"faults": {fault: {"rows": len(got), "lost": lost, "duplicated": duplicated}}})
 
 
 def _cfg(model: Path, lake: Path, out: Path) -> EmbedConfig:
@@ -100,15 +109,24 @@ def _cfg(model: Path, lake: Path, out: Path) -> EmbedConfig:
 def test_killed_actor(
     module_cluster: Any, tiny_model: Path, lake: tuple[Path, set[str]], tmp_path: Path
 ) -> None:
+    """Chunked (each abstract is several chunks of the tiny model's 62-token window): no chunk lost or
+    written twice."""
+    from rayembed.model import Embedder
+    from rayembed.model.chunking import plan
+
     root, ids = lake
-    cfg = _cfg(tiny_model, root, tmp_path / "out")
+    cfg = dataclasses.replace(_cfg(tiny_model, root, tmp_path / "out"), chunking="chunks", chunk_overlap=8)
+    rows = [json.loads(x) for f in sorted(root.glob("*.jsonl")) for x in f.read_text().splitlines()]
+    p = plan(Embedder.load(tiny_model, device="cpu").tokenizer, [r["text"] for r in rows], 62, 8)
+    chunks = Counter(rows[d]["id"] for d in p.doc)
+    assert min(chunks.values()) >= 2
 
     def kill_actor() -> None:
         victim = _embedding_actors()[0]
         os.kill(victim["Pid"], signal.SIGKILL)
 
     _run_with_fault(cfg, kill_actor)
-    _assert_exactly_once(Path(cfg.output), ids, "embed_actor_sigkill")
+    _assert_exactly_once(Path(cfg.output), ids, "embed_actor_sigkill", dict(chunks))
 
 
 def test_lost_worker_node(  # last in this module: it removes a node of the module's cluster

@@ -82,6 +82,25 @@ def test_iceberg_table_in_and_out(tiny_model: Path, tmp_path: Path, s3_endpoint:
         embed(cfg)
 
 
+def test_iceberg_append_carries_chunk_rows(tiny_model: Path, tmp_path: Path) -> None:
+    from rayembed.embed.tables import catalog
+
+    props = _catalog(tmp_path, f"file://{tmp_path}/wh", None)
+    lake = tmp_path / "docs.parquet"
+    pq.write_table(_docs(0, 12), lake)
+    cfg = EmbedConfig(input=str(lake), output=str(tmp_path / "out"), model=str(tiny_model), chunking="chunks",
+                      iceberg_catalog=props, iceberg_append="lake.chunks", progress=False)  # fmt: skip
+    summary = embed(cfg)
+    out = catalog(props).load_table("lake.chunks").scan().to_arrow()
+    keys = list(zip(out.column("id").to_pylist(), out.column("chunk").to_pylist(), strict=True))
+    assert summary["rows"] == 12 and summary["chunks"] == out.num_rows == len(set(keys)) > 24
+    texts = dict(
+        zip(_docs(0, 12).column("id").to_pylist(), _docs(0, 12).column("text").to_pylist(), strict=True)
+    )
+    for r in out.select(["id", "start", "end", "tokens"]).to_pylist():
+        assert len(texts[r["id"]][r["start"] : r["end"]]) > 0 and 0 < r["tokens"] <= 62
+
+
 def test_delta_table_in(tiny_model: Path, tmp_path: Path) -> None:
     from deltalake import write_deltalake
 

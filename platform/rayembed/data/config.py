@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from rayembed.settings import check
 
-KINDS = ("snli", "beir", "general", "nli_retrieval", "random_model")
+KINDS = ("snli", "beir", "general", "nli_retrieval", "random_model", "articles")
 
 
 @dataclass
@@ -14,12 +14,14 @@ class PrepareConfig:
     kind: str
     """'snli' (query/positive/negative triples from e-SNLI), 'beir' (query/positive pairs from qrels),
     'general' (id/source/text rows of general-domain text to distill on: rayembed.data.mix),
-    'nli_retrieval' (a BEIR folder from e-SNLI: premise -> entailed hypotheses) or 'random_model' (a
-    random-weight model of `family` and `size`, for CPU runs of LLM recipes)."""
+    'nli_retrieval' (a BEIR folder from e-SNLI: premise -> entailed hypotheses), 'random_model' (a
+    random-weight model of `family` and `size`, for CPU runs of LLM recipes) or 'articles' (whole
+    Wikipedia articles, id/title/text, from the shared data folder's wikitext-2: long documents)."""
     output: str
     """JSONL file to write (nli_retrieval: the BEIR folder; random_model: the model folder)."""
     source: str | None = None
-    """Source folder: e-SNLI s1/s2/labels files, a BEIR folder, or (general) the shared data folder."""
+    """Source folder: e-SNLI s1/s2/labels files, a BEIR folder, or (general, articles) the shared data
+    folder."""
     split: str = "dev"
     """Source split (snli, nli_retrieval: dev|test; beir: a qrels split)."""
     sentences: int = 6000

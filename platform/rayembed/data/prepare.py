@@ -6,11 +6,12 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from rayembed.data.config import PrepareConfig
 from rayembed.data.mix import general_texts, nli_retrieval
-from rayembed.data.readers import load_beir, snli_triples, write_jsonl
+from rayembed.data.readers import load_beir, snli_triples, wiki_articles, write_jsonl
 
 
 def prepare_job(cfg: PrepareConfig) -> dict[str, Any]:
@@ -24,6 +25,9 @@ def prepare_job(cfg: PrepareConfig) -> dict[str, Any]:
     assert cfg.source is not None
     if cfg.kind == "nli_retrieval":
         return {"output": cfg.output, **nli_retrieval(cfg.source, cfg.output, cfg.split)}
+    if cfg.kind == "articles":
+        rows = wiki_articles(Path(cfg.source) / "wikitext-2" / "paragraphs.jsonl")
+        return {"output": cfg.output, "rows": write_jsonl(cfg.output, itertools.islice(rows, cfg.limit))}
     if cfg.kind == "general":
         rows = general_texts(cfg.source, cfg.sentences, cfg.seed, cfg.corpus, cfg.corpus_rows)[: cfg.limit]
         # what went in, per source (duplicates and empty texts did not)

@@ -81,3 +81,24 @@ def snli_triples(folder: str | Path, split: str = "dev") -> Iterator[dict[str, s
     for premise, hyps in by_premise.items():
         if "entailment" in hyps and "contradiction" in hyps:
             yield {"query": premise, "positive": hyps["entailment"], "negative": hyps["contradiction"]}
+
+
+def wiki_articles(path: str | Path) -> Iterator[dict[str, str]]:
+    """Whole Wikipedia articles from wikitext-2's paragraphs (`paragraphs.jsonl`: a paragraph titled with
+    a plain name starts an article, `= Section =` titles are its sections): id, title and the text with
+    its section headings, paragraphs separated by blank lines. Long documents (thousands of tokens)."""
+    article: dict[str, Any] | None = None
+    section = None
+    for row in read_jsonl(path):
+        title = row["title"].strip()
+        if not title.startswith("=") and not (article and title == article["title"]):  # a new article
+            if article:
+                yield {"id": article["id"], "title": article["title"], "text": "\n\n".join(article["parts"])}
+            article, section = {"id": row["id"], "title": title, "parts": []}, None
+        elif article and title != section:
+            section = title
+            article["parts"].append(title.strip("= ").strip())
+        if article:
+            article["parts"].append(row["text"])
+    if article:
+        yield {"id": article["id"], "title": article["title"], "text": "\n\n".join(article["parts"])}

@@ -29,7 +29,7 @@ from rayembed.embed.config import EmbedConfig
 from rayembed.embed.manifest import REJECTS, TMP, Fragment, commit, read_lines, staging_path
 from rayembed.embed.versions import SEEN, content_hash
 from rayembed.io import filesystem, strip_scheme
-from rayembed.model import Embedder, resolve_model_path
+from rayembed.model import Embedder, Tokens, chunking, resolve_model_path
 
 ARROW_TYPES = {"float32": pa.float32(), "int8": pa.int8(), "binary": pa.uint8()}
 
@@ -38,12 +38,19 @@ def fs_for(path: str, endpoint_url: str | None) -> pafs.FileSystem:
     return filesystem(path, endpoint_url) or pafs.LocalFileSystem()
 
 
-def output_schema(meta: dict[str, str], dim: int, precision: str, base: pa.Schema) -> pa.Schema:
-    """id (input type), embedding, truncated, content_hash, then passthrough columns (`base` minus the
-    text columns)."""
+CHUNK_FIELDS = [pa.field("chunk", pa.int32()), pa.field("start", pa.int64()), pa.field("end", pa.int64()),
+                pa.field("tokens", pa.int32())]  # fmt: skip
+
+
+def output_schema(
+    meta: dict[str, str], dim: int, precision: str, base: pa.Schema, chunked: bool = False
+) -> pa.Schema:
+    """id (input type), (chunked: chunk, start, end, tokens), embedding, truncated, content_hash, then
+    passthrough columns (`base` minus the text columns)."""
     width = dim // 8 if precision == "binary" else dim
     fields = [
         pa.field("id", base.field(0).type),
+        *(CHUNK_FIELDS if chunked else []),
         pa.field("embedding", pa.list_(ARROW_TYPES[precision], width)),
         pa.field("truncated", pa.bool_()),
         pa.field("content_hash", pa.string()),  # what was embedded (embed/versions.py)
@@ -204,11 +211,17 @@ class EmbedFragments:
             self.seen.extend(ids_kept)
             keep, hashes = keep.take(fresh_idx), hashes.take(fresh_idx)
             good = [good[i] for i in fresh]
-        tokens = self.embedder.tokenize_ids([texts[i] for i in good], c.prompt_name)
+        todo = [texts[i] for i in good]
+        tokens: Tokens | chunking.Plan
+        if c.chunking:  # the chunk plan (and a plain chunk's tokens): CPU work, ahead of the model
+            tokens = chunking.prepare(self.embedder, todo, c.chunking, c.chunk_tokens, c.chunk_overlap,
+                                      c.chunk_boundary, c.prompt_name)  # fmt: skip
+        else:
+            tokens = self.embedder.tokenize_ids(todo, c.prompt_name)
         return keep, rejects, tokens, hashes, unchanged
 
     def process(self, frag: Fragment) -> dict[str, Any]:
-        c, start = self.cfg, time.time()
+        start = time.time()
         self.out_fs.create_dir(f"{self.root}/{TMP}", recursive=True)
         stats: Counter[str] = Counter()
         writers: dict[
@@ -224,10 +237,10 @@ class EmbedFragments:
             reject_tables.append(rejects)
             if not keep.num_rows:
                 continue
-            emb = self.embedder.encode(tokens, c.dim, c.precision, c.batch_size, c.max_tokens, stats)
             stats["rows_out"] += keep.num_rows
-            stats["truncated"] += sum(tokens.truncated)
-            self.write(frag, keep, emb, tokens.truncated, hashes, writers)
+            keep, emb, cut, hashes, extra = self.embed_rows(keep, tokens, hashes, stats)
+            stats["truncated"] += sum(cut)
+            self.write(frag, keep, emb, cut, hashes, writers, extra)
         staged = {}
         for final, (tmp, stream, w) in writers.items():
             w.close()
@@ -250,6 +263,24 @@ class EmbedFragments:
         commit(self.out_fs, self.root, frag, staged, dict(stats))
         return dict(stats)
 
+    def embed_rows(
+        self, keep: pa.Table, tokens: Any, hashes: pa.Array, stats: Counter[str]
+    ) -> tuple[pa.Table, np.ndarray, list[bool], pa.Array, dict[str, list[int]]]:
+        """(rows, vectors, cut at max length, content hashes, chunk columns): one row per text, or with
+        `chunking` one per chunk (its text's columns and hash repeated)."""
+        c = self.cfg
+        if not c.chunking:
+            emb = self.embedder.encode(tokens, c.dim, c.precision, c.batch_size, c.max_tokens, stats)
+            return keep, emb, tokens.truncated, hashes, {}
+        plan, emb, cut = chunking.encode_chunks(
+            self.embedder, tokens, dim=c.dim, precision=c.precision, batch_size=c.batch_size,
+            max_tokens=c.max_tokens, stats=stats,
+        )  # fmt: skip
+        stats["chunks_out"] += len(plan.doc)
+        rows = pa.array(plan.doc, pa.int64())
+        extra = {"chunk": plan.index, "start": plan.start, "end": plan.end, "tokens": plan.tokens}
+        return keep.take(rows), emb, cut, hashes.take(rows), extra
+
     def write(
         self,
         frag: Fragment,
@@ -258,12 +289,15 @@ class EmbedFragments:
         truncated: list[bool],
         hashes: pa.Array,
         writers: dict[str, Any],
+        chunks: dict[str, list[int]],
     ) -> None:
+        """Rows (one per text, or with `chunks` one per chunk: `keep` and `hashes` repeat their text's)."""
         c = self.cfg
         flat = pa.array(np.ascontiguousarray(emb).reshape(-1), type=ARROW_TYPES[c.precision])
         table = pa.table(
             {
                 "id": keep.column(c.id_column),
+                **{f.name: pa.array(chunks[f.name], f.type) for f in CHUNK_FIELDS if chunks},
                 "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]),
                 "truncated": pa.array(truncated, pa.bool_()),
                 "content_hash": hashes,
@@ -271,9 +305,10 @@ class EmbedFragments:
             }
         )
         dim = int(self.meta["rayembed.dim"])
-        schema = output_schema(
-            self.meta, dim, c.precision, table.drop_columns(["embedding", "truncated", "content_hash"]).schema
+        base = table.drop_columns(
+            ["embedding", "truncated", "content_hash", *(f.name for f in CHUNK_FIELDS if chunks)]
         )
+        schema = output_schema(self.meta, dim, c.precision, base.schema, bool(chunks))
         table = table.select(schema.names).cast(schema)
         parts = [("", table)]
         if c.partition_by:

@@ -36,6 +36,21 @@ class EmbedConfig:
     """Output precision: float32, int8 or binary."""
     prompt_name: str | None = None
     """One of the model's prompts (e.g. 'document') to prefix every text with."""
+    chunking: str | None = None
+    """Long texts as passages (docs/embedding.md "Long documents"): None, one vector per row, its text
+    cut at the model's max length (counted in `truncated`); `chunks`, each chunk of the text embedded on
+    its own (what `Embedder.encode` gives that chunk's text); `late`, late chunking: the whole text run
+    through the model in windows of its max length, each chunk's vector the mean of its own tokens'
+    states (mean-pooling models). Output: one row per chunk, with `chunk`, `start`, `end` (the chunk is
+    text[start:end]) and `tokens`."""
+    chunk_tokens: int | None = None
+    """Most tokens per chunk, counted by the model's own tokenizer (default: as many as the model's window
+    takes, less its special tokens and prompt)."""
+    chunk_overlap: int = 0
+    """Tokens consecutive chunks of a text share."""
+    chunk_boundary: str = "sentence"
+    """Where a chunk prefers to end, within the second half of its token budget: at a `paragraph` start,
+    a `sentence` start (or paragraph), else a word start; `token`: word starts only."""
     batch_size: int = 64
     """Most rows per model call."""
     max_tokens: int | None = 16384
@@ -119,6 +134,24 @@ class EmbedConfig:
             f"cpu_dtype must be float32|bfloat16, got {self.cpu_dtype!r}",
         )
         check(self.dim is None or self.dim > 0, "dim must be positive")
+        check(
+            self.chunking in (None, "chunks", "late"),
+            f"chunking must be null, chunks or late, got {self.chunking!r}",
+        )
+        check(
+            self.chunk_boundary in ("paragraph", "sentence", "token"),
+            f"chunk_boundary must be paragraph, sentence or token, got {self.chunk_boundary!r}",
+        )
+        check(
+            self.chunk_overlap >= 0 and (self.chunk_tokens is None or self.chunk_overlap < self.chunk_tokens),
+            "chunk_overlap must be >= 0 and less than chunk_tokens",
+        )
+        check(self.chunk_tokens is None or self.chunk_tokens >= 1, "chunk_tokens must be >= 1")
+        check(
+            not (self.chunking and self.title_column),
+            "chunking cuts the text column alone (start/end index it): pass the title through "
+            "(passthrough_columns) or join it to the text first, instead of title_column",
+        )
         check(
             min(self.batch_size, self.chunk_rows, self.fragment_rows, self.fragment_bytes) >= 1,
             "batch_size, chunk_rows, fragment_rows, fragment_bytes must be >= 1",

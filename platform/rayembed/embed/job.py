@@ -92,14 +92,39 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
         "prompt": model.prompt(cfg.prompt_name),
         "id_column": cfg.id_column,
     }
+    if cfg.chunking:  # the model decides what fits: refused here, before any work
+        settings["chunking"] = chunk_settings(cfg, model)
     if cfg.incremental_from:
         settings["base"] = cfg.incremental_from
     meta = {
-        f"rayembed.{k}": str(v).lower() if isinstance(v, bool) else str(v)
+        f"rayembed.{k}": str(v).lower()
+        if isinstance(v, bool)
+        else json.dumps(v)
+        if isinstance(v, dict)
+        else str(v)
         for k, v in settings.items()
         if k != "text"
     }
     return settings, meta
+
+
+def chunk_settings(cfg: EmbedConfig, model: Embedder) -> dict[str, Any]:
+    """The chunking that shapes this output's rows, after checking the model can do it."""
+    from rayembed.model.chunking import budget
+
+    fits = budget(model, cfg.prompt_name)
+    if cfg.chunk_tokens and cfg.chunk_tokens > fits:
+        raise ValueError(f"chunk_tokens {cfg.chunk_tokens} does not fit the model's window: {fits} at most "
+                         f"(max_length {model.max_length}, less its special tokens and prompt)")  # fmt: skip
+    if cfg.chunking == "late" and (model.pooling != "mean" or model.latent is not None):
+        raise ValueError(f"chunking=late pools each chunk's token states by their mean; {cfg.model} pools "
+                         f"by {model.pooling}: use chunking=chunks")  # fmt: skip
+    return {"mode": cfg.chunking, "tokens": cfg.chunk_tokens or fits, "overlap": cfg.chunk_overlap,
+            "boundary": cfg.chunk_boundary}  # fmt: skip
+
+
+def chunk_size(settings: dict[str, Any]) -> dict[str, Any]:
+    return {"chunk_tokens": settings["chunking"]["tokens"]} if "chunking" in settings else {}
 
 
 def input_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fragment], str]:
@@ -164,7 +189,8 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
             EmbedFragments,
             batch_size=1,
             fn_constructor_kwargs={
-                "cfg": dataclasses.asdict(cfg) | {"input": source},  # a table's files: where they are
+                # a table's files: where they are; the chunk size as the driver settled it
+                "cfg": dataclasses.asdict(cfg) | {"input": source} | chunk_size(settings),
                 "meta": meta,
                 "device": "cuda" if gpus else "cpu",
                 "threads": threads,
@@ -239,6 +265,7 @@ def summarize(
         "fragments_skipped": skipped,
         "rows_in": total["rows_in"],
         "rows": total["rows_out"],
+        "chunks": total["chunks_out"],  # chunking: the rows written, one per chunk
         "unchanged": total["unchanged"],  # incremental runs: rows whose id and text the base already had
         "rejected": sum(rejects.values()),
         "rejected_by_reason": rejects,

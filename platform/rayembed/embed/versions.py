@@ -108,7 +108,17 @@ def write_deleted(fs: pafs.FileSystem, root: str, known: dict[str, str]) -> int:
 
 def settings_check(previous: dict[str, Any], settings: dict[str, Any]) -> None:
     """An incremental run must embed as its base did (model revision, dim, precision, text, prompt)."""
-    keys = ("revision", "dim", "precision", "normalized", "max_length", "text", "prompt", "id_column")
+    keys = (
+        "revision",
+        "dim",
+        "precision",
+        "normalized",
+        "max_length",
+        "text",
+        "prompt",
+        "id_column",
+        "chunking",
+    )
     differ = {k: (previous.get(k), settings.get(k)) for k in keys if previous.get(k) != settings.get(k)}
     if differ:
         raise ValueError(f"incremental_from: the previous output was embedded with other settings {differ}")

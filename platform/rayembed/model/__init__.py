@@ -8,6 +8,7 @@ endpoint alike.
 - vectors.py   Matryoshka truncation and int8/binary quantisation of finished vectors
 - layout.py    the sentence-transformers folder layout (modules.json, Pooling, Dense, Normalize)
 - pca.py       principal axes (the rotation behind `pca_rotation`)
+- chunking.py  long texts as passages: chunk plans from the tokenizer's offsets, plain and late chunking
 """
 
 from importlib import import_module
