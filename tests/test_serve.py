@@ -63,6 +63,20 @@ def test_openai_client_matches_encode(endpoint: str, tiny_model: Path) -> None:
     assert client.models.list().data[0].id == "tiny-bert"
 
 
+def test_chunked_output_of_a_long_input_through_the_openai_client(endpoint: str, tiny_model: Path) -> None:
+    from rayembed.model.chunking import encode_chunks
+
+    long = " ".join(TEXTS * 12)
+    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key=KEY)
+    resp = client.embeddings.create(model="tiny-bert", input=[long, TEXTS[0]], encoding_format="float",
+                                    extra_body={"chunking": {"mode": "chunks", "chunk_tokens": 24}})  # fmt: skip
+    p, want, _ = encode_chunks(Embedder.load(tiny_model, device="cpu"), [long, TEXTS[0]], "chunks", 24)
+    np.testing.assert_allclose(np.array([d.embedding for d in resp.data]), want, atol=1e-5)
+    extra = [d.model_extra or {} for d in resp.data]
+    assert [d.index for d in resp.data] == p.doc and [x["chunk"] for x in extra] == p.index
+    assert [x["start"] for x in extra] == p.start and [x["end"] for x in extra] == p.end
+
+
 def test_ingress_is_haproxy_in_front_of_the_replica(endpoint: str) -> None:
     """rayembed sets RAY_SERVE_ENABLE_HA_PROXY: the endpoint's port belongs to HAProxy, which sends
     requests straight to the replica's own HTTP server (no Python proxy actor on the request path)."""

@@ -88,6 +88,34 @@ def test_engine_finishes_each_request_its_own_way(engine: ModelEngine) -> None:
             asyncio.run(engine.embed(job))
 
 
+def test_engine_answers_chunked_output_as_the_batch_job_embeds_it(
+    engine: ModelEngine, tiny_model: Path
+) -> None:
+    from rayembed.model.chunking import encode_chunks
+    from rayembed.serve.api import response_body
+
+    texts = [" ".join(["A sentence of some words."] * 40), "short"]
+    body = _body(input=texts, chunking={"mode": "late", "chunk_tokens": 20, "overlap": 4}, dimensions=16)
+    req, job = parse_request(body, LIMITS)
+    done = asyncio.run(engine.embed(job))
+    model = Embedder.load(tiny_model, device="cpu")
+    p, want, _ = encode_chunks(model, texts, "late", 20, 4, dim=16)
+    np.testing.assert_allclose(done.vectors, want, atol=1e-6)
+    data = response_body(done.vectors, "float", done.name, done.tokens, done.chunks)["data"]
+    assert [d["index"] for d in data] == p.doc and p.doc.count(0) > 3 and p.doc.count(1) == 1
+    assert all(texts[d["index"]][d["start"] : d["end"]] for d in data) and data[-1]["tokens"] == 1
+    assert done.tokens == sum(map(len, p.ids))
+    for bad, message in (
+        (_body(input=texts, chunking={"chunk_tokens": 63}), "do not fit the model's window: 62 at most"),
+        (_body(input=[[5, 6]], chunking={}), "chunking applies to text input"),
+        (_body(input="x", chunking={"chunk_tokens": 8, "overlap": 8}), "overlap must be less than"),
+        (_body(input="x", chunking={"mode": "sentences"}), "chunking.mode"),
+    ):
+        with pytest.raises(APIError, match=message) as e:
+            asyncio.run(engine.embed(parse_request(bad, LIMITS)[1]))
+        assert e.value.status == 400
+
+
 def test_engine_int8_uses_the_models_calibrated_scales(tiny_model: Path, tmp_path: Path) -> None:
     texts = ["alpha beta", "gamma", "The quick brown fox jumps over the lazy dog."]
     model = Embedder.load(tiny_model, device="cpu")

@@ -18,9 +18,20 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
+class Chunking(BaseModel):
+    """Long inputs as passages (an extension; the batch job's `chunking` settings): one vector per chunk,
+    each answered with its input's `index` and its `chunk`, `start`, `end` (input[start:end]), `tokens`."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["chunks", "late"] = "chunks"
+    chunk_tokens: int | None = Field(default=None, gt=0)
+    overlap: int = Field(default=0, ge=0)
+    boundary: Literal["paragraph", "sentence", "token"] = "sentence"
+
+
 class EmbeddingRequest(BaseModel):
     """The OpenAI embeddings body (input: text, texts, token ids or lists of token ids), plus `precision`
-    (int8 | binary) and `prompt_name` as extensions."""
+    (int8 | binary), `prompt_name` and `chunking` as extensions."""
 
     model_config = ConfigDict(extra="ignore")
     input: str | list[str] | list[int] | list[list[int]]
@@ -29,6 +40,7 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     precision: Literal["float32", "int8", "binary"] = "float32"
     prompt_name: str | None = None
+    chunking: Chunking | None = None
     user: str | None = None
 
 
@@ -66,6 +78,7 @@ class Job:
     normalize: bool = True
     dimensions: int | None = None
     precision: str = "float32"
+    chunking: Chunking | None = None
 
 
 class APIError(Exception):
@@ -127,12 +140,16 @@ def parse_request(body: bytes, limits: Limits, truncate: bool = True) -> tuple[E
         rows = [value] if isinstance(value[0], int) else value
         if len(rows) > limits.max_inputs:
             raise APIError(400, f"too many inputs: {len(rows)} > {limits.max_inputs}", param="input")
-        if req.prompt_name is not None:
-            raise APIError(400, "prompt_name applies to text input, not to token ids", param="prompt_name")
+        if req.prompt_name is not None or req.chunking is not None:
+            which = "prompt_name" if req.prompt_name is not None else "chunking"
+            raise APIError(400, f"{which} applies to text input, not to token ids", param=which)
         job = Job(ids=[list(r) for r in rows])
     else:
         job = Job(texts=_texts(value, limits, "input"), prompt_name=req.prompt_name)
     job.dimensions, job.precision, job.truncate = req.dimensions, req.precision, truncate
+    c = job.chunking = req.chunking
+    if c is not None and c.chunk_tokens is not None and c.overlap >= c.chunk_tokens:
+        raise APIError(400, "chunking.overlap must be less than chunking.chunk_tokens", param="chunking")
     return req, job
 
 
@@ -164,11 +181,25 @@ def format_embedding(vec: np.ndarray, encoding_format: str) -> list[float] | lis
     return vec.tolist()
 
 
-def response_body(vectors: np.ndarray, encoding_format: str, model_name: str, tokens: int) -> dict[str, Any]:
+def response_body(
+    vectors: np.ndarray,
+    encoding_format: str,
+    model_name: str,
+    tokens: int,
+    chunks: dict[str, list[int]] | None = None,
+) -> dict[str, Any]:
+    """OpenAI's answer; with `chunks` (doc, chunk, start, end, tokens per vector) one item per chunk,
+    `index` naming its input."""
     data = [
         {"object": "embedding", "index": i, "embedding": format_embedding(v, encoding_format)}
         for i, v in enumerate(vectors)
     ]
+    if chunks is not None:
+        for i, item in enumerate(data):
+            item |= {
+                "index": chunks["doc"][i],
+                **{k: chunks[k][i] for k in ("chunk", "start", "end", "tokens")},
+            }
     return {
         "object": "list",
         "data": data,

@@ -168,7 +168,7 @@ class EmbeddingService:
     async def _openai(self, body: bytes) -> Response:
         req, job = parse_request(body, self.limits, self.cfg.truncate)
         done = await self.backend(req.model).embed(job)
-        payload = response_body(done.vectors, req.encoding_format, done.name, done.tokens) | {
+        payload = response_body(done.vectors, req.encoding_format, done.name, done.tokens, done.chunks) | {
             "revision": done.revision
         }
         return JSONResponse(payload, headers={REVISION: done.revision})

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from rayembed.model import Embedder, Tokens, postprocess
+from rayembed.model.chunking import encode_chunks
 from rayembed.model.layout import model_revision, resolve_model_path
 from rayembed.model.vectors import unit
 from rayembed.serve.api import APIError, Job
@@ -37,6 +38,7 @@ class Embedded:
     tokens: int
     name: str
     revision: str
+    chunks: dict[str, list[int]] | None = None  # chunked: doc, chunk, start, end, tokens per vector
 
 
 class ModelEngine:
@@ -104,6 +106,8 @@ class ModelEngine:
         """One request: its tokens, the model (alone if it is idle, else through the batcher), then this
         request's own finishing."""
         self.check(job)
+        if job.chunking is not None:
+            return await self._chunked(job)
         try:
             if self._alone(job):  # one thread hop: tokenize and encode there
                 tokens, raw = await self.batcher.alone(lambda: self._solo(job))
@@ -124,6 +128,29 @@ class ModelEngine:
             self.embedder.int8_scales,
         )
         return Embedded(vectors, n, self.name, self.revision)
+
+    async def _chunked(self, job: Job) -> Embedded:
+        """Chunked output of long inputs: the batch job's `chunking.encode_chunks`, alone on the model
+        thread (late chunking needs the inputs' token states, which the batcher does not keep)."""
+        c, texts = job.chunking, job.texts
+        assert c is not None and texts is not None
+
+        def work() -> tuple[Any, np.ndarray]:
+            try:
+                p, vectors, _ = encode_chunks(
+                    self.embedder, texts, c.mode, c.chunk_tokens, c.overlap, c.boundary, job.dimensions,
+                    job.precision, self.cfg.max_batch_inputs, self.cfg.max_batch_tokens, prompt_name=job.prompt_name,
+                )  # fmt: skip
+            except ValueError as e:  # a chunk size the model's window does not take, late on a cls model
+                raise APIError(400, str(e), param="chunking") from None
+            return p, vectors
+
+        p, vectors = await self.batcher.alone(work)
+        n = sum(map(len, p.ids))
+        self.metrics.inputs.inc(len(texts))
+        self.metrics.tokens.inc(n)
+        chunks = {"doc": p.doc, "chunk": p.index, "start": p.start, "end": p.end, "tokens": p.tokens}
+        return Embedded(vectors, n, self.name, self.revision, chunks)
 
     def _alone(self, job: Job) -> bool:
         """Take the model alone: it is idle and the request is no bigger than one batch (a big one goes

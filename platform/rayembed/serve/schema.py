@@ -33,6 +33,10 @@ class Embedding(BaseModel):
     object: Literal["embedding"]
     index: int
     embedding: list[float] | list[int] | str
+    chunk: int | None = None  # with `chunking`: the chunk of input `index`, input[start:end], its tokens
+    start: int | None = None
+    end: int | None = None
+    tokens: int | None = None
 
 
 class Usage(BaseModel):
