@@ -26,8 +26,8 @@ def prepare_job(cfg: PrepareConfig) -> dict[str, Any]:
     if cfg.kind == "nli_retrieval":
         return {"output": cfg.output, **nli_retrieval(cfg.source, cfg.output, cfg.split)}
     if cfg.kind == "articles":
-        rows = wiki_articles(Path(cfg.source) / "wikitext-2" / "paragraphs.jsonl")
-        return {"output": cfg.output, "rows": write_jsonl(cfg.output, itertools.islice(rows, cfg.limit))}
+        articles = wiki_articles(Path(cfg.source) / "wikitext-2" / "paragraphs.jsonl")
+        return {"output": cfg.output, "rows": write_jsonl(cfg.output, itertools.islice(articles, cfg.limit))}
     if cfg.kind == "general":
         rows = general_texts(cfg.source, cfg.sentences, cfg.seed, cfg.corpus, cfg.corpus_rows)[: cfg.limit]
         # what went in, per source (duplicates and empty texts did not)
