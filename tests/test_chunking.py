@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,3 +117,33 @@ def test_late_chunking_is_refused_for_a_model_that_does_not_mean_pool(model: Emb
             C.encode_chunks(model, ["some text"], "late")
     finally:
         model.set_pooling("mean")
+
+
+def test_a_long_context_model_embeds_a_20k_token_document_whole_within_the_token_budget(
+    tiny_decoder: Any, tiny_model: Path
+) -> None:
+    """A decoder with 32k positions reads a 20k-token document whole (no chunking, nothing cut); the
+    token budget gives it a model call of its own while 8 short texts share one: no call holds more than
+    max(budget, the longest text) tokens, not the longest text times the batch."""
+    model = Embedder.load(tiny_decoder("qwen3", size="tiny-long", max_length=32768), device="cpu")
+    paragraphs = [
+        json.loads(x)["text"] for x in (DATA / "wikitext-2" / "paragraphs.jsonl").read_text().splitlines()
+    ]
+    long = "\n\n".join(paragraphs[:80])
+    n = len(model.tokenize_ids([long]).ids[0])
+    assert 20000 < n < 32768 and model.tokenize_ids([long]).truncated == [False]
+    calls: list[tuple[int, int]] = []
+    hook = model.backbone.register_forward_pre_hook(
+        lambda _m, _a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        texts = [paragraphs[81], long, *paragraphs[82:89]]
+        vectors = model.encode(texts, batch_size=64, max_tokens=4096)
+    finally:
+        hook.remove()
+    assert calls[0] == (1, n) and max(b * t for b, t in calls[1:]) <= 4096 and sum(b for b, _ in calls) == 9
+    np.testing.assert_allclose(vectors[1], model.encode([long])[0], atol=1e-5)
+    # the bundled-style default would have cut it; a BERT cannot go past its positions
+    assert Embedder.load(tiny_model, device="cpu").set_max_length(128).max_length == 128
+    with pytest.raises(ValueError, match="max_length must be in 1..128"):
+        Embedder.load(tiny_model, device="cpu").set_max_length(4096)

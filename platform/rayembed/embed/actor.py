@@ -125,6 +125,8 @@ class EmbedFragments:
             resolve_model_path(c.model, c.s3_endpoint_url), device=device, dtype=dtype
         )
         self.embedder.tokenize_threads = threads
+        if c.max_length:
+            self.embedder.set_max_length(c.max_length)
         self.meta = meta
         self.in_fs, self.out_fs = fs_for(c.input, c.s3_endpoint_url), fs_for(c.output, c.s3_endpoint_url)
         self.root = strip_scheme(c.output)

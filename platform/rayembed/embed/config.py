@@ -36,6 +36,10 @@ class EmbedConfig:
     """Output precision: float32, int8 or binary."""
     prompt_name: str | None = None
     """One of the model's prompts (e.g. 'document') to prefix every text with."""
+    max_length: int | None = None
+    """Most tokens of a text the model reads (default: the model's own, from its folder): a long-context
+    model may be raised to its positions (e.g. 32768) to embed whole documents without chunking; memory
+    stays bounded by `max_tokens` (a text longer than it is embedded alone)."""
     chunking: str | None = None
     """Long texts as passages (docs/embedding.md "Long documents"): None, one vector per row, its text
     cut at the model's max length (counted in `truncated`); `chunks`, each chunk of the text embedded on
@@ -147,6 +151,7 @@ class EmbedConfig:
             "chunk_overlap must be >= 0 and less than chunk_tokens",
         )
         check(self.chunk_tokens is None or self.chunk_tokens >= 1, "chunk_tokens must be >= 1")
+        check(self.max_length is None or self.max_length >= 1, "max_length must be >= 1")
         check(
             not (self.chunking and self.title_column),
             "chunking cuts the text column alone (start/end index it): pass the title through "

@@ -76,6 +76,8 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
     """(manifest settings: what shapes the vectors, Parquet schema metadata)."""
     path = resolve_model_path(cfg.model, cfg.s3_endpoint_url)
     model = Embedder.load(path, device="cpu")
+    if cfg.max_length:
+        model.set_max_length(cfg.max_length)
     dim = cfg.dim or model.dim
     if cfg.dim and cfg.dim > model.dim:
         raise ValueError(f"dim {cfg.dim} is larger than the model's {model.dim}")

@@ -145,6 +145,15 @@ class Embedder(nn.Module):
             self.latent = None
         return self
 
+    def set_max_length(self, max_length: int) -> Embedder:
+        """Read up to `max_length` tokens of a text (e.g. a long-context model's 8k-32k), no more than the
+        backbone's positions (`max_position_embeddings`)."""
+        limit = getattr(self.backbone.config, "max_position_embeddings", None)
+        if max_length < 1 or (limit and max_length > limit):
+            raise ValueError(f"max_length must be in 1..{limit} (the model's positions), got {max_length}")
+        self.max_length = int(max_length)
+        return self
+
     def set_attention(self, attention: str) -> Embedder:
         """causal | bidirectional (decoders only; an encoder is refused with the reason)."""
         self._mask_4d = families.set_attention(self.backbone, attention)

@@ -45,6 +45,8 @@ SIZES: dict[str, dict[str, Any]] = {
              "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 32768, "vocab_size": 151936,
              "tie_word_embeddings": True, "dtype": "bfloat16"},
 }  # fmt: skip
+# tiny with 32k positions: a long-context stand-in (whole documents of 20k tokens, no chunking)
+SIZES["tiny-long"] = SIZES["tiny"] | {"max_position_embeddings": 32768}
 # Qwen2-0.5B's layers with a 32,000-token vocabulary (387M parameters): where the 0.5B shape's data
 # parallel baseline does not fit two workers in memory (the memory benchmark)
 SIZES["0.4b"] = SIZES["0.5b"] | {"vocab_size": 32000}
