@@ -43,6 +43,7 @@ RECIPES: dict[str, list[str]] = {
     ],
     "eval": ["eval.max_queries=100", "eval.max_docs=1000"],
     "embed": ["embed.input={corpus300}"],  # the first 300 SciFact documents
+    "embed-long": [],  # 121 whole Wikipedia articles as 5,661 chunks: ~5 min on 2 cores (bench only)
     # the fine-tune of the smoke recipe souped with its base model (the shipped ingredients are the
     # train and mine recipes' models, which the bench trains); the soup calibrated on smoke's triples
     "merge": [

@@ -66,6 +66,8 @@ def recipe_figures(name: str, work: Path) -> dict:
     if train:
         figures |= {"checkpoints_kept": len(checkpoints(train)), "stalls": len(train.get("stalls", [])),
                     "worker_failures": len(train.get("worker_failures", []))}  # fmt: skip
+    if "embed" in run.sections and name.startswith("embed"):  # what the batch job wrote
+        figures |= {k: run.sections["embed"].get(k) for k in ("rows", "chunks", "rejected", "truncated")}
     if run.exit != 0 or (name in STEPS and figures["steps"] != STEPS[name]):
         figures["log_tail"] = run.log[-1500:]
     print(json.dumps({name: figures}), flush=True)
