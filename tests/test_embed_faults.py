@@ -114,9 +114,12 @@ def test_killed_actor(
     from rayembed.model import Embedder
     from rayembed.model.chunking import plan
 
-    root, ids = lake
+    root, _ = lake
+    for f in root.glob("*.jsonl"):  # 100 documents a file: chunked, a fragment still takes ~1 s
+        f.write_text("".join(f.read_text().splitlines(keepends=True)[:100]))
     cfg = dataclasses.replace(_cfg(tiny_model, root, tmp_path / "out"), chunking="chunks", chunk_overlap=8)
     rows = [json.loads(x) for f in sorted(root.glob("*.jsonl")) for x in f.read_text().splitlines()]
+    ids = {r["id"] for r in rows}
     p = plan(Embedder.load(tiny_model, device="cpu").tokenizer, [r["text"] for r in rows], 62, 8)
     chunks = Counter(rows[d]["id"] for d in p.doc)
     assert min(chunks.values()) >= 2
