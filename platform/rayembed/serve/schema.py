@@ -92,8 +92,19 @@ ERRORS = {
 }
 
 
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """`node` with every `{"$ref": "#/$defs/X"}` replaced by X itself: pydantic's refs point into its own
+    `$defs`, which a request body inside the OpenAPI document does not have at its root."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    return [_inline(v, defs) for v in node] if isinstance(node, list) else node
+
+
 def _body(model: type[BaseModel]) -> dict[str, Any]:
-    schema = model.model_json_schema()
+    raw = model.model_json_schema()
+    schema = _inline(raw, raw.get("$defs", {}))
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
