@@ -77,3 +77,50 @@ def test_a_multi_section_run_sizes_one_local_cluster_for_its_biggest_section() -
         cluster_cpus(plan(parser().parse_args(["run", "--only", "embed", str(jobs / "distill.yaml")])))
         is None
     )
+
+
+@pytest.mark.parametrize("job", ["prepare", "train", "merge", "mine", "eval", "embed", "serve"])
+def test_help_lists_every_setting_with_its_default_and_docstring(
+    job: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dataclasses
+
+    from rayembed.config import CONFIGS
+    from rayembed.settings import field_docs
+
+    with pytest.raises(SystemExit):
+        main([job, "--help"])
+    out = capsys.readouterr().out
+    docs = field_docs(CONFIGS[job])
+    for f in dataclasses.fields(CONFIGS[job]):
+        assert docs.get(f.name), f"{job}.{f.name} has no docstring"
+        assert f"\n  {f.name} (default: " in out, f.name
+        assert " ".join(docs[f.name].split())[:40] in " ".join(out.split()), f.name
+
+
+def test_docs_and_specs_name_only_settings_that_exist() -> None:
+    """`section.key=` anywhere, and `key=` on a `rayembed <job>` command line, in the README, docs/,
+    jobs/ and cluster/: every key is a setting of that job (a renamed option cannot linger in the docs)."""
+    import dataclasses
+    import re
+
+    from rayembed.config import CONFIGS
+
+    root = Path(__file__).resolve().parents[1]
+    fields = {j: {f.name for f in dataclasses.fields(c)} for j, c in CONFIGS.items()}
+    jobs = "|".join(CONFIGS)
+    files = [root / "README.md", *(root / "docs").glob("*.md"), *(root / "jobs").glob("*.yaml"),
+             *(root / "cluster").rglob("*.yaml")]  # fmt: skip
+    unknown, named = [], 0
+    for path in files:
+        text = path.read_text()
+        for m in re.finditer(rf"(?<![\w/.-])({jobs})\.([a-z][a-z0-9_]*)\s*=", text):
+            named += 1
+            if m.group(2) not in fields[m.group(1)]:
+                unknown.append(f"{path.name}: {m.group(0)}")
+        for m in re.finditer(rf"rayembed ({jobs})\b([^\n#]*)", text):
+            for key in re.findall(r"(?<![\w.-])([a-z][a-z0-9_]*)=", m.group(2)):
+                named += 1
+                if key not in fields[m.group(1)]:
+                    unknown.append(f"{path.name}: rayembed {m.group(1)} ... {key}=")
+    assert named > 50 and not unknown, unknown

@@ -20,6 +20,7 @@ import threading
 from typing import Any
 
 from rayembed.config import CONFIGS, JOBS
+from rayembed.settings import describe
 from rayembed.spec import build, load_spec
 
 
@@ -65,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     for job in (*JOBS, "run"):
-        s = sub.add_parser(job)
+        epilog = describe(CONFIGS[job]) if job in CONFIGS else None
+        s = sub.add_parser(job, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("spec", nargs="?", help="YAML job spec (jobs/*.yaml)")
         s.add_argument("overrides", nargs="*", help="key=value settings (section.key=value for run)")
         if job == "run":

@@ -4,7 +4,10 @@ refusing unknown keys with the list of known ones."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -26,3 +29,38 @@ def build(cls: type[T], values: dict[str, Any] | None) -> T:
         return cls(**values)
     except TypeError as e:  # missing required field
         raise ValueError(f"{cls.__name__}: {e}") from None
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), by field name."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs = {}
+    for node, after in zip(body.body, body.body[1:], strict=False):
+        named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        text = (
+            isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        )
+        if named and text:
+            docs[node.target.id] = inspect.cleandoc(after.value.value)  # type: ignore[attr-defined]
+    return docs
+
+
+def describe(cls: type) -> str:
+    """Every setting of a job config: name, default (or 'required') and docstring, for `--help`."""
+    docs = field_docs(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        doc = textwrap.fill(
+            " ".join(docs.get(f.name, "").split()), 100, initial_indent="    ", subsequent_indent="    "
+        )
+        lines.append(f"  {f.name} (default: {default})\n{doc}")
+    return "settings (key=value, or in the spec's section):\n" + "\n".join(lines)
