@@ -116,6 +116,18 @@ def test_engine_answers_chunked_output_as_the_batch_job_embeds_it(
         assert e.value.status == 400
 
 
+def test_engine_max_length_is_the_servers_to_set_up_to_the_models_positions(tiny_model: Path) -> None:
+    text = " ".join(["word"] * 100)
+    cfg = ServeConfig(model=str(tiny_model), max_length=24)
+    engine = ModelEngine(cfg.specs()[0], cfg)
+    assert engine.describe()["max_length"] == 24
+    want = Embedder.load(tiny_model, device="cpu").set_max_length(24).encode([text])
+    np.testing.assert_array_equal(asyncio.run(engine.embed(Job(texts=[text]))).vectors, want)
+    with pytest.raises(ValueError, match="max_length must be in 1..128"):
+        cfg = ServeConfig(model=str(tiny_model), max_length=4096)
+        ModelEngine(cfg.specs()[0], cfg)
+
+
 def test_engine_int8_uses_the_models_calibrated_scales(tiny_model: Path, tmp_path: Path) -> None:
     texts = ["alpha beta", "gamma", "The quick brown fox jumps over the lazy dog."]
     model = Embedder.load(tiny_model, device="cpu")

@@ -31,6 +31,8 @@ class ModelSpec:
     """GPUs per replica."""
     torch_threads: int | None = None
     """Torch threads per replica."""
+    max_length: int | None = None
+    """Most tokens of an input the model reads (None: the endpoint's setting, else the model's own)."""
 
 
 METRICS_INTERVAL_S = 10.0  # Ray Serve's AutoscalingConfig.metrics_interval_s default (ray.serve.config)
@@ -78,6 +80,10 @@ class ServeConfig:
     """Largest request body (more: 413)."""
     truncate: bool = True
     """Inputs longer than the model's max length: truncate (true) or refuse with 400 (false)."""
+    max_length: int | None = None
+    """Most tokens of an input the model reads (default: the model's own, from its folder): a long-context
+    model may be raised up to its positions (e.g. 32768); refused above them. The batch job's `max_length`
+    must match for the same vectors."""
     api_keys_file: str | None = None
     """File of accepted API keys, one per line (also $RAYEMBED_API_KEYS, comma-separated); none: open."""
     max_queued_inputs: int = 16384

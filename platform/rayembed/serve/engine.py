@@ -66,7 +66,8 @@ class ModelEngine:
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         device = "cuda" if spec.num_gpus else "cpu"
-        return Embedder.load(path, device=device, dtype=getattr(torch, str(spec.dtype)))
+        model = Embedder.load(path, device=device, dtype=getattr(torch, str(spec.dtype)))
+        return model.set_max_length(spec.max_length) if spec.max_length else model
 
     def _encode(self, ids: list[list[int]], prompt_lengths: list[int] | None) -> np.ndarray:
         """Pooled vectors before normalising (each request normalises, or not, its own rows)."""
