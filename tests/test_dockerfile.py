@@ -122,3 +122,15 @@ def test_the_replay_fails_as_docker_does_without_chown(scratch: Path) -> None:
     result = replay(text, scratch)
     assert result is not None and result.returncode != 0
     assert "permission denied" in result.stderr.lower(), result.stderr[-2000:]
+
+
+def test_the_image_sets_the_ray_serve_settings_import_rayembed_sets() -> None:
+    """The image's ENV and `import rayembed` agree on every RAY_SERVE_* setting (the image sets them for
+    processes that never import rayembed, e.g. `serve deploy` on a RayService)."""
+    text = (ROOT / "cluster" / "Dockerfile").read_text().replace("\\\n", " ")
+    env = " ".join(line[4:] for line in text.splitlines() if line.startswith("ENV "))
+    image = dict(part.split("=", 1) for part in shlex.split(env))
+    source = (ROOT / "platform" / "rayembed" / "__init__.py").read_text()
+    package = dict(re.findall(r'os\.environ\.setdefault\("(RAY_SERVE_\w+)", "([^"]*)"\)', source))
+    assert len(package) >= 5
+    assert {k: v for k, v in image.items() if k.startswith("RAY_SERVE_")} == package
