@@ -47,7 +47,6 @@ class Plan:
     spans: list[tuple[int, int]] = field(default_factory=list)
     ids: list[list[int]] = field(default_factory=list)
     """Each text's token ids (no special tokens)."""
-    mode: str = "chunks"
     prompt_name: str | None = None
     pieces: Tokens | None = None
     """`chunks` mode: the tokens of each chunk's own text, as `Embedder.encode` takes them."""
@@ -66,16 +65,19 @@ def window(tokenizer: Any) -> tuple[list[int], list[int]]:
     return full[:at], full[at + len(inner) :]
 
 
-def budget(embedder: Any, prompt_name: str | None) -> int:
-    """Most tokens of a chunk that fit the model's window with its special tokens and prompt."""
+def frame(embedder: Any, prompt_name: str | None) -> tuple[list[int], list[int]]:
+    """The tokens around a chunk's own in a model call: (special tokens and the prompt's, special tokens)."""
     before, after = window(embedder.tokenizer)
     prompt = embedder.prompt(prompt_name)
-    used = (
-        len(before)
-        + len(after)
-        + (len(embedder.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0)
-    )
-    return int(embedder.max_length) - used
+    return before + (
+        embedder.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    ), after
+
+
+def budget(embedder: Any, prompt_name: str | None) -> int:
+    """Most tokens of a chunk that fit the model's window with its special tokens and prompt."""
+    head, after = frame(embedder, prompt_name)
+    return int(embedder.max_length) - len(head) - len(after)
 
 
 def cut(
@@ -148,9 +150,7 @@ def late(
         raise ValueError(
             f"late chunking pools each chunk's token states by their mean; this model pools by {embedder.pooling}"
         )
-    before, after = window(embedder.tokenizer)
-    prompt = embedder.prompt(prompt_name)
-    head = before + (embedder.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
+    head, after = frame(embedder, prompt_name)
     width = int(embedder.max_length) - len(head) - len(after)
     windows, where = [], []  # token ids per window; (text, first token) per window
     for d, ids in enumerate(p.ids):
@@ -174,10 +174,10 @@ def late(
             else:
                 sums[k] += total[min(max(e - w, 0), n)] - total[min(max(s - w, 0), n)]
     pooled = torch.from_numpy((sums / counts[:, None]).astype(np.float32))
-    if embedder.projection is not None:
+    if embedder.projection is not None:  # as Embedder._pool applies it
         with torch.inference_mode():
-            weight = embedder.projection.weight.detach().float().cpu()
-            pooled = pooled @ weight.T
+            weight = embedder.projection.weight
+            pooled = embedder.projection(pooled.to(weight.device, weight.dtype)).float().cpu()
     return pooled.numpy()
 
 
@@ -192,9 +192,7 @@ def token_states(
     embedder.eval()
     for idx in length_batches([len(x) for x in windows], batch_size, max_tokens):
         input_ids, mask = pad_batch([windows[i] for i in idx], pad_id)
-        out = embedder.backbone(
-            input_ids=input_ids.to(embedder.device), attention_mask=mask.to(embedder.device)
-        )
+        out = embedder.states(input_ids.to(embedder.device), mask.to(embedder.device))
         hidden = out.last_hidden_state.float().cpu().numpy()
         if stats is not None:
             stats["tokens"] = stats.get("tokens", 0) + int(mask.sum())
@@ -219,7 +217,7 @@ def prepare(
                          f"(max_length {embedder.max_length}, less its special tokens and prompt)")  # fmt: skip
     texts = validate_texts(texts)
     p = plan(embedder.tokenizer, texts, size, overlap, boundary)
-    p.mode, p.prompt_name = mode, prompt_name
+    p.prompt_name = prompt_name
     if mode == "chunks":
         pieces = [texts[d][s:e] or texts[d] for d, s, e in zip(p.doc, p.start, p.end, strict=True)]
         p.pieces = embedder.tokenize_ids(pieces, prompt_name)

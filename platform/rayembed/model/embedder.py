@@ -244,11 +244,7 @@ class Embedder(nn.Module):
         vectors as they are (`encode` normalises them itself, in numpy, as every inference path does).
         (token_type_ids are not passed: single texts have all zeros, the encoders' own default.)
         """
-        mask = attention_mask
-        if self._mask_4d:
-            impl = getattr(self.backbone.config, "_attn_implementation", "sdpa")
-            mask = families.padding_mask_4d(attention_mask, impl, next(self.backbone.parameters()).dtype)
-        out = self.backbone(input_ids=input_ids, attention_mask=mask, output_hidden_states=bool(layers))
+        out = self.states(input_ids, attention_mask, output_hidden_states=bool(layers))
         keep = pool_mask(attention_mask, None if self.include_prompt else prompt_length)
         unit = self.normalize and normalize
         pooled = [self._pool(out.last_hidden_state, keep, unit)]
@@ -260,6 +256,19 @@ class Embedder(nn.Module):
                 )
             pooled += [self._pool(out.hidden_states[k], keep, unit) for k in layers]
         return torch.cat(pooled, dim=1) if layers else pooled[0]
+
+    def states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False
+    ) -> Any:
+        """The backbone's output for a right-padded batch (its token states, before pooling), with the
+        attention the model is set to (a 4D mask where a decoder is made bidirectional without a switch)."""
+        mask = attention_mask
+        if self._mask_4d:
+            impl = getattr(self.backbone.config, "_attn_implementation", "sdpa")
+            mask = families.padding_mask_4d(attention_mask, impl, next(self.backbone.parameters()).dtype)
+        return self.backbone(
+            input_ids=input_ids, attention_mask=mask, output_hidden_states=output_hidden_states
+        )
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor, normalize: bool) -> torch.Tensor:
         if self.latent is not None:
