@@ -99,8 +99,9 @@ def test_help_lists_every_setting_with_its_default_and_docstring(
 
 
 def test_docs_and_specs_name_only_settings_that_exist() -> None:
-    """`section.key=` anywhere, and `key=` on a `rayembed <job>` command line, in the README, docs/,
-    jobs/ and cluster/: every key is a setting of that job (a renamed option cannot linger in the docs)."""
+    """`section.key=` (and `train.eval.key=`) anywhere, and `key=` on a `rayembed <job>` command line, in the
+    README, docs/, jobs/ and cluster/: every key is a setting of that job (a renamed option cannot linger in
+    the docs)."""
     import dataclasses
     import re
 
@@ -117,6 +118,10 @@ def test_docs_and_specs_name_only_settings_that_exist() -> None:
         for m in re.finditer(rf"(?<![\w/.-])({jobs})\.([a-z][a-z0-9_]*)\s*=", text):
             named += 1
             if m.group(2) not in fields[m.group(1)]:
+                unknown.append(f"{path.name}: {m.group(0)}")
+        for m in re.finditer(r"(?<![\w/.-])(train|merge)\.eval\.([a-z][a-z0-9_]*)\s*=", text):
+            named += 1  # a run's eval section holds eval settings
+            if m.group(2) not in fields["eval"]:
                 unknown.append(f"{path.name}: {m.group(0)}")
         for m in re.finditer(rf"rayembed ({jobs})\b([^\n#]*)", text):
             for key in re.findall(r"(?<![\w.-])([a-z][a-z0-9_]*)=", m.group(2)):

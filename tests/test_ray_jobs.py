@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import free_port, wait_for
+from conftest import DATA, free_port, wait_for
 from rayembed.data.readers import write_jsonl
 from rayembed.io import upload_dir
 from rayembed.model import Embedder, resolve_model_path
@@ -33,9 +33,11 @@ BUCKET = "s3://rayembed/jobs"
 SMALL = {  # CPU-sized overrides appended to each manifest's entrypoint (the spec's 1,000 ranking steps
     # take over a minute of the shared 2 cores here whatever pca_rows is: 10 still run that code path)
     "rayembed-train": "train.use_gpu=false train.batch_size=8 train.grad_cache_chunk=4 train.max_length=32 "
-    "train.max_steps=2 train.checkpoint_every=2 train.warmup_steps=0 train.int8_calibration_texts=64",
+    "train.max_steps=2 train.checkpoint_every=2 train.warmup_steps=0 train.int8_calibration_texts=64 "
+    "train.eval.max_queries=5 train.eval.max_docs=20",
     "rayembed-distill": "train.use_gpu=false train.batch_size=8 train.max_length=32 train.max_steps=2 "
-    "train.checkpoint_every=2 train.pca_rows=64 train.pca_ranking_steps=10 train.int8_calibration_texts=64",
+    "train.checkpoint_every=2 train.pca_rows=64 train.pca_ranking_steps=10 train.int8_calibration_texts=64 "
+    "train.eval.max_queries=5 train.eval.max_docs=20",
     "rayembed-embed": "",  # the spec as it is (the test uploads 32 documents)
 }
 
@@ -114,11 +116,14 @@ def test_manifest_jobs_and_service_on_a_started_cluster(
     corpus.mkdir()  # cores shared with the other two jobs, each abstract costs the embed job ~0.5 s
     (corpus / "docs.jsonl").write_text("".join(scifact_docs.read_text().splitlines(keepends=True)[:32]))
     upload_dir(corpus, f"{BUCKET}/corpus", s3_endpoint)
+    upload_dir(DATA / "scifact", f"{BUCKET}/eval/scifact", s3_endpoint)  # the train RayJobs' eval collection
     names = ("train", "distill", "embed")
     with ThreadPoolExecutor(len(names)) as pool:  # the RayJobs at once, as on a shared cluster
         list(pool.map(lambda name: _submit(address, env, _entrypoint(name), s3_endpoint), names))
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     outputs = fs.find("rayembed/jobs")
+    report = json.loads(fs.cat(f"{BUCKET}/runs/train/report/report.json"))
+    assert report["eval"]["after"]["beir"]["queries"] == 5  # the eval read its collection from S3
     for expected in ("runs/train/model/model.safetensors", "runs/train/report/report.json",
                      "distill/model/model.safetensors", "distill/teacher/_manifest.json", "embeddings/_manifest.json"):  # fmt: skip
         assert any(f.endswith(expected) for f in outputs), (expected, outputs)

@@ -1,7 +1,7 @@
 """Shipped recipes run to their end as a user runs them (tests/recipes.py): `rayembed run jobs/<name>.yaml`
 in its own process and local Ray cluster, real data, shipped settings, 30 training steps across at least two
-checkpoints, exit status 0, under a timeout. CI affords two on 2 cores: distill (the one that hung) and
-serve. All of them, jobs/train.yaml (sized for GPUs: over 15 min a step on 2 CPU cores) and jobs/mine.yaml
+checkpoints (15 for distill in CI), exit status 0, under a timeout. CI affords two on 2 cores: distill (the
+one that hung) and serve. All of them, jobs/train.yaml (sized for GPUs: over 15 min a step on 2 CPU cores) and jobs/mine.yaml
 included, run in tests/bench/bench_reliability.py, which records them in docs/results/reliability.json
 (the 2-core VM took 7 min for distill, 4 for llm-lora, 3.6 for smoke; 18 min for the seven CI-sized runs)."""
 
@@ -33,10 +33,10 @@ def recipe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("recipes")
 
 
-def check_run(run: Run) -> None:
+def check_run(run: Run, steps: int | None = None) -> None:
     assert run.exit == 0, f"{run.name}: exit {run.exit}\n{run.log}"
     train = run.sections.get("train")
-    steps = STEPS.get(run.name)
+    steps = steps or STEPS.get(run.name)
     if steps:
         assert train and train["step"] == steps and train["resumed_from"] == 0, run.sections
         assert not train["stalls"] and not train["worker_failures"] and not train["checkpoint_failures"]
@@ -50,9 +50,12 @@ def check_run(run: Run) -> None:
 
 def test_distill_recipe_runs_to_its_end(recipe_dir: Path) -> None:
     """jobs/distill.yaml (ZeRO-3, length-sorted forward passes: the recipe that hung at step ~11 when each
-    worker planned its passes alone), 30 steps across 3 checkpoints, then its eval section."""
-    run = run_recipe("distill", recipe_dir / "distill", timeout_s=1500)
-    check_run(run)
+    worker planned its passes alone), 15 steps across 3 checkpoints, then its eval section. (CI runs 15 of
+    the bench's 30 steps: past the step it hung at, 100 s less; tests/test_train_hang.py makes the ranks'
+    plans differ step by step.)"""
+    extra = ["train.max_steps=15", "train.checkpoint_every=5"]
+    run = run_recipe("distill", recipe_dir / "distill", timeout_s=1500, extra=extra)
+    check_run(run, steps=15)
     scores = run.sections["eval"]["beir"]
     assert all(0 < v["ndcg@10"] <= 1 for v in scores.values() if isinstance(v, dict)), scores
 

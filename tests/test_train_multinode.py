@@ -1,7 +1,8 @@
 """Training across the nodes of a local multi-node Ray cluster (ray.cluster_utils.Cluster: a head and two
 worker nodes, each its own raylet), with data, model, teacher, checkpoints, the exported model and the run
 report on the loopback S3 server: GIST (contrastive with an in-loop guide model, read from S3 by each
-worker) under ZeRO-3, resumed from its checkpoint on S3; the two workers run on different nodes (asserted
+worker) under ZeRO-3 with its eval data on S3, resumed from its checkpoint on S3, then its kept checkpoints
+merged from S3 to S3; the two workers run on different nodes (asserted
 from Ray's actor table). ZeRO-2 resumed on fewer workers is in test_train.py, a node lost mid-run in
 test_train_elastic.py."""
 
@@ -9,16 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
-from rayembed.io import upload_dir
+from conftest import DATA
+from rayembed.config import EvalConfig, MergeConfig
+from rayembed.eval.job import evaluate
+from rayembed.io import download_dir, upload_dir
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.train.config import TrainConfig
-from rayembed.train.job import train
+from rayembed.train.job import run_checkpoints, train
+from rayembed.train.merge import merge, state_of
 
 ROOT = "s3://rayembed/multinode"
 
@@ -45,11 +52,12 @@ def test_train_across_nodes_with_everything_on_s3(
 ) -> None:
     upload_dir(tiny_model, f"{ROOT}/model", s3_endpoint)
     upload_dir(snli_triples.parent, f"{ROOT}/data", s3_endpoint)
+    upload_dir(DATA / "stsbenchmark" / "stsbenchmark", f"{ROOT}/sts", s3_endpoint)
     cfg = TrainConfig(
         data=f"{ROOT}/data/snli.jsonl", output_dir=f"{ROOT}/run", storage_path=f"{ROOT}/checkpoints",
         model=f"{ROOT}/model", loss="gist", teacher=f"{ROOT}/model", s3_endpoint_url=s3_endpoint,
         num_workers=2, placement_strategy="STRICT_SPREAD", zero_stage=3, batch_size=8, max_length=32, lr=1e-3,
-        max_steps=2, checkpoint_every=1,
+        max_steps=2, checkpoint_every=1, eval={"beir_dir": None, "sts_file": f"{ROOT}/sts/sts-dev.csv"},
     )  # fmt: skip
     first = train(cfg)
     nodes = set(_train_worker_nodes().values())
@@ -71,10 +79,39 @@ def test_train_across_nodes_with_everything_on_s3(
     assert report
     import s3fs
 
-    history = json.loads(s3fs.S3FileSystem(endpoint_url=s3_endpoint).cat(report[0]))["history"]
-    assert [h["step"] for h in history] == [1, 2, 3]
+    run_report = json.loads(s3fs.S3FileSystem(endpoint_url=s3_endpoint).cat(report[0]))
+    assert [h["step"] for h in run_report["history"]] == [1, 2, 3]
     exported = Embedder.load(resolve_model_path(f"{ROOT}/run/model", s3_endpoint), device="cpu")
     assert np.isfinite(exported.encode(["trained on two nodes"])).all()
+    # the run's eval read its STS file from S3: the trained model's score is the one a local eval gives
+    local_sts = {"beir_dir": None, "sts_file": str(DATA / "stsbenchmark" / "stsbenchmark" / "sts-dev.csv")}
+    own = evaluate(EvalConfig(**local_sts), exported)["sts"]["32"]["spearman"]
+    assert run_report["eval"]["after"]["sts"]["32"]["spearman"] == pytest.approx(own, abs=1e-6)
+
+    # Merge reads the run's two kept ZeRO-3 checkpoints from S3 and writes the soup and its report there.
+    _, kept = run_checkpoints(f"{ROOT}/checkpoints", cfg.run_name, s3_endpoint)
+    assert len(kept) == 2
+    soup = merge(
+        MergeConfig(
+            models=[f"s3://{k}" for k in kept], base=f"{ROOT}/model", output=f"{ROOT}/soup",
+            calibration_texts=f"{ROOT}/data", text_column="query", int8_calibration_texts=16,
+            eval={**local_sts, "sts_file": f"{ROOT}/sts/sts-dev.csv"}, s3_endpoint_url=s3_endpoint,
+        )
+    )  # fmt: skip
+    assert soup["output"] == f"{ROOT}/soup"
+    souped = Embedder.load(resolve_model_path(f"{ROOT}/soup", s3_endpoint), device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = [download_dir(f"s3://{k}", Path(tmp, str(i)), s3_endpoint) for i, k in enumerate(kept)]
+        base = Embedder.load(tiny_model, device="cpu")
+        states = [state_of(str(p), base) for p in local]
+    for k, v in souped.state_dict().items():
+        torch.testing.assert_close(v, (states[0][k] + states[1][k]) / 2)
+    assert set(souped.int8_scales) == {32}  # calibrated on the texts read from S3
+    merge_report = json.loads(
+        s3fs.S3FileSystem(endpoint_url=s3_endpoint).cat(f"{ROOT}/soup/merge_report.json")
+    )
+    own = evaluate(EvalConfig(**local_sts), souped)["sts"]["32"]["spearman"]
+    assert merge_report["eval"]["soup"]["sts"]["32"]["spearman"] == pytest.approx(own, abs=1e-6)
 
 
 def test_a_local_storage_path_is_refused_on_several_nodes(

@@ -5,10 +5,13 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import shutil
 import signal
+import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
@@ -85,6 +88,70 @@ def s3(endpoint_url: str | None = None) -> Any:
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
     options = {"use_listings_cache": False}
     return s3fs.S3FileSystem(endpoint_url=endpoint, **options) if endpoint else s3fs.S3FileSystem(**options)
+
+
+def open_file(path: str | os.PathLike[str], mode: str = "r", endpoint_url: str | None = None) -> IO[Any]:
+    """A local file or s3:// object opened in `mode` (text modes as UTF-8). Writing a local file makes its
+    folder; an s3:// object is stored when the file is closed."""
+    p, text = str(path), {} if "b" in mode else {"encoding": "utf-8"}
+    if is_s3(p):
+        fs = s3(endpoint_url)
+        if "r" in mode and not fs.isfile(strip_scheme(p)):
+            raise FileNotFoundError(f"{p} does not exist")
+        return fs.open(strip_scheme(p), mode, **text)
+    if "w" in mode:
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+    return open(p, mode, **text)  # type: ignore[call-overload]  # noqa: SIM115
+
+
+def join(base: str | os.PathLike[str], *parts: str) -> str:
+    """`base`/`parts...` for a local path or an s3:// URI (pathlib would fold `s3://` into `s3:/`)."""
+    b = str(base)
+    return "/".join([b.rstrip("/"), *parts]) if "://" in b else str(Path(b, *parts))
+
+
+def is_file(path: str | os.PathLike[str], endpoint_url: str | None = None) -> bool:
+    p = str(path)
+    return bool(s3(endpoint_url).isfile(strip_scheme(p))) if is_s3(p) else Path(p).is_file()
+
+
+def files_under(path: str | os.PathLike[str], suffix: str, endpoint_url: str | None = None) -> list[str]:
+    """`path` if it is a file, else the files ending in `suffix` anywhere under the folder, sorted (s3://
+    URIs as URIs); [] where there is nothing."""
+    p = str(path)
+    if is_file(p, endpoint_url):
+        return [p]
+    if is_s3(p):
+        found = s3(endpoint_url).find(strip_scheme(p).rstrip("/") + "/")
+        return sorted(f"s3://{f}" for f in found if f.endswith(suffix))
+    return sorted(str(f) for f in Path(p).rglob(f"*{suffix}") if f.is_file())
+
+
+def download_dir(uri: str, local: str | os.PathLike[str], endpoint_url: str | None = None) -> Path:
+    """Copy an s3:// folder's files into a local folder (made if missing); FileNotFoundError if it has none."""
+    root, fs = strip_scheme(uri).rstrip("/"), s3(endpoint_url)
+    files = fs.find(root + "/")
+    if not files:
+        raise FileNotFoundError(f"{uri}: no files there")
+    for f in files:
+        dest = Path(local, f[len(root) + 1 :])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f, str(dest))
+    return Path(local)
+
+
+def publish(write: Callable[[Path], Any], output_dir: str, endpoint_url: str | None = None) -> str:
+    """Write a folder with `write(path)` at a local path or s3:// URI, replacing what was there."""
+    if is_s3(output_dir):
+        with tempfile.TemporaryDirectory() as tmp:
+            write(Path(tmp))
+            upload_dir(tmp, output_dir, endpoint_url)
+        return output_dir
+    out = Path(output_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    write(out)
+    return str(out)
 
 
 def upload_dir(local: str | os.PathLike[str], uri: str, endpoint_url: str | None = None) -> None:

@@ -18,10 +18,10 @@ class PrepareConfig:
     random-weight model of `family` and `size`, for CPU runs of LLM recipes) or 'articles' (whole
     Wikipedia articles, id/title/text, from the shared data folder's wikitext-2: long documents)."""
     output: str
-    """JSONL file to write (nli_retrieval: the BEIR folder; random_model: the model folder)."""
+    """JSONL file to write (nli_retrieval: the BEIR folder; random_model: the model folder); local or s3://."""
     source: str | None = None
-    """Source folder: e-SNLI s1/s2/labels files, a BEIR folder, or (general, articles) the shared data
-    folder."""
+    """Source folder, local or s3://: e-SNLI s1/s2/labels files, a BEIR folder, or (general, articles) the
+    shared data folder."""
     split: str = "dev"
     """Source split (snli, nli_retrieval: dev|test; beir: a qrels split)."""
     sentences: int = 6000
@@ -43,6 +43,8 @@ class PrepareConfig:
     32k vocabulary)."""
     pooling: str = "lasttoken"
     """random_model: the model's pooling."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint for s3:// `source`, `corpus` and `output` (default: $AWS_ENDPOINT_URL, else AWS)."""
 
     def __post_init__(self) -> None:
         from rayembed.model.random_models import FAMILIES, SIZES

@@ -6,12 +6,12 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from rayembed.data.config import PrepareConfig
 from rayembed.data.mix import general_texts, nli_retrieval
 from rayembed.data.readers import load_beir, snli_triples, wiki_articles, write_jsonl
+from rayembed.io import join, publish
 
 
 def prepare_job(cfg: PrepareConfig) -> dict[str, Any]:
@@ -19,30 +19,48 @@ def prepare_job(cfg: PrepareConfig) -> dict[str, Any]:
     if cfg.kind == "random_model":
         from rayembed.model.random_models import build_random_model
 
-        assert cfg.family is not None
-        path = build_random_model(cfg.family, cfg.output, cfg.size, pooling=cfg.pooling)
-        return {"output": str(path), "family": cfg.family, "size": cfg.size}
+        family, size, pooling = cfg.family, cfg.size, cfg.pooling
+        assert family is not None
+        out = publish(
+            lambda p: build_random_model(family, p, size, pooling=pooling), cfg.output, cfg.s3_endpoint_url
+        )
+        return {"output": out, "family": family, "size": size}
     assert cfg.source is not None
+    url = cfg.s3_endpoint_url
     if cfg.kind == "nli_retrieval":
-        return {"output": cfg.output, **nli_retrieval(cfg.source, cfg.output, cfg.split)}
+        return {"output": cfg.output, **nli_retrieval(cfg.source, cfg.output, cfg.split, url)}
     if cfg.kind == "articles":
-        articles = wiki_articles(Path(cfg.source) / "wikitext-2" / "paragraphs.jsonl")
-        return {"output": cfg.output, "rows": write_jsonl(cfg.output, itertools.islice(articles, cfg.limit))}
+        articles = wiki_articles(join(cfg.source, "wikitext-2", "paragraphs.jsonl"), url)
+        return {
+            "output": cfg.output,
+            "rows": write_jsonl(cfg.output, itertools.islice(articles, cfg.limit), url),
+        }
     if cfg.kind == "general":
-        rows = general_texts(cfg.source, cfg.sentences, cfg.seed, cfg.corpus, cfg.corpus_rows)[: cfg.limit]
+        rows = general_texts(cfg.source, cfg.sentences, cfg.seed, cfg.corpus, cfg.corpus_rows, url)[
+            : cfg.limit
+        ]
         # what went in, per source (duplicates and empty texts did not)
         sources = dict(Counter(r["source"] for r in rows))
-        return {"output": cfg.output, "rows": write_jsonl(cfg.output, rows), "sources": sources}
-    return {"output": cfg.output, "rows": prepare(cfg.kind, cfg.source, cfg.output, cfg.split, cfg.limit)}
+        return {"output": cfg.output, "rows": write_jsonl(cfg.output, rows, url), "sources": sources}
+    rows_written = prepare(cfg.kind, cfg.source, cfg.output, cfg.split, cfg.limit, url)
+    return {"output": cfg.output, "rows": rows_written}
 
 
-def prepare(kind: str, source: str, output: str, split: str = "dev", limit: int | None = None) -> int:
+def prepare(
+    kind: str,
+    source: str,
+    output: str,
+    split: str = "dev",
+    limit: int | None = None,
+    endpoint_url: str | None = None,
+) -> int:
     """Write a training JSONL: kind 'snli' (query/positive/negative) or 'beir' (query/positive from qrels);
-    every row also gets an `id` (its line number) so `rayembed embed` can run over the file."""
+    every row also gets an `id` (its line number) so `rayembed embed` can run over the file. Paths may be
+    s3:// URIs."""
     if kind == "snli":
-        rows: Iterable[dict[str, str]] = snli_triples(source, split)
+        rows: Iterable[dict[str, str]] = snli_triples(source, split, endpoint_url)
     elif kind == "beir":
-        corpus, queries, qrels = load_beir(source, split)
+        corpus, queries, qrels = load_beir(source, split, endpoint_url)
         rows = (
             {"query": queries[q], "positive": corpus[d]}
             for q, docs in qrels.items()
@@ -51,4 +69,5 @@ def prepare(kind: str, source: str, output: str, split: str = "dev", limit: int 
         )
     else:
         raise ValueError(f"unknown prepare kind {kind!r}: use one of the prepare kinds")
-    return write_jsonl(output, ({"id": str(i), **r} for i, r in enumerate(itertools.islice(rows, limit))))
+    numbered = ({"id": str(i), **r} for i, r in enumerate(itertools.islice(rows, limit)))
+    return write_jsonl(output, numbered, endpoint_url)

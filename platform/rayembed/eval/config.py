@@ -11,13 +11,13 @@ from rayembed.settings import check
 @dataclass
 class EvalConfig:
     model: str = "default"
-    """Model folder or 'default'."""
+    """Model folder (local or s3://) or 'default'."""
     beir_dir: str | None = f"{SHARED_DATA}/scifact"
-    """BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); null to skip."""
+    """BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), local or s3://; null to skip."""
     split: str = "test"
     """qrels split."""
     sts_file: str | None = f"{SHARED_DATA}/stsbenchmark/stsbenchmark/sts-test.csv"
-    """STS Benchmark CSV; null to skip."""
+    """STS Benchmark CSV, local or s3://; null to skip."""
     max_queries: int | None = None
     """Evaluate at most this many queries (subset for quick runs)."""
     max_docs: int | None = None
@@ -33,7 +33,9 @@ class EvalConfig:
     batch_size: int = 64
     """Rows per model call."""
     output: str | None = None
-    """Write the metrics JSON here."""
+    """Write the metrics JSON here (a local or s3:// file)."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint for the s3:// paths (default: $AWS_ENDPOINT_URL, else AWS)."""
 
     def __post_init__(self) -> None:
         check(bool(self.beir_dir or self.sts_file), "eval needs beir_dir or sts_file")

@@ -4,7 +4,6 @@ width and output precision, via `Embedder.encode` and `postprocess` (what the ba
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from scipy.stats import spearmanr
@@ -12,7 +11,8 @@ from scipy.stats import spearmanr
 from rayembed.data.readers import load_beir, load_sts
 from rayembed.eval.config import EvalConfig
 from rayembed.eval.metrics import comparable, retrieval_metrics
-from rayembed.model import Embedder, postprocess
+from rayembed.io import open_file
+from rayembed.model import Embedder, postprocess, resolve_model_path
 
 
 def subset(
@@ -45,10 +45,11 @@ def variants(cfg: EvalConfig, full: int) -> list[tuple[str, int | None, str]]:
 
 def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
     """Metrics at full width and each of `cfg.dims`; written to `cfg.output` if set."""
-    model = model or Embedder.load(cfg.model)
+    url = cfg.s3_endpoint_url
+    model = model or Embedder.load(resolve_model_path(cfg.model, url))
     report: dict[str, Any] = {"model": model.name}
     if cfg.beir_dir:
-        corpus, queries, qrels = load_beir(cfg.beir_dir, cfg.split)
+        corpus, queries, qrels = load_beir(cfg.beir_dir, cfg.split, url)
         corpus, queries = subset(corpus, queries, qrels, cfg.max_queries, cfg.max_docs)
         qids, dids = list(queries), list(corpus)
         q = model.encode(
@@ -57,12 +58,13 @@ def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
         d = model.encode(
             [corpus[i] for i in dids], batch_size=cfg.batch_size, prompt_name=cfg.document_prompt_name
         )
-        report["beir"] = {"set": Path(cfg.beir_dir).name, "queries": len(qids), "docs": len(dids)}
+        name = cfg.beir_dir.rstrip("/").rsplit("/", 1)[-1]
+        report["beir"] = {"set": name, "queries": len(qids), "docs": len(dids)}
         for key, dim, prec in variants(cfg, model.dim):
             qv, dv = (comparable(postprocess(x, dim, prec, True, model.int8_scales), prec) for x in (q, d))
             report["beir"][key] = retrieval_metrics(qv, dv, qids, dids, qrels)
     if cfg.sts_file:
-        s1, s2, gold = load_sts(cfg.sts_file)
+        s1, s2, gold = load_sts(cfg.sts_file, url)
         a, b = (
             model.encode(s, batch_size=cfg.batch_size, prompt_name=cfg.document_prompt_name) for s in (s1, s2)
         )
@@ -72,6 +74,6 @@ def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
             cos = (a2 * b2).sum(-1)
             report["sts"][key] = {"spearman": float(spearmanr(cos, gold).statistic)}
     if cfg.output:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(json.dumps(report, indent=2) + "\n")
+        with open_file(cfg.output, "w", url) as f:
+            f.write(json.dumps(report, indent=2) + "\n")
     return report

@@ -7,7 +7,7 @@ merging.
 - objective.py   a batch -> text towers + the loss of their embeddings
 - losses.py      InfoNCE, distillation, Matryoshka (`LOSSES`: name -> class); regularizers.py: the rest
 - dist.py        cross-worker gathers with gradients, DeepSpeed start; gradcache.py: GradCache chunks
-- export.py      ZeRO consolidation, publishing model folders locally or to s3://
+- export.py      ZeRO consolidation into model folders
 - report.py      report.json / report.md / curves.png; merge.py: model souping
 """
 

@@ -364,9 +364,9 @@ class TrainConfig:
 @dataclass
 class MergeConfig:
     models: list[str]
-    """Models to average: sentence-transformers folders, or DeepSpeed checkpoint folders of a run."""
+    """Models to average: sentence-transformers folders or a run's DeepSpeed checkpoint folders (or s3://)."""
     output: str
-    """Folder for the merged model (sentence-transformers layout)."""
+    """Folder for the merged model (sentence-transformers layout), local or s3://."""
     weights: list[float] | None = None
     """One weight per model (default: uniform soup)."""
     base: str | None = None
@@ -376,7 +376,7 @@ class MergeConfig:
     eval: dict[str, Any] | None = None
     """Eval settings (EvalConfig fields) applied to every ingredient and the soup (merge_report.md/.json)."""
     calibration_texts: str | None = None
-    """JSONL or Parquet file or folder of texts (e.g. the runs' training data): the soup's int8 scales are
+    """JSONL or Parquet file or folder of texts, local or s3:// (e.g. the runs' data): the soup's int8 scales are
     calibrated on its first `int8_calibration_texts` texts, at the widths the base model was calibrated at
     (its int8_scales.json; full width if none). Unset: the soup is saved uncalibrated (int8 = round(127 x)),
     as the ingredients' scales were fitted to other weights."""
@@ -384,17 +384,14 @@ class MergeConfig:
     """Column of `calibration_texts` holding the texts."""
     int8_calibration_texts: int = 512
     """How many texts of `calibration_texts` calibrate the soup's int8 scales (>= 2)."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint for every s3:// path above and in `eval` (default: $AWS_ENDPOINT_URL, else AWS)."""
 
     def __post_init__(self) -> None:
         check(len(self.models) >= 1, "merge needs at least one model")
         check(self.int8_calibration_texts >= 2, "int8_calibration_texts must be >= 2")
         if self.eval is not None:
             EvalConfig(**self.eval)  # bad eval settings fail before any merging
-        check(
-            self.weights is None or len(self.weights) == len(self.models),
-            "weights must have one weight per model",
-        )
-        check(
-            self.weights is None or (min(self.weights) >= 0 and sum(self.weights) > 0),
-            "weights must be >= 0, not all 0",
-        )
+        w = self.weights
+        check(w is None or len(w) == len(self.models), "weights must have one weight per model")
+        check(w is None or (min(w) >= 0 and sum(w) > 0), "weights must be >= 0, not all 0")

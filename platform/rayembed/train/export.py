@@ -1,19 +1,14 @@
-"""From a run's checkpoints to model folders: the checkpoint file names, ZeRO consolidation, publishing
-a folder locally or to s3://."""
+"""From a run's checkpoints to model folders: the checkpoint file names and ZeRO consolidation."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from rayembed.io import is_s3, upload_dir
 from rayembed.model import Embedder
 from rayembed.model.lora import has_lora, merge
 from rayembed.train.config import TrainConfig
@@ -57,20 +52,6 @@ def consolidate(checkpoint_dir: str | Path, cfg: TrainConfig) -> Embedder:
     model.load_weights(state, f"the checkpoint's weights (base {cfg.model})", partial=has_lora(model))
     # The base model's max length is kept: `max_length` in training is a speed setting, not the model's limit.
     return merge(model)
-
-
-def publish(write: Callable[[Path], Any], output_dir: str, endpoint_url: str | None = None) -> str:
-    """Write a folder with `write(path)` at a local path or s3:// URI, replacing what was there."""
-    if is_s3(output_dir):
-        with tempfile.TemporaryDirectory() as tmp:
-            write(Path(tmp))
-            upload_dir(tmp, output_dir, endpoint_url)
-        return output_dir
-    out = Path(output_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    write(out)
-    return str(out)
 
 
 def saved_world_size(checkpoint_dir: str | Path) -> int:

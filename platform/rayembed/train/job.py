@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import torch
 
 from rayembed.data.flagembedding import normalize
-from rayembed.io import ensure_ray, filesystem, is_s3, read_dataset, strip_scheme
+from rayembed.io import ensure_ray, filesystem, is_s3, publish, read_dataset, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.model import backbone as families
 from rayembed.model.layout import read_layout
@@ -27,7 +27,7 @@ from rayembed.model.lora import check_targets
 from rayembed.model.pca import ranking_axes
 from rayembed.model.tokenizer import prepare_tokenizer
 from rayembed.train.config import TrainConfig
-from rayembed.train.export import HISTORY, ROTATION, consolidate, publish, saved_rotation
+from rayembed.train.export import HISTORY, ROTATION, consolidate, saved_rotation
 from rayembed.train.hang import Board, Watchdog
 from rayembed.train.loop import train_loop
 from rayembed.train.objective import input_columns
@@ -119,7 +119,13 @@ def run_evals(cfg: TrainConfig, trained: Embedder, rotation: Any) -> dict[str, A
     before = starting_model(cfg, str(trained.device), rotation)
     before.prompts = exported_prompts(cfg, before)
     query = {"query_prompt_name": "query"} if cfg.query_instruction else {}
-    settings = {**query, **cfg.eval, "model": cfg.model, "output": None}
+    settings = {
+        "s3_endpoint_url": cfg.s3_endpoint_url,
+        **query,
+        **cfg.eval,
+        "model": cfg.model,
+        "output": None,
+    }
     return {
         "before": evaluate(EvalConfig(**settings), before),
         "after": evaluate(EvalConfig(**settings), trained),

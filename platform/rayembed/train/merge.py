@@ -11,10 +11,23 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from rayembed.io import (
+    detect_format,
+    download_dir,
+    files_under,
+    filesystem,
+    is_file,
+    is_s3,
+    join,
+    publish,
+    strip_scheme,
+)
 from rayembed.model import Embedder
 from rayembed.model.layout import read_layout, resolve_model_path
 from rayembed.model.pca import frame_id
@@ -84,27 +97,42 @@ def with_weights(base: Embedder, state: dict[str, torch.Tensor], what: str) -> E
     return copy.deepcopy(base).load_weights(state, what)
 
 
+def local_source(source: str, endpoint_url: str | None, scratch: Path) -> str:
+    """A local path for one source: an s3:// model folder is this node's cached copy (as every job loads
+    it); an s3:// DeepSpeed checkpoint folder is downloaded into `scratch`; aliases and local paths stay."""
+    if not is_s3(source):
+        return source
+    if is_file(join(source, "latest"), endpoint_url):
+        return str(download_dir(source, scratch, endpoint_url))
+    return str(resolve_model_path(source, endpoint_url))
+
+
 def calibration_texts(cfg: MergeConfig) -> list[str]:
-    """The first `int8_calibration_texts` texts of `calibration_texts` (JSONL or Parquet, file or folder)."""
+    """The first `int8_calibration_texts` texts of `calibration_texts` (JSONL or Parquet, file or folder,
+    local or s3://)."""
     import pyarrow.dataset as pads
 
-    from rayembed.io import detect_format
-
-    path = str(cfg.calibration_texts)
-    if not Path(path).exists():
+    path, fs = str(cfg.calibration_texts), filesystem(str(cfg.calibration_texts), cfg.s3_endpoint_url)
+    if not (files_under(path, "", cfg.s3_endpoint_url) if fs else Path(path).exists()):
         raise FileNotFoundError(f"merge: calibration_texts {path} does not exist")
-    data = pads.dataset(path, format=detect_format(path, None))
+    data = pads.dataset(strip_scheme(path), format=detect_format(path, fs), filesystem=fs)
     if cfg.text_column not in data.schema.names:
         raise ValueError(f"merge: {path} has no column {cfg.text_column!r} (columns: {data.schema.names})")
     return data.head(cfg.int8_calibration_texts, columns=[cfg.text_column]).column(0).to_pylist()
 
 
 def merge(cfg: MergeConfig) -> dict[str, object]:
+    """Average `cfg.models` (local or s3://) into one model written to `cfg.output` (local or s3://)."""
     texts = calibration_texts(cfg) if cfg.calibration_texts else None  # bad texts fail before merging
-    base = Embedder.load(cfg.base or cfg.models[0], device="cpu")
-    weights = cfg.weights or [1.0] * len(cfg.models)
-    frame = common_frame(cfg.models, [frame_of(m, base) for m in cfg.models])  # before any weights load
-    states = [state_of(m, base) for m in cfg.models]
+    with tempfile.TemporaryDirectory() as tmp:
+        url = cfg.s3_endpoint_url
+        sources = [local_source(m, url, Path(tmp, str(i))) for i, m in enumerate(cfg.models)]
+        base = Embedder.load(
+            local_source(cfg.base, url, Path(tmp, "base")) if cfg.base else sources[0], device="cpu"
+        )
+        weights = cfg.weights or [1.0] * len(cfg.models)
+        frame = common_frame(cfg.models, [frame_of(m, base) for m in sources])  # before any weights load
+        states = [state_of(m, base) for m in sources]
     merged = with_weights(base, soup(states, weights), "the merged weights")
     merged.frame = frame
     merged.name = cfg.name or f"{base.name}-soup{len(cfg.models)}"
@@ -112,31 +140,46 @@ def merge(cfg: MergeConfig) -> dict[str, object]:
     merged.int8_scales = {}  # the base's scales were fitted to other weights
     if texts is not None:
         merged.calibrate_int8(texts, widths)
-    out = merged.save(cfg.output)
     summary: dict[str, object] = {
-        "output": str(out),
+        "output": cfg.output,
         "models": cfg.models,
         "weights": weights,
         "name": merged.name,
         "int8_scales": {str(w): s for w, s in sorted(merged.int8_scales.items())},
     }
-    if cfg.eval:
-        from rayembed.eval.config import EvalConfig
-        from rayembed.eval.job import evaluate
-        from rayembed.train.report import eval_rows
-
-        settings = EvalConfig(**{**cfg.eval, "output": None})
-        evals = {
-            m: evaluate(settings, with_weights(base, s, m)) for m, s in zip(cfg.models, states, strict=True)
-        }
-        evals["soup"] = evaluate(settings, merged)
-        header, rows = eval_rows(evals)
-        table = [
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *["| " + " | ".join(r) + " |" for r in rows],
-        ]
-        (out / "merge_report.md").write_text("# Merge report\n\n" + "\n".join(table) + "\n")
-        (out / "merge_report.json").write_text(json.dumps({**summary, "eval": evals}, indent=2) + "\n")
-        summary["eval"] = {"columns": header[1:], **{r[0]: r[1:] for r in rows}}
+    report = merge_eval(cfg, base, states, merged, summary) if cfg.eval else None
+    summary["output"] = publish(lambda out: write_merge(merged, out, report), cfg.output, url)
+    if report:
+        summary["eval"] = report["table"]
     return summary
+
+
+def merge_eval(
+    cfg: MergeConfig, base: Embedder, states: list[dict[str, torch.Tensor]], merged: Embedder, summary: dict
+) -> dict[str, Any]:
+    """Every ingredient and the soup evaluated alike: merge_report.md's table and merge_report.json."""
+    from rayembed.eval.config import EvalConfig
+    from rayembed.eval.job import evaluate
+    from rayembed.train.report import eval_rows
+
+    settings = EvalConfig(**{"s3_endpoint_url": cfg.s3_endpoint_url, **(cfg.eval or {}), "output": None})
+    evals = {m: evaluate(settings, with_weights(base, s, m)) for m, s in zip(cfg.models, states, strict=True)}
+    evals["soup"] = evaluate(settings, merged)
+    header, rows = eval_rows(evals)
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
+    return {
+        "md": "# Merge report\n\n" + "\n".join(lines) + "\n",
+        "json": json.dumps({**summary, "eval": evals}, indent=2) + "\n",
+        "table": {"columns": header[1:], **{r[0]: r[1:] for r in rows}},
+    }
+
+
+def write_merge(merged: Embedder, out: Path, report: dict[str, Any] | None) -> None:
+    merged.save(out)
+    if report:
+        (out / "merge_report.md").write_text(report["md"])
+        (out / "merge_report.json").write_text(report["json"])
