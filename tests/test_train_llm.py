@@ -4,6 +4,7 @@ students from decoders; tiny random decoders (conftest.tiny_decoder)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -52,12 +53,18 @@ def test_flagembedding_files_lora_zero3_resume(tiny_decoder: Callable[..., Path]
     for rank in (0, 1):  # ZeRO-3: each worker's partition
         assert (ds / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
 
-    second = train(cfg(3))  # same run: resumes at step 2
+    # same run: resumes at step 2; the export reads 384 tokens where the base reads 256 (of 512 positions)
+    second = train(dataclasses.replace(cfg(3), export_max_length=384))
     assert second["resumed_from"] == 2 and second["step"] == 3
     history = json.loads((Path(second["report"]) / "report.json").read_text())["history"]
     assert [h["step"] for h in history] == [1, 2, 3]
 
     exported = Embedder.load(second["output_dir"], device="cpu")
+    assert Embedder.load(base, device="cpu").max_length == 256 and exported.max_length == 384
+    assert (
+        json.loads((Path(second["output_dir"]) / "sentence_bert_config.json").read_text())["max_seq_length"]
+        == 384
+    )
     assert exported.prompts["query"] == f"Instruct: {TASK}\nQuery:"
     assert not any("lora" in k for k in exported.state_dict())  # adapters merged: a plain model
     start = Embedder.load(base, device="cpu").state_dict()
@@ -77,9 +84,23 @@ def test_flagembedding_files_lora_zero3_resume(tiny_decoder: Callable[..., Path]
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(second["output_dir"], device="cpu")
+    assert st.max_seq_length == 384
     np.testing.assert_allclose(
         st.encode(PROBE, prompt_name="query"), exported.encode(PROBE, prompt_name="query"), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("setting", ["max_length", "export_max_length"])
+def test_token_limits_past_the_models_positions_are_refused_before_training(
+    setting: str, tiny_decoder: Callable[..., Path], tmp_path: Path
+) -> None:
+    base = tiny_decoder("qwen3")  # 512 positions
+    cfg = TrainConfig(data=str(FLAG), output_dir=str(tmp_path), model=str(base), **{setting: 513})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"{setting}=513 is more than the model's 512 positions"):
+        check_model(cfg)
+    assert check_model(dataclasses.replace(cfg, **{setting: 512})) == 64
+    with pytest.raises(ValueError, match="max_length and export_max_length must be >= 1"):
+        dataclasses.replace(cfg, **{setting: 0})
 
 
 def test_latent_attention_bidirectional_lora_zero2_instructions_then_embed(

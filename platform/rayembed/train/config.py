@@ -190,7 +190,11 @@ class TrainConfig:
     most of the compute on mixed lengths. Workers run as many pieces as the one that needs most (ZeRO-3
     gathers parameters in every pass). None: one padded pass per tower."""
     max_length: int | None = None
-    """Token limit while training (default: the model's max_seq_length); the exported model keeps its own."""
+    """Token limit while training (default: the model's max_seq_length), at most its positions; the exported
+    model keeps its own."""
+    export_max_length: int | None = None
+    """The exported model's token limit (its max_seq_length), e.g. 8192 for a long-context decoder whose
+    folder gives none (read as 512); default: the starting model's. At most the model's positions."""
     lr: float = 2e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.01
@@ -244,7 +248,8 @@ class TrainConfig:
             self.min_workers is None or 1 <= self.min_workers <= self.num_workers,
             f"min_workers must be between 1 and num_workers ({self.num_workers}), got {self.min_workers}",
         )
-
+        lengths = (self.max_length, self.export_max_length)
+        check(all(n is None or n >= 1 for n in lengths), "max_length and export_max_length must be >= 1")
         check(self.epochs >= 1 and self.checkpoint_every >= 1, "epochs and checkpoint_every must be >= 1")
         check(self.report_interval_s >= 0, "report_interval_s must be >= 0")
         check(self.collective_timeout_s > 0, "collective_timeout_s must be > 0")
@@ -254,17 +259,16 @@ class TrainConfig:
         ranking = self.pca_ranking_steps == 0 or (self.pca_rotation and bool(self.matryoshka_dims))
         check(ranking, "pca_ranking_steps needs pca_rotation and matryoshka_dims (prefixes to turn for)")
         check(self.pca_ranking_steps >= 0, "pca_ranking_steps must be >= 0")
-        check(
-            self.int8_calibration_texts == 0 or self.int8_calibration_texts >= 2,
-            f"int8_calibration_texts must be 0 (off) or >= 2, got {self.int8_calibration_texts}",
-        )
+        n = self.int8_calibration_texts
+        check(n == 0 or n >= 2, f"int8_calibration_texts must be 0 (off) or >= 2, got {n}")
         check(all(k > 0 for k in self.matryoshka_dims), "matryoshka_dims must be positive")
         check(
             all(len(p) == 2 and min(p) >= 1 for p in self.matryoshka_2d),
             f"matryoshka_2d must be [layers, dim] pairs of positive ints, got {self.matryoshka_2d}",
         )
+        w = self.matryoshka_weights
         check(
-            self.matryoshka_weights is None or len(self.matryoshka_weights) == len(self.matryoshka_dims),
+            w is None or len(w) == len(self.matryoshka_dims),
             "matryoshka_weights must have one weight per dim",
         )
         check("{task}" in self.instruction_template, "instruction_template must contain {task}")
@@ -289,10 +293,8 @@ class TrainConfig:
             self.loss not in GUIDED or not self.negative_column,
             f"loss={self.loss} takes query/positive pairs: no negative_column",
         )
-        check(
-            not self.learnable_scale or self.loss == "symmetric_infonce",
-            "learnable_scale needs loss=symmetric_infonce",
-        )
+        scale = not self.learnable_scale or self.loss == "symmetric_infonce"
+        check(scale, "learnable_scale needs loss=symmetric_infonce")
         check(
             self.data_format in ("columns", "flagembedding"),
             f"data_format must be columns|flagembedding, got {self.data_format!r}",

@@ -50,7 +50,10 @@ def consolidate(checkpoint_dir: str | Path, cfg: TrainConfig) -> Embedder:
     model = trainable_model(cfg, starting_model(cfg, "cpu", saved_rotation(checkpoint_dir)))
     state = checkpoint_state(checkpoint_dir)
     model.load_weights(state, f"the checkpoint's weights (base {cfg.model})", partial=has_lora(model))
-    # The base model's max length is kept: `max_length` in training is a speed setting, not the model's limit.
+    # The base model's max length is kept unless export_max_length says otherwise: `max_length` in training
+    # is a speed setting, not the model's limit.
+    if cfg.export_max_length:
+        model.set_max_length(cfg.export_max_length)
     return merge(model)
 
 

@@ -134,7 +134,8 @@ def run_evals(cfg: TrainConfig, trained: Embedder, rotation: Any) -> dict[str, A
 
 def check_model(cfg: TrainConfig) -> int:
     """Fail before any worker starts if the model settings cannot work (bidirectional on an encoder,
-    LoRA targets that do not exist, last-token pooling without EOS, layers out of range); the backbone
+    LoRA targets that do not exist, last-token pooling without EOS, layers out of range, a token limit
+    past the model's positions); the backbone
     is built on the meta device, so this costs no memory at any size. Returns the trained model's width."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -150,6 +151,10 @@ def check_model(cfg: TrainConfig) -> int:
     layout = read_layout(path)
     pooling = cfg.pooling or layout.pooling or ("lasttoken" if families.is_decoder(backbone) else "mean")
     prepare_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True), pooling)
+    positions = getattr(backbone.config, "max_position_embeddings", None)
+    for name in ("max_length", "export_max_length"):
+        if positions and (getattr(cfg, name) or 0) > positions:
+            raise ValueError(f"{name}={getattr(cfg, name)} is more than the model's {positions} positions")
     hidden = int(backbone.config.hidden_size)
     if pooling == "latent_attention" and hidden % cfg.latent_heads:
         raise ValueError(f"latent_heads={cfg.latent_heads} does not divide the hidden size {hidden}")
