@@ -106,6 +106,21 @@ def test_cli_flags_mix_with_overrides() -> None:
         ("train", {"data": "x", "output_dir": "y", "offload": "optimizer"}, "it needs use_gpu=true"),
         (
             "train",
+            {"data": "x", "output_dir": "y", "offload": "disk"},
+            "offload must be one of optimizer, all or null",
+        ),
+        (
+            "train",
+            {"data": "x", "output_dir": "y", "precision": "fp8"},
+            "precision must be one of fp32, bf16, fp16",
+        ),
+        (
+            "train",
+            {"data": "x", "output_dir": "y", "export_resources": {"gpus": 1}},
+            "export_resources takes",
+        ),
+        (
+            "train",
             {"data": "x", "output_dir": "y", "data_format": "flagembedding", "loss": "hard_infonce"},
             "trains with loss=infonce",
         ),  # fmt: skip

@@ -120,3 +120,49 @@ def test_a_local_storage_path_is_refused_on_several_nodes(
     cfg = TrainConfig(data=str(snli_triples), output_dir=str(tmp_path / "run"), negative_column="negative")
     with pytest.raises(ValueError, match="is a local folder and this Ray cluster has 3 nodes"):
         train(cfg)
+
+
+def test_the_export_runs_where_export_resources_say_and_the_driver_stays_small(
+    module_cluster: Any, snli_triples: Path, tmp_path: Path
+) -> None:
+    """A LoRA run of a decoder whose weights (~310 MB) are more than the driver may take (half of them here):
+    the export (ZeRO-3 shards gathered, adapters merged, int8 calibration, published) runs as a task on the
+    node that has the resource `export_resources` names, and the driver's RSS grows by less than the limit
+    (the export on the driver held the model at least once)."""
+    import threading
+
+    import psutil
+
+    from rayembed.model.random_models import build_random_model
+
+    heavy = build_random_model("qwen3", tmp_path / "heavy", "tiny-heavy")
+    limit = (heavy / "model.safetensors").stat().st_size // 2
+    node = module_cluster.add_node(num_cpus=1, resources={"export": 1})  # the large-memory node, say
+    module_cluster.wait_for_nodes()
+    cfg = TrainConfig(
+        data=str(snli_triples), output_dir=str(tmp_path / "run"), model=str(heavy), shared_storage=True,
+        lora_r=4, zero_stage=3, num_workers=2, batch_size=4, max_length=16, max_steps=1, checkpoint_every=1,
+        int8_calibration_texts=8, export_resources={"num_cpus": 1, "resources": {"export": 1}},
+    )  # fmt: skip
+    me, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], me.memory_info().rss)
+
+    before = me.memory_info().rss
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = train(cfg)
+    finally:
+        done.set()
+        sampler.join()
+        module_cluster.remove_node(node)
+    assert result["export"]["node_id"] == node.node_id and result["export"]["pid"] != me.pid
+    assert peak[0] - before < limit, (
+        f"the driver grew by {(peak[0] - before) >> 20} MB (limit {limit >> 20} MB)"
+    )
+    exported = Embedder.load(result["output_dir"], device="cpu")
+    assert not any("lora" in k for k in exported.state_dict()) and exported.int8_scales
+    assert np.isfinite(exported.encode(["exported on its own node"])).all()

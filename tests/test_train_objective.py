@@ -164,18 +164,43 @@ def test_dropout_setting_reaches_every_dropout_of_encoders_and_decoders(
 
 def test_int8_calibration_takes_the_first_texts_row_by_row(tiny_model: Path) -> None:
     from rayembed.model.vectors import calibrate_int8
-    from rayembed.train.job import calibrate, row_texts
+    from rayembed.train.export import calibrate
+    from rayembed.train.job import calibration_texts, row_texts
 
     cfg = TrainConfig(data="x", output_dir="y", negative_column="negative", matryoshka_dims=[32, 16],
                       int8_calibration_texts=5)  # fmt: skip
     rows = {c: np.array([f"{c} {i}" for i in range(4)]) for c in ("query", "positive", "negative")}
     assert row_texts(cfg, rows)[:4] == ["query 0", "positive 0", "negative 0", "query 1"]
     model = Embedder.load(tiny_model, device="cpu")
-    calibrate(cfg, model, rows)
+    assert calibration_texts(cfg, rows) == row_texts(cfg, rows)[:5]
+    calibrate(cfg, model, calibration_texts(cfg, rows))
     expected = calibrate_int8(model.encode(row_texts(cfg, rows)[:5]), [32, 16])
     assert model.int8_scales == expected and set(expected) == {32, 16}
     off = Embedder.load(tiny_model, device="cpu")
-    calibrate(TrainConfig(data="x", output_dir="y", int8_calibration_texts=0), off, rows)
+    none = TrainConfig(data="x", output_dir="y", int8_calibration_texts=0)
+    calibrate(none, off, calibration_texts(none, rows))
     assert off.int8_scales == {}
     with pytest.raises(ValueError, match="int8_calibration_texts must be 0"):
         TrainConfig(data="x", output_dir="y", int8_calibration_texts=1)
+
+
+def test_export_options_and_whether_a_node_fits_them() -> None:
+    from rayembed.train.export import export_fits, export_options
+
+    cpu = TrainConfig(data="x", output_dir="y")
+    gpu = TrainConfig(data="x", output_dir="y", use_gpu=True)
+    big = TrainConfig(
+        data="x", output_dir="y", export_resources={"num_cpus": 8, "memory": 64e9, "resources": {"export": 1}}
+    )
+    assert export_options(cpu) == {"num_cpus": 1, "num_gpus": 0}
+    assert export_options(gpu) == {"num_cpus": 1, "num_gpus": 1}
+    assert export_options(big) == {"num_cpus": 8, "num_gpus": 0, "memory": 64e9, "resources": {"export": 1}}
+    head = {"Alive": True, "Resources": {"CPU": 4.0, "memory": 16e9}}
+    gpus = {"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0, "memory": 512e9}}
+    large = {"Alive": True, "Resources": {"CPU": 16.0, "memory": 256e9, "export": 1.0}}
+    assert export_fits(export_options(cpu), [head]) and not export_fits(export_options(gpu), [head])
+    assert export_fits(export_options(gpu), [head, gpus])
+    assert not export_fits(export_options(big), [head, gpus]) and export_fits(
+        export_options(big), [head, large]
+    )
+    assert not export_fits(export_options(big), [head, large | {"Alive": False}])

@@ -1,4 +1,4 @@
-"""What every job config shares: `check` states a rule in `__post_init__` (a ValueError with the
+"""What every job config shares: `check` (and `one_of`) states a rule in `__post_init__` (a ValueError with the
 message, which the CLI prints before exiting with status 2); `build` makes a config from a dict,
 refusing unknown keys with the list of known ones."""
 
@@ -16,6 +16,13 @@ T = TypeVar("T")
 def check(ok: bool, msg: str) -> None:
     if not ok:
         raise ValueError(msg)
+
+
+def one_of(name: str, value: Any, choices: Any, optional: bool = False) -> None:
+    """`name` must be one of `choices` (or None when `optional`): a ValueError naming them otherwise."""
+    if not (value in choices or (optional and value is None)):
+        listed = ", ".join(map(str, choices)) + (" or null" if optional else "")
+        raise ValueError(f"{name} must be one of {listed}, got {value!r}")
 
 
 def build(cls: type[T], values: dict[str, Any] | None) -> T:

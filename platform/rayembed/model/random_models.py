@@ -50,6 +50,9 @@ SIZES["tiny-long"] = SIZES["tiny"] | {"max_position_embeddings": 32768}
 # Qwen2-0.5B's layers with a 32,000-token vocabulary (387M parameters): where the 0.5B shape's data
 # parallel baseline does not fit two workers in memory (the memory benchmark)
 SIZES["0.4b"] = SIZES["0.5b"] | {"vocab_size": 32000}
+# tiny whose weights are mostly a 1.2M-row token embedding (~310 MB): heavy to hold, cheap to run (a model
+# larger than a driver's memory limit, in seconds)
+SIZES["tiny-heavy"] = SIZES["tiny"] | {"vocab_size": 1_200_000}
 BPE_VOCAB = 8192
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from rayembed.eval.config import EvalConfig
 from rayembed.io import local_abspath
 from rayembed.model.layout import model_ref
-from rayembed.settings import check
+from rayembed.settings import check, one_of
 
 
 @dataclass
@@ -75,6 +75,10 @@ class TrainConfig:
     """Run on GPUs (nccl); otherwise CPU workers (gloo)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
+    export_resources: dict[str, Any] = field(default_factory=dict)
+    """Ray resources of the export task (ZeRO shards gathered, LoRA merged, int8 calibration, eval, model
+    and report published), which runs on a node that has them, not on the driver: num_cpus, num_gpus,
+    memory (bytes), resources ({name: amount}). Default: 1 CPU, and 1 GPU with use_gpu."""
     placement_strategy: str = "PACK"
     """How Ray places the workers: PACK (fewest nodes), SPREAD (one per node where it can), or
     STRICT_PACK / STRICT_SPREAD."""
@@ -248,6 +252,8 @@ class TrainConfig:
             self.min_workers is None or 1 <= self.min_workers <= self.num_workers,
             f"min_workers must be between 1 and num_workers ({self.num_workers}), got {self.min_workers}",
         )
+        known = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type"}
+        check(set(self.export_resources) <= known, f"export_resources takes {sorted(known)}")
         lengths = (self.max_length, self.export_max_length)
         check(all(n is None or n >= 1 for n in lengths), "max_length and export_max_length must be >= 1")
         check(self.epochs >= 1 and self.checkpoint_every >= 1, "epochs and checkpoint_every must be >= 1")
@@ -280,7 +286,7 @@ class TrainConfig:
     def _check_loss(self) -> None:
         from rayembed.train.losses import GUIDED, LOSSES
 
-        check(self.loss in LOSSES, f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
+        one_of("loss", self.loss, sorted(LOSSES))
         check(
             self.loss != "distill" or bool(self.teacher or self.teacher_column),
             "loss=distill needs a teacher model or a teacher_column",
@@ -295,10 +301,7 @@ class TrainConfig:
         )
         scale = not self.learnable_scale or self.loss == "symmetric_infonce"
         check(scale, "learnable_scale needs loss=symmetric_infonce")
-        check(
-            self.data_format in ("columns", "flagembedding"),
-            f"data_format must be columns|flagembedding, got {self.data_format!r}",
-        )
+        one_of("data_format", self.data_format, ("columns", "flagembedding"))
         check(
             self.data_format == "columns" or self.loss == "infonce",
             "data_format=flagembedding trains with loss=infonce (groups, per-row in-batch negatives)",
@@ -313,20 +316,11 @@ class TrainConfig:
         from rayembed.model.backbone import ATTENTIONS
         from rayembed.model.pooling import POOLINGS
 
-        check(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        check(
-            self.precision in ("fp32", "bf16", "fp16"),
-            f"precision must be fp32|bf16|fp16, got {self.precision}",
-        )
+        one_of("zero_stage", self.zero_stage, (0, 1, 2, 3))
+        one_of("precision", self.precision, ("fp32", "bf16", "fp16"))
         check(self.precision != "fp16" or self.use_gpu, "fp16 needs use_gpu=true; use bf16 or fp32 on CPU")
-        check(
-            self.pooling is None or self.pooling in POOLINGS,
-            f"pooling must be one of {sorted(POOLINGS)}, got {self.pooling!r}",
-        )
-        check(
-            self.attention is None or self.attention in ATTENTIONS,
-            f"attention must be one of {ATTENTIONS}, got {self.attention!r}",
-        )
+        one_of("pooling", self.pooling, sorted(POOLINGS), optional=True)
+        one_of("attention", self.attention, ATTENTIONS, optional=True)
         check(
             self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
             "lora_r >= 0, lora_alpha > 0, 0 <= lora_dropout < 1",
@@ -336,10 +330,7 @@ class TrainConfig:
             self.lora_target_modules is None or bool(self.lora_target_modules),
             "lora_target_modules: a non-empty list or null",
         )
-        check(
-            self.offload in (None, "optimizer", "all"),
-            f"offload must be null, optimizer or all, got {self.offload!r}",
-        )
+        one_of("offload", self.offload, ("optimizer", "all"), optional=True)
         check(
             self.offload is None or self.use_gpu,
             "offload (ZeRO-Offload) moves GPU memory to the CPU: it needs use_gpu=true",
@@ -349,8 +340,9 @@ class TrainConfig:
         )
         check(self.output_dim is None or self.output_dim >= 1, "output_dim must be >= 1")
         check(self.zero_bucket_size >= 1_000_000, "zero_bucket_size must be >= 1e6 elements")
-        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-        check(self.placement_strategy in strategies, f"placement_strategy must be one of {strategies}")
+        one_of(
+            "placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        )
         check(
             self.malloc_mmap_threshold is None or self.malloc_mmap_threshold >= 4096,
             "malloc_mmap_threshold: >= 4096 bytes or null",

@@ -1,17 +1,24 @@
-"""From a run's checkpoints to model folders: the checkpoint file names and ZeRO consolidation."""
+"""From a run's checkpoints to model folders: the checkpoint file names, ZeRO consolidation, and the
+export task that ends a run where `export_resources` say (a GPU or large-memory node, not the driver,
+which stays small whatever the model): the final checkpoint as a plain model, its int8 scales, the eval
+before/after, the model and run report published."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from rayembed.io import publish
 from rayembed.model import Embedder
 from rayembed.model.lora import has_lora, merge
 from rayembed.train.config import TrainConfig
+from rayembed.train.report import write_report
 from rayembed.train.start import starting_model, trainable_model
 
 CKPT_TAG = "ds"
@@ -80,3 +87,110 @@ def to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
         )
     )
     return Path(out)
+
+
+def export_options(cfg: TrainConfig) -> dict[str, Any]:
+    """Ray options of the export task: 1 CPU (and 1 GPU with use_gpu), then `export_resources`."""
+    return {"num_cpus": 1, "num_gpus": 1 if cfg.use_gpu else 0, **cfg.export_resources}
+
+
+def warn_if_no_node_fits_export(cfg: TrainConfig) -> None:
+    """Say before training when no node of the cluster has the export's resources (the export would wait
+    for one after the last step: an autoscaler may add it, a fixed cluster never will)."""
+    import ray
+
+    options = export_options(cfg)
+    if not export_fits(options, ray.nodes()):
+        print(f"train: no node has the export's resources {options} now; after training the export waits for "
+              "one (an autoscaler adds it; else lower export_resources). Checkpoints are kept either way",
+              flush=True)  # fmt: skip
+
+
+def export_fits(options: dict[str, Any], nodes: list[dict[str, Any]]) -> bool:
+    """Whether one of `nodes` (ray.nodes()) has the export task's resources in total."""
+    want = {"CPU": options.get("num_cpus", 0), "GPU": options.get("num_gpus", 0),
+            "memory": options.get("memory", 0), **options.get("resources", {})}  # fmt: skip
+    return any(
+        n.get("Alive") and all(n["Resources"].get(k, 0) >= v for k, v in want.items() if v) for n in nodes
+    )
+
+
+def export_run(
+    cfg: TrainConfig, checkpoint: Any, rotation: Any, texts: list[str], summary: dict[str, Any]
+) -> dict[str, Any]:
+    """Run `finish` as a Ray task placed by `export_options` and wait for it; returns the summary."""
+    import ray
+
+    task = ray.remote(finish).options(**export_options(cfg))
+    return ray.get(task.remote(cfg, checkpoint, rotation, texts, summary))
+
+
+def finish(
+    cfg: TrainConfig, checkpoint: Any, rotation: Any, texts: list[str], summary: dict[str, Any]
+) -> dict[str, Any]:
+    """The end of a run (the export task): the final checkpoint (a ray.train.Checkpoint, local or s3://)
+    as a plain model, int8 scales from `texts`, the run's eval, and `<output_dir>/model` and `/report`
+    published. Returns `summary` with output_dir, report and where and how long the export ran."""
+    import ray
+
+    started = time.perf_counter()
+    with checkpoint.as_directory() as d:
+        model = consolidate(d, cfg)
+        history = json.loads(Path(d, HISTORY).read_text()) if Path(d, HISTORY).is_file() else []
+        rotation = saved_rotation(d, rotation)
+    model.name, model.prompts = f"{model.name}-{cfg.run_name}", exported_prompts(cfg, model)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    calibrate(cfg, model, texts)
+    root = cfg.output_dir.rstrip("/")
+    summary = {"output_dir": publish(model.save, f"{root}/model", cfg.s3_endpoint_url), **summary}
+    evals = run_evals(cfg, model, rotation)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    summary["export"] = {
+        "node_id": node,
+        "pid": os.getpid(),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    summary["report"] = publish(
+        lambda p: write_report(p, summary, history, evals), f"{root}/report", cfg.s3_endpoint_url
+    )
+    return summary
+
+
+def calibrate(cfg: TrainConfig, model: Embedder, texts: list[str]) -> None:
+    """The exported model's int8 scales from its vectors of `texts`, at full width and each Matryoshka width."""
+    if texts:
+        model.calibrate_int8(texts, [d for d in cfg.matryoshka_dims if d < model.dim])
+
+
+def exported_prompts(cfg: TrainConfig, model: Embedder) -> dict[str, str]:
+    """The model's prompts plus the run's: `prompts`, and `query` from query_instruction."""
+    query = (
+        {"query": cfg.instruction_template.format(task=cfg.query_instruction)}
+        if cfg.query_instruction
+        else {}
+    )
+    return {**model.prompts, **cfg.prompts, **query}
+
+
+def run_evals(cfg: TrainConfig, trained: Embedder, rotation: Any) -> dict[str, Any] | None:
+    """The run's `eval` section applied to the starting model (rotated as training started) and to the
+    trained one; both get the run's prompts, and queries its `query` prompt when it trained with one."""
+    if not cfg.eval:
+        return None
+    from rayembed.eval.config import EvalConfig
+    from rayembed.eval.job import evaluate
+
+    before = starting_model(cfg, str(trained.device), rotation)
+    before.prompts = exported_prompts(cfg, before)
+    query = {"query_prompt_name": "query"} if cfg.query_instruction else {}
+    settings = {
+        "s3_endpoint_url": cfg.s3_endpoint_url,
+        **query,
+        **cfg.eval,
+        "model": cfg.model,
+        "output": None,
+    }
+    return {
+        "before": evaluate(EvalConfig(**settings), before),
+        "after": evaluate(EvalConfig(**settings), trained),
+    }

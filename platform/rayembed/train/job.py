@@ -1,7 +1,8 @@
 """The train job's driver: checks, the Ray Dataset, `TorchTrainer`, then export and the run report.
 
-The final model is consolidated from the last ZeRO checkpoint on the driver (fp32, any stage) and
-written in the sentence-transformers layout to <output_dir>/model; checkpoints live in
+The final model is consolidated from the last ZeRO checkpoint by the export task (export.py: a Ray task
+placed by `export_resources`, not on the driver; fp32, any stage) and written in the sentence-transformers
+layout to <output_dir>/model; checkpoints live in
 <output_dir>/checkpoints/<run_name> unless storage_path says otherwise.
 """
 
@@ -11,7 +12,6 @@ import dataclasses
 import io
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import torch
 
 from rayembed.data.flagembedding import normalize
-from rayembed.io import ensure_ray, filesystem, is_s3, publish, read_dataset, strip_scheme
+from rayembed.io import ensure_ray, filesystem, is_s3, read_dataset, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.model import backbone as families
 from rayembed.model.layout import read_layout
@@ -27,12 +27,11 @@ from rayembed.model.lora import check_targets
 from rayembed.model.pca import ranking_axes
 from rayembed.model.tokenizer import prepare_tokenizer
 from rayembed.train.config import TrainConfig
-from rayembed.train.export import HISTORY, ROTATION, consolidate, saved_rotation
+from rayembed.train.export import ROTATION, export_run, warn_if_no_node_fits_export
 from rayembed.train.hang import Board, Watchdog
 from rayembed.train.loop import train_loop
 from rayembed.train.objective import input_columns
 from rayembed.train.order import ingest_config
-from rayembed.train.report import write_report
 from rayembed.train.start import starting_model
 
 
@@ -70,18 +69,15 @@ def first_rows(cfg: TrainConfig, ds: Any, resumed: bool) -> dict[str, Any]:
     return rows
 
 
+def calibration_texts(cfg: TrainConfig, rows: dict[str, Any]) -> list[str]:
+    """The first `int8_calibration_texts` texts of `rows`, which calibrate the exported model's int8 scales."""
+    return row_texts(cfg, rows)[: cfg.int8_calibration_texts]
+
+
 def row_texts(cfg: TrainConfig, rows: dict[str, Any]) -> list[str]:
     """The texts of a batch of training rows, row by row (FlagEmbedding rows: their queries)."""
     columns = ["query"] if cfg.data_format == "flagembedding" else input_columns(cfg)
     return [str(rows[c][i]) for i in range(len(rows[columns[0]])) for c in columns]
-
-
-def calibrate(cfg: TrainConfig, model: Embedder, rows: dict[str, Any]) -> None:
-    """The exported model's int8 scales, from its vectors of the first `int8_calibration_texts` texts
-    of `rows` (row by row: every text column of a row)."""
-    if cfg.int8_calibration_texts:
-        texts = row_texts(cfg, rows)[: cfg.int8_calibration_texts]
-        model.calibrate_int8(texts, [d for d in cfg.matryoshka_dims if d < model.dim])
 
 
 def run_checkpoints(
@@ -106,30 +102,6 @@ def checkpoint_rotation(
             with fs.open_input_file(f"{folder}/{ROTATION}") as f:
                 return np.load(io.BytesIO(f.read()))
     return None
-
-
-def run_evals(cfg: TrainConfig, trained: Embedder, rotation: Any) -> dict[str, Any] | None:
-    """The run's `eval` section applied to the starting model (rotated as training started) and to the
-    trained one; both get the run's prompts, and queries its `query` prompt when it trained with one."""
-    if not cfg.eval:
-        return None
-    from rayembed.eval.config import EvalConfig
-    from rayembed.eval.job import evaluate
-
-    before = starting_model(cfg, str(trained.device), rotation)
-    before.prompts = exported_prompts(cfg, before)
-    query = {"query_prompt_name": "query"} if cfg.query_instruction else {}
-    settings = {
-        "s3_endpoint_url": cfg.s3_endpoint_url,
-        **query,
-        **cfg.eval,
-        "model": cfg.model,
-        "output": None,
-    }
-    return {
-        "before": evaluate(EvalConfig(**settings), before),
-        "after": evaluate(EvalConfig(**settings), trained),
-    }
 
 
 def check_model(cfg: TrainConfig) -> int:
@@ -252,16 +224,6 @@ def worker_env(cfg: TrainConfig) -> dict[str, str]:
     return {"MALLOC_MMAP_THRESHOLD_": str(cfg.malloc_mmap_threshold)}
 
 
-def exported_prompts(cfg: TrainConfig, model: Embedder) -> dict[str, str]:
-    """The model's prompts plus the run's: `prompts`, and `query` from query_instruction."""
-    query = (
-        {"query": cfg.instruction_template.format(task=cfg.query_instruction)}
-        if cfg.query_instruction
-        else {}
-    )
-    return {**model.prompts, **cfg.prompts, **query}
-
-
 def torch_trainer(cfg: TrainConfig, ds: Any, rotation: Any, board: Any = None) -> Any:
     """The Ray Train trainer of the run: workers get the whole config as a dict (no module globals), and
     the run's hang.Board to post their step and phase to."""
@@ -298,8 +260,11 @@ def fit(cfg: TrainConfig, ds: Any, rotation: Any) -> tuple[Any, dict[str, Any]]:
     """Ray Train's run, watched (hang.py): (its result, the stalls the driver saw and the failures the
     workers explained)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    board: Any = ray.remote(Board).options(num_cpus=0).remote()
+    # on the driver's node: a worker node lost mid-run (elastic training) must not take the board with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board: Any = ray.remote(Board).options(num_cpus=0, scheduling_strategy=here).remote()
     watchdog = Watchdog(board, cfg.stall_warning_s) if cfg.stall_warning_s else None
     try:
         result = torch_trainer(cfg, ds, rotation, board).fit()
@@ -317,6 +282,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         resolve_model_path(cfg.teacher, cfg.s3_endpoint_url)
     ensure_ray(cfg.local_cpus())
     check_storage(cfg)
+    warn_if_no_node_fits_export(cfg)
     check_run(cfg)
     ds = dataset(cfg)
     rotation = None
@@ -332,23 +298,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     result, watched = fit(cfg, ds.select_columns(input_columns(cfg)), rotation)
     assert result.checkpoint is not None
-    with result.checkpoint.as_directory() as d:
-        model = consolidate(d, cfg)
-        history = json.loads(Path(d, HISTORY).read_text()) if Path(d, HISTORY).is_file() else []
-        rotation = saved_rotation(d, rotation)
-    model.name, model.prompts = f"{model.name}-{cfg.run_name}", exported_prompts(cfg, model)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    calibrate(cfg, model, rows)
-    root = cfg.output_dir.rstrip("/")
     summary = {
-        "output_dir": publish(model.save, f"{root}/model", cfg.s3_endpoint_url),
         "checkpoint": ("s3://" if is_s3(str(cfg.storage_path)) else "") + result.checkpoint.path,
         **(result.metrics or {}),
         "wall_s": round(time.perf_counter() - started, 1),
         **watched,
     }
-    evals = run_evals(cfg, model, rotation)
-    summary["report"] = publish(
-        lambda p: write_report(p, summary, history, evals), f"{root}/report", cfg.s3_endpoint_url
-    )
-    return summary
+    return export_run(cfg, result.checkpoint, rotation, calibration_texts(cfg, rows), summary)
