@@ -1,8 +1,9 @@
 """The cluster files' own commands against a real Ray cluster: `ray start --head` plus a worker node on
 this machine (Ray 2.60 turns token auth on: clients set RAY_AUTH_MODE=token), the exact entrypoints of
 cluster/kuberay/rayjob-*.yaml submitted through the Ray Jobs API with `s3://my-bucket` pointed at the
-loopback S3 server and CPU-sized overrides appended, then the RayService's serveConfigV2 deployed with
-`serve deploy`, serving the model the train job wrote to S3."""
+loopback S3 server and CPU-sized overrides appended (the LLM LoRA job: a tiny random Qwen3 for the model
+folder, 2 CPU workers for 16 GPUs), then the RayService's serveConfigV2 deployed with `serve deploy`,
+serving the LLM embedder the LoRA job wrote to S3, queried with its instruction prompt."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +40,11 @@ SMALL = {  # CPU-sized overrides appended to each manifest's entrypoint (the spe
     "train.checkpoint_every=2 train.pca_rows=64 train.pca_ranking_steps=10 train.int8_calibration_texts=64 "
     "train.eval.max_queries=5 train.eval.max_docs=20",
     "rayembed-embed": "",  # the spec as it is (the test uploads 32 documents)
+    # 2 CPU workers instead of 16 GPUs, the tiny random Qwen3 for Qwen3-0.6B, 2 steps, a few eval queries
+    "rayembed-llm-lora": "train.use_gpu=false train.num_workers=2 train.cpus_per_worker=1 train.precision=fp32 "
+    "train.batch_size=8 train.grad_cache_chunk=4 train.max_length=32 train.max_steps=2 train.checkpoint_every=2 "
+    "train.min_workers=null train.export_resources={} train.eval.max_queries=5 train.eval.max_docs=20 "
+    "eval.max_queries=5 eval.max_docs=20",
 }
 
 
@@ -66,7 +72,7 @@ def ray_started(s3_endpoint: str) -> Iterator[tuple[str, dict[str, str]]]:
     _ray("start", "--head", f"--port={port}", "--num-cpus=1", f"--dashboard-port={dashboard}",
          "--include-dashboard=true", "--disable-usage-stats", env=env)  # fmt: skip
     try:
-        _ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=8", env=env)  # the three jobs side by side
+        _ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=12", env=env)  # the four jobs side by side
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         subprocess.run(
@@ -98,6 +104,7 @@ def test_manifest_jobs_and_service_on_a_started_cluster(
     s3_endpoint: str,
     snli_triples: Path,
     scifact_docs: Path,
+    tiny_decoder: Callable[..., Path],
     tmp_path: Path,
 ) -> None:
     import s3fs
@@ -116,8 +123,16 @@ def test_manifest_jobs_and_service_on_a_started_cluster(
     corpus.mkdir()  # cores shared with the other two jobs, each abstract costs the embed job ~0.5 s
     (corpus / "docs.jsonl").write_text("".join(scifact_docs.read_text().splitlines(keepends=True)[:32]))
     upload_dir(corpus, f"{BUCKET}/corpus", s3_endpoint)
-    upload_dir(DATA / "scifact", f"{BUCKET}/eval/scifact", s3_endpoint)  # the train RayJobs' eval collection
-    names = ("train", "distill", "embed")
+    # eval/sts-test.csv first (an upload replaces its folder's contents), then the RayJobs' eval collection
+    upload_dir(DATA / "stsbenchmark" / "stsbenchmark", f"{BUCKET}/eval", s3_endpoint)
+    upload_dir(DATA / "scifact", f"{BUCKET}/eval/scifact", s3_endpoint)
+    upload_dir(
+        DATA / "flagembedding-examples", f"{BUCKET}/flagembedding", s3_endpoint
+    )  # as FlagEmbedding ships them
+    upload_dir(
+        tiny_decoder("qwen3"), f"{BUCKET}/models/Qwen3-0.6B", s3_endpoint
+    )  # its stand-in: a tiny random Qwen3
+    names = ("train", "distill", "embed", "llm-lora")
     with ThreadPoolExecutor(len(names)) as pool:  # the RayJobs at once, as on a shared cluster
         list(pool.map(lambda name: _submit(address, env, _entrypoint(name), s3_endpoint), names))
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
@@ -128,17 +143,29 @@ def test_manifest_jobs_and_service_on_a_started_cluster(
                      "distill/model/model.safetensors", "distill/teacher/_manifest.json", "embeddings/_manifest.json"):  # fmt: skip
         assert any(f.endswith(expected) for f in outputs), (expected, outputs)
     assert any("/checkpoints/minilm-snli/checkpoint_" in f for f in outputs)
+    assert any("/checkpoints/llm-lora/checkpoint_" in f for f in outputs)
+    llm_report = json.loads(fs.cat(f"{BUCKET}/runs/llm/report/report.json"))
+    assert llm_report["run"]["step"] == 2 and llm_report["eval"]["after"]["beir"]["queries"] == 5
+    llm_eval = json.loads(fs.cat(f"{BUCKET}/runs/llm/eval.json"))  # the eval section, data and report on S3
+    assert llm_eval["beir"]["queries"] == 5 and llm_eval["sts"]["pairs"] == 1379
 
-    trained = f"{BUCKET}/runs/train/model"
+    # The LLM embedder the LoRA RayJob exported, served by the RayService's application: queries with the
+    # model's `query` instruction through the openai client's extra_body, documents without.
+    trained = f"{BUCKET}/runs/llm/model"
     url = _serve_deploy(address, env, trained, s3_endpoint, tmp_path)
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)
     [served] = client.models.list().data
-    assert served.id.endswith("-minilm-snli")  # the trained model, named after its run
-    got = client.embeddings.create(input=["served from S3"], model=served.id, encoding_format="float")
+    assert served.id.endswith("-llm-lora")  # the trained model, named after its run
     local = Embedder.load(resolve_model_path(trained, s3_endpoint), device="cpu")
-    np.testing.assert_allclose([d.embedding for d in got.data], local.encode(["served from S3"]), atol=1e-5)
+    text = ["which protein binds the receptor"]
+    query = client.embeddings.create(input=text, model=served.id, encoding_format="float",
+                                     extra_body={"prompt_name": "query"})  # fmt: skip
+    np.testing.assert_allclose([query.data[0].embedding], local.encode(text, prompt_name="query"), atol=1e-5)
+    doc = client.embeddings.create(input=text, model=served.id, encoding_format="float")
+    np.testing.assert_allclose([doc.data[0].embedding], local.encode(text), atol=1e-5)
+    assert not np.allclose(query.data[0].embedding, doc.data[0].embedding, atol=1e-3)
 
 
 def _serve_deploy(address: str, env: dict[str, str], model: str, s3_endpoint: str, tmp_path: Path) -> str:
