@@ -3,12 +3,15 @@ this machine (Ray 2.60 turns token auth on: clients set RAY_AUTH_MODE=token), th
 cluster/kuberay/rayjob-*.yaml submitted through the Ray Jobs API with `s3://my-bucket` pointed at the
 loopback S3 server and CPU-sized overrides appended (the LLM LoRA job: a tiny random Qwen3 for the model
 folder, 2 CPU workers for 16 GPUs), then the RayService's serveConfigV2 deployed with `serve deploy`,
-serving the LLM embedder the LoRA job wrote to S3, queried with its instruction prompt."""
+serving the LLM embedder the LoRA job wrote to S3, queried with its instruction prompt. The LLM job is
+submitted with docs/deploy.md's own command and queried with its own examples (openai's extra_body, the TEI
+route with curl): the walkthrough cannot drift from what runs."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shlex
 import subprocess
@@ -59,15 +62,19 @@ def ray_started(s3_endpoint: str) -> Iterator[tuple[str, dict[str, str]]]:
     import ray
 
     ray.shutdown()  # the shared local cluster of other tests
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "token",
-        # the cluster's own token: a fresh machine has no ~/.ray/auth_token (an earlier ray.init writes one)
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        # HAProxy's own listeners: an HAProxy orphaned by an earlier cluster may still hold the defaults
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-    }
+    env = (
+        os.environ
+        | {
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "AWS_ENDPOINT_URL": s3_endpoint,  # every node's (the Secret's role in the pods, the profile's with EC2)
+            "RAY_AUTH_MODE": "token",
+            # the cluster's own token: a fresh machine has no ~/.ray/auth_token (an earlier ray.init writes one)
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            # HAProxy's own listeners: an HAProxy orphaned by an earlier cluster may still hold the defaults
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        }
+    )
     port, dashboard = free_port(), free_port()
     _ray("start", "--head", f"--port={port}", "--num-cpus=1", f"--dashboard-port={dashboard}",
          "--include-dashboard=true", "--disable-usage-stats", env=env)  # fmt: skip
@@ -90,12 +97,40 @@ def _submit(address: str, env: dict[str, str], entrypoint: str, s3_endpoint: str
     runtime_env = json.dumps({"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint}})
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
            "--runtime-env-json", runtime_env, "--", *shlex.split(entrypoint)]  # fmt: skip
+    _run_submit(cmd, env, entrypoint)
+
+
+def doc_block(marker: str, lang: str) -> str:
+    """The fenced `lang` block of docs/deploy.md that holds `marker` (the docs' own commands run here)."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    blocks = [b for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S) if marker in b]
+    assert len(blocks) == 1, f"docs/deploy.md: {len(blocks)} {lang} blocks hold {marker!r}"
+    return blocks[0]
+
+
+def _submit_as_documented(address: str, env: dict[str, str], tmp_path: Path) -> None:
+    """docs/deploy.md's launcher command for the LLM LoRA job, as written, against this cluster: the
+    manifest's bucket pointed at the test's, the head's address filled in, CPU-sized overrides appended."""
+    manifest = tmp_path / "rayjob-llm-lora.yaml"
+    manifest.write_text((KUBERAY / manifest.name).read_text().replace("s3://my-bucket", BUCKET))
+    script = (
+        doc_block("ENTRY=$(python", "bash")
+        .replace("cluster/kuberay/rayjob-llm-lora.yaml", str(manifest))
+        .replace("http://<head>:8265", address)
+        .replace("python -c", f"{sys.executable} -c")
+        .replace('-- $ENTRY"', f'-- $ENTRY {SMALL["rayembed-llm-lora"]}"')
+    )
+    assert str(manifest) in script and address in script and SMALL["rayembed-llm-lora"] in script
+    _run_submit(["bash", "-c", script], env, "docs/deploy.md: the LLM LoRA job")
+
+
+def _run_submit(cmd: list[str], env: dict[str, str], what: str) -> None:
     for _ in range(30):  # a fresh head's job agent can take a while to register ("try again later")
         done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         if "No available agent to submit job" not in done.stdout + done.stderr:
             break
         time.sleep(2)
-    assert done.returncode == 0, f"{entrypoint}\n{(done.stdout + done.stderr)[-4000:]}"
+    assert done.returncode == 0, f"{what}\n{(done.stdout + done.stderr)[-4000:]}"
     assert "succeeded" in done.stdout + done.stderr
 
 
@@ -132,9 +167,11 @@ def test_manifest_jobs_and_service_on_a_started_cluster(
     upload_dir(
         tiny_decoder("qwen3"), f"{BUCKET}/models/Qwen3-0.6B", s3_endpoint
     )  # its stand-in: a tiny random Qwen3
-    names = ("train", "distill", "embed", "llm-lora")
-    with ThreadPoolExecutor(len(names)) as pool:  # the RayJobs at once, as on a shared cluster
-        list(pool.map(lambda name: _submit(address, env, _entrypoint(name), s3_endpoint), names))
+    names = ("train", "distill", "embed")
+    with ThreadPoolExecutor(len(names) + 1) as pool:  # the RayJobs at once, as on a shared cluster
+        jobs = [pool.submit(_submit, address, env, _entrypoint(name), s3_endpoint) for name in names]
+        jobs.append(pool.submit(_submit_as_documented, address, env, tmp_path))  # the LLM job, as documented
+        [job.result() for job in jobs]
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     outputs = fs.find("rayembed/jobs")
     report = json.loads(fs.cat(f"{BUCKET}/runs/train/report/report.json"))
@@ -166,6 +203,17 @@ def test_manifest_jobs_and_service_on_a_started_cluster(
     doc = client.embeddings.create(input=text, model=served.id, encoding_format="float")
     np.testing.assert_allclose([doc.data[0].embedding], local.encode(text), atol=1e-5)
     assert not np.allclose(query.data[0].embedding, doc.data[0].embedding, atol=1e-3)
+    # docs/deploy.md's own query examples: the openai client with extra_body, and the TEI route with curl
+    scope: dict[str, object] = {"client": client, "name": served.id}
+    exec(doc_block('extra_body={"prompt_name": "query"}', "python"), scope)
+    asked = ["how do I reset my password"]
+    expected = local.encode(asked, prompt_name="query")
+    np.testing.assert_allclose([scope["q"].data[0].embedding], expected, atol=1e-5)  # type: ignore[attr-defined]
+    curl = (
+        doc_block("the TEI route", "bash").replace("http://127.0.0.1:8000", url).replace("<key>", "sk-test")
+    )
+    tei = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60, check=True)
+    np.testing.assert_allclose(json.loads(tei.stdout), expected, atol=1e-5)
 
 
 def _serve_deploy(address: str, env: dict[str, str], model: str, s3_endpoint: str, tmp_path: Path) -> str:
