@@ -26,9 +26,31 @@ def _replicas(kind: str) -> list[dict]:
     return [a for a in state.actors().values() if a["State"] == "ALIVE" and kind in a["ActorClassName"]]
 
 
+def running(deployment: str) -> int:
+    """Replicas Serve routes to (an actor that is alive may not be ready yet)."""
+    from ray import serve
+
+    app = serve.status().applications.get("rayembed")
+    return int(app.deployments[deployment].replica_states.get("RUNNING", 0)) if app else 0
+
+
+def busiest(replicas: list[dict], window_s: float = 0.5) -> int:
+    """The pid of the replica that used the most CPU over `window_s`: the one encoding calls now."""
+    import time
+
+    import psutil
+
+    procs = [psutil.Process(a["Pid"]) for a in replicas]
+    before = [sum(p.cpu_times()[:2]) for p in procs]
+    time.sleep(window_s)
+    used = [sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before, strict=True)]
+    return procs[used.index(max(used))].pid
+
+
 def load(url: str, outcomes: Counter[str], stop: threading.Event) -> None:
-    """Posts requests big enough to be inside a replica (tokenizing, batching, encoding) when it dies."""
-    body = json.dumps({"input": ["a replica may die while it holds this request " * 8] * 16}).encode()
+    """Posts requests big enough that a model replica spends most of its time encoding them (~0.1 s of
+    work each), so one killed under this load almost always holds a call."""
+    body = json.dumps({"input": ["a replica may die while it holds this request " * 30] * 128}).encode()
     while not stop.is_set():
         req = urllib.request.Request(
             f"{url}/v1/embeddings", data=body, headers={"Content-Type": "application/json"}
@@ -44,7 +66,7 @@ def load(url: str, outcomes: Counter[str], stop: threading.Event) -> None:
 
 def kill_one_under_load(url: str, kind: str, threads: int = 6) -> Counter[str]:
     """Clients post steadily; once 30 requests have succeeded, SIGKILL one `kind` replica; go on until 60
-    more have; the outcomes by status (or exception)."""
+    more have; the outcomes by status (or exception). The replica killed is the busier one."""
     outcomes: Counter[str] = Counter()
     stop = threading.Event()
     clients = [threading.Thread(target=load, args=(url, outcomes, stop)) for _ in range(threads)]
@@ -52,7 +74,7 @@ def kill_one_under_load(url: str, kind: str, threads: int = 6) -> Counter[str]:
         t.start()
     try:
         assert wait_for(lambda: outcomes["200"] >= 30, 120), outcomes
-        os.kill(_replicas(kind)[0]["Pid"], signal.SIGKILL)
+        os.kill(busiest(_replicas(kind)), signal.SIGKILL)
         killed_at = outcomes["200"]
         assert wait_for(lambda: outcomes["200"] >= killed_at + 60, 120), outcomes  # load goes on after it
     finally:
@@ -72,7 +94,7 @@ def test_a_model_replica_killed_under_load_fails_no_request(tiny_model: Path) ->
     try:
         outcomes: Counter[str] = Counter()
         for _ in range(3):  # a kill between two of its calls retries nothing: kill again until one had a call
-            assert wait_for(lambda: len(_replicas("Model0-tiny")) == 2, 120)
+            assert wait_for(lambda: running("Model0-tiny") == 2 and len(_replicas("Model0-tiny")) == 2, 120)
             outcomes += kill_one_under_load(url, "Model0-tiny")
             failed = sum(n for status, n in outcomes.items() if status != "200")
             assert failed == 0, outcomes
