@@ -316,3 +316,40 @@ def scifact_docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rows = read_jsonl(DATA / "scifact" / "corpus.jsonl")
     write_jsonl(path, (r for i, r in enumerate(rows) if i < 300))
     return path
+
+
+def start_mlflow_server(root: Path, port: int | None = None) -> tuple[Any, str]:
+    """A real `mlflow server` on loopback: SQLite backend store, artifacts served by it (proxied, as
+    cluster workers reach them) from a local folder. (process, tracking URI) once /health answers."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return proc.poll() is not None  # exited: stop waiting, fail below
+
+    assert wait_for(up, 120) and proc.poll() is None, (root / "server.log").read_text()[-2000:]
+    return proc, uri
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's MLflow tracking server and registry (tracking URI)."""
+    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield uri
+    proc.terminate()
+    proc.wait(30)

@@ -54,7 +54,7 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), job: str | Non
 
 
 # settings that hold a mapping of their own: `train.eval.max_queries=50` sets one key of train's eval
-_NESTED = {"train": ("eval",), "merge": ("eval",)}
+_NESTED = {"train": ("eval", "tracking"), "merge": ("eval",), "eval": ("tracking",), "embed": ("tracking",)}
 
 
 def _set(spec: dict[str, Any], path: list[str], value: Any, item: str) -> None:

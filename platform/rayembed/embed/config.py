@@ -8,7 +8,8 @@ from typing import Any
 
 from rayembed.io import local_abspath
 from rayembed.model.layout import model_ref
-from rayembed.settings import check
+from rayembed.settings import build, check
+from rayembed.tracking import TrackingConfig
 
 
 @dataclass
@@ -103,8 +104,13 @@ class EmbedConfig:
     this one together hold every current id exactly once: `rayembed.embed.versions.current` reads them."""
     progress: bool = True
     """Show a progress bar."""
+    tracking: dict[str, Any] | None = None
+    """Log the settings as params and the summary as metrics into a tracked run (TrackingConfig fields),
+    tagged with the registered model's run when the model is a models:/ source; null: not tracked."""
 
     def __post_init__(self) -> None:
+        if self.tracking is not None:
+            build(TrackingConfig, self.tracking)
         self.model = model_ref(self.model)  # actors run in their own folders
         formats = ("files", "iceberg", "delta")
         check(self.input_format in formats, f"input_format must be one of {formats}")
@@ -138,6 +144,21 @@ class EmbedConfig:
             f"cpu_dtype must be float32|bfloat16, got {self.cpu_dtype!r}",
         )
         check(self.dim is None or self.dim > 0, "dim must be positive")
+        self._check_chunking()
+        check(self.max_length is None or self.max_length >= 1, "max_length must be >= 1")
+        check(
+            not (self.chunking and self.title_column),
+            "chunking cuts the text column alone (start/end index it): pass the title through "
+            "(passthrough_columns) or join it to the text first, instead of title_column",
+        )
+        check(
+            min(self.batch_size, self.chunk_rows, self.fragment_rows, self.fragment_bytes) >= 1,
+            "batch_size, chunk_rows, fragment_rows, fragment_bytes must be >= 1",
+        )
+        check(bool(self.output) and self.input != self.output, "output must be a folder other than the input")
+        check(self.store_retries >= 0, "store_retries must be >= 0")
+
+    def _check_chunking(self) -> None:
         check(
             self.chunking in (None, "chunks", "late"),
             f"chunking must be null, chunks or late, got {self.chunking!r}",
@@ -151,18 +172,6 @@ class EmbedConfig:
             "chunk_overlap must be >= 0 and less than chunk_tokens",
         )
         check(self.chunk_tokens is None or self.chunk_tokens >= 1, "chunk_tokens must be >= 1")
-        check(self.max_length is None or self.max_length >= 1, "max_length must be >= 1")
-        check(
-            not (self.chunking and self.title_column),
-            "chunking cuts the text column alone (start/end index it): pass the title through "
-            "(passthrough_columns) or join it to the text first, instead of title_column",
-        )
-        check(
-            min(self.batch_size, self.chunk_rows, self.fragment_rows, self.fragment_bytes) >= 1,
-            "batch_size, chunk_rows, fragment_rows, fragment_bytes must be >= 1",
-        )
-        check(bool(self.output) and self.input != self.output, "output must be a folder other than the input")
-        check(self.store_retries >= 0, "store_retries must be >= 0")
 
 
 @dataclass

@@ -37,6 +37,7 @@ from rayembed.embed.versions import current, known_index, settings_check, write_
 from rayembed.io import ensure_ray, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.layout import model_revision
+from rayembed.tracking import log_job, registry_env
 
 
 def plan_actors(cfg: EmbedConfig, fragments: int) -> tuple[int, float, float, int]:
@@ -205,7 +206,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
             # own malloc arena, up to 8 per core, each keeping what it freed: an actor's RSS grew with the
             # fragments it had done (738 -> 1,349 MB from 1k to 100k long documents). 2 arenas keep it
             # flat at the same speed (docs/benchmarks.md "Long documents").
-            runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}},
+            runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", **registry_env()}},
         )
         with _progress(len(pending), cfg.progress) as tick:
             for row in out.iter_rows():
@@ -218,6 +219,12 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         out_fs.delete_dir(f"{root}/{TMP}")
     summary = summarize(cfg, root, out_fs, run, fragments, len(fragments) - len(pending), time.time() - start)
     summary["plan"] = plan
+    return finish(cfg, root, out_fs, summary, known)
+
+
+def finish(cfg: EmbedConfig, root: str, out_fs: Any, summary: dict[str, Any], known: Any) -> dict[str, Any]:
+    """After the fragments: an incremental version's deletions, the Iceberg commit, the tracked run, and
+    `_summary.json`."""
     if known is not None:  # an incremental version: what it re-embedded, kept and found gone
         summary["incremental_from"] = cfg.incremental_from
         summary["deleted"] = write_deleted(out_fs, root, known)
@@ -225,6 +232,8 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         rows = current(out_fs, root)  # a full run (incremental versions are refused in the config)
         done_now = append_to_iceberg(cfg.iceberg_append, cfg.iceberg_catalog, rows, cfg.output)
         summary["iceberg_append"] = {"table": cfg.iceberg_append, "rows": rows.num_rows, "appended": done_now}
+    if cfg.tracking:
+        summary["tracking"] = log_job(cfg.tracking, "embed", dataclasses.asdict(cfg), summary, cfg.model)
     write_json(out_fs, f"{root}/_summary.json", summary)
     return summary
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from rayembed.data import SHARED_DATA
-from rayembed.settings import check
+from rayembed.settings import build, check
+from rayembed.tracking import TrackingConfig
 
 
 @dataclass
@@ -36,8 +38,12 @@ class EvalConfig:
     """Write the metrics JSON here (a local or s3:// file)."""
     s3_endpoint_url: str | None = None
     """S3-compatible endpoint for the s3:// paths (default: $AWS_ENDPOINT_URL, else AWS)."""
+    tracking: dict[str, Any] | None = None
+    """Log the settings as params and the metrics into a tracked run (TrackingConfig fields); null: not."""
 
     def __post_init__(self) -> None:
+        if self.tracking is not None:
+            build(TrackingConfig, self.tracking)
         check(bool(self.beir_dir or self.sts_file), "eval needs beir_dir or sts_file")
         check(
             bool(self.precisions) and set(self.precisions) <= {"float32", "int8", "binary"},

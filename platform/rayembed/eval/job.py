@@ -3,6 +3,7 @@ width and output precision, via `Embedder.encode` and `postprocess` (what the ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -13,6 +14,7 @@ from rayembed.eval.config import EvalConfig
 from rayembed.eval.metrics import comparable, retrieval_metrics
 from rayembed.io import open_file
 from rayembed.model import Embedder, postprocess, resolve_model_path
+from rayembed.tracking import log_job
 
 
 def subset(
@@ -76,4 +78,6 @@ def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
     if cfg.output:
         with open_file(cfg.output, "w", url) as f:
             f.write(json.dumps(report, indent=2) + "\n")
+    if cfg.tracking:
+        report["tracking"] = log_job(cfg.tracking, "eval", dataclasses.asdict(cfg), report, cfg.model)
     return report

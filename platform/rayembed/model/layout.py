@@ -36,20 +36,25 @@ def default_model_path() -> Path:
 def model_ref(name_or_path: str) -> str:
     """A model reference that workers elsewhere can use: the default aliases and URIs as they are, local
     paths made absolute (Ray workers run in their own folders)."""
-    if name_or_path in DEFAULT_MODEL_ALIASES or "://" in name_or_path:
+    if name_or_path in DEFAULT_MODEL_ALIASES or "://" in name_or_path or name_or_path.startswith("models:/"):
         return name_or_path
     return str(Path(name_or_path).expanduser().resolve())
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str], endpoint_url: str | None = None) -> Path:
-    """Map the default aliases to the bundled model, an s3:// folder to this node's cached copy of it
-    (model/remote.py; `endpoint_url` or $AWS_ENDPOINT_URL), and require a local folder otherwise."""
+    """Map the default aliases to the bundled model, an s3:// folder or a registered model (models:/<name>/
+    <version> or models:/<name>@<alias>, MLflow's registry at $MLFLOW_TRACKING_URI) to this node's cached
+    copy of it (model/remote.py; `endpoint_url` or $AWS_ENDPOINT_URL), and require a local folder otherwise."""
     if str(name_or_path) in DEFAULT_MODEL_ALIASES:
         return default_model_path()
     if str(name_or_path).startswith("s3://"):
         from rayembed.model.remote import fetch_model
 
         return fetch_model(str(name_or_path), endpoint_url)
+    if str(name_or_path).startswith("models:/"):
+        from rayembed.model.remote import fetch_registered
+
+        return fetch_registered(str(name_or_path))
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(

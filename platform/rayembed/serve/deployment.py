@@ -260,6 +260,16 @@ def _autoscaling(cfg: ServeConfig, spec: ModelSpec) -> dict[str, Any]:
     return scaling
 
 
+def _actor_options(spec: Any) -> dict[str, Any]:
+    """A model replica's resources; a models:/ model's replicas also get the driver's MLflow settings."""
+    from rayembed.tracking import registry_env
+
+    env = registry_env() if str(spec.model).startswith("models:/") else {}
+    return {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus} | (
+        {"runtime_env": {"env_vars": env}} if env else {}
+    )
+
+
 def build_app(cfg: ServeConfig) -> serve.Application:
     """The Serve application for `cfg` (also what a RayService's import path builds)."""
     queues = {
@@ -269,7 +279,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     specs = cfg.specs()
     if not cfg.routed:
         spec = specs[0]
-        resources = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
+        resources = _actor_options(spec)
         ingress = EmbeddingService.options(  # type: ignore[attr-defined]
             autoscaling_config=_autoscaling(cfg, spec), ray_actor_options=resources, **queues
         )
@@ -281,7 +291,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         name = spec.name or read_layout(resolve_model_path(spec.model, cfg.s3_endpoint_url)).name
         deployment = ModelDeployment.options(  # type: ignore[attr-defined]
             name=f"Model{i}-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)[:40], autoscaling_config=_autoscaling(cfg, spec),
-            ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}, **queues,
+            ray_actor_options=_actor_options(spec), **queues,
         )  # fmt: skip
         handles[name] = deployment.bind(dataclasses.asdict(spec) | {"name": name}, dataclasses.asdict(cfg))
     ingress = EmbeddingService.options(  # type: ignore[attr-defined]

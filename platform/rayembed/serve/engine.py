@@ -25,6 +25,7 @@ import numpy as np
 from rayembed.model import Embedder, Tokens, postprocess
 from rayembed.model.chunking import encode_chunks
 from rayembed.model.layout import model_revision, resolve_model_path
+from rayembed.model.remote import registered_revision
 from rayembed.model.vectors import unit
 from rayembed.serve.api import APIError, Job
 from rayembed.serve.batcher import Overloaded, TokenBatcher
@@ -49,7 +50,7 @@ class ModelEngine:
         self.embedder.tokenize_threads = max(1, int(spec.num_cpus or 1))
         self.name, self.revision, self.spec, self.cfg = (
             spec.name or self.embedder.name,
-            model_revision(path),
+            registered_revision(path) or model_revision(path),  # a registry version names itself
             spec,
             cfg,
         )

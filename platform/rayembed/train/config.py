@@ -8,7 +8,8 @@ from typing import Any
 from rayembed.eval.config import EvalConfig
 from rayembed.io import local_abspath
 from rayembed.model.layout import model_ref
-from rayembed.settings import check, one_of
+from rayembed.settings import build, check, one_of
+from rayembed.tracking import TrackingConfig
 
 
 @dataclass
@@ -232,10 +233,15 @@ class TrainConfig:
     eval: dict[str, Any] | None = None
     """Eval settings (EvalConfig fields: beir_dir, sts_file, max_queries, dims, precisions, ...) applied to
     the model before and after training, for the run report; null: the report has the curves only."""
+    tracking: dict[str, Any] | None = None
+    """Experiment tracking (TrackingConfig fields: backend, uri, experiment, register_as, alias, ...): the
+    config as params, rank 0's metrics per step, eval, report and model as artifacts; null: untracked."""
 
     def __post_init__(self) -> None:
         if self.eval is not None:
             EvalConfig(**self.eval)  # unknown or bad eval settings fail here, not after training
+        if self.tracking is not None:
+            build(TrackingConfig, self.tracking)
         self._check_loss()
         self._check_model()
         check(

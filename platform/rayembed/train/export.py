@@ -14,9 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayembed.io import publish
+from rayembed.io import is_s3, publish
 from rayembed.model import Embedder
+from rayembed.model.layout import model_revision
 from rayembed.model.lora import has_lora, merge
+from rayembed.tracking import Tracker, registry_env
+from rayembed.train import tracked
 from rayembed.train.config import TrainConfig
 from rayembed.train.report import write_report
 from rayembed.train.start import starting_model, trainable_model
@@ -91,7 +94,8 @@ def to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
 
 def export_options(cfg: TrainConfig) -> dict[str, Any]:
     """Ray options of the export task: 1 CPU (and 1 GPU with use_gpu), then `export_resources`."""
-    return {"num_cpus": 1, "num_gpus": 1 if cfg.use_gpu else 0, **cfg.export_resources}
+    env = {"runtime_env": {"env_vars": registry_env()}} if registry_env() else {}
+    return {"num_cpus": 1, "num_gpus": 1 if cfg.use_gpu else 0, **env, **cfg.export_resources}
 
 
 def warn_if_no_node_fits_export(cfg: TrainConfig) -> None:
@@ -142,18 +146,46 @@ def finish(
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     calibrate(cfg, model, texts)
     root = cfg.output_dir.rstrip("/")
-    summary = {"output_dir": publish(model.save, f"{root}/model", cfg.s3_endpoint_url), **summary}
     evals = run_evals(cfg, model, rotation)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    summary["export"] = {
-        "node_id": node,
-        "pid": os.getpid(),
-        "wall_s": round(time.perf_counter() - started, 1),
-    }
-    summary["report"] = publish(
-        lambda p: write_report(p, summary, history, evals), f"{root}/report", cfg.s3_endpoint_url
+    summary["export"] = {"node_id": node, "pid": os.getpid()}
+    tracker = tracked.finish(cfg, summary, evals)
+    summary = {"output_dir": published(model.save, f"{root}/model", cfg, tracker), **summary}
+    if tracker is not None:
+        summary["tracking"] |= {"registered": tracked.register(cfg, tracker, model_tags(cfg, model, summary))}
+    summary["export"]["wall_s"] = round(time.perf_counter() - started, 1)
+    summary["report"] = published(
+        lambda p: write_report(p, summary, history, evals), f"{root}/report", cfg, tracker
     )
+    if tracker is not None:
+        summary["tracking"] |= tracker.close("FINISHED")
     return summary
+
+
+def model_tags(cfg: TrainConfig, model: Embedder, summary: dict[str, Any]) -> dict[str, str]:
+    """Tags of a registered version: the run, the model's revision (its content hash, local outputs),
+    width, Matryoshka widths and the precisions it is calibrated for."""
+    local = not is_s3(summary["output_dir"])
+    return {
+        "rayembed.run_name": cfg.run_name,
+        **({"rayembed.revision": model_revision(Path(summary["output_dir"]))} if local else {}),
+        "rayembed.width": str(model.dim),
+        "rayembed.matryoshka_dims": ",".join(map(str, cfg.matryoshka_dims)),
+        "rayembed.precisions": "float32,int8,binary",
+    }
+
+
+def published(write: Any, out: str, cfg: TrainConfig, tracker: Tracker | None) -> str:
+    """`publish` (local or s3://), and the folder logged as the tracked run's artifact of that name."""
+    if tracker is None:
+        return publish(write, out, cfg.s3_endpoint_url)
+
+    def write_and_log(path: Path) -> None:
+        write(path)
+        tracker.log_artifacts(str(path), out.rsplit("/", 1)[-1])
+        tracker.flush()  # before a temporary folder (s3:// outputs) goes
+
+    return publish(write_and_log, out, cfg.s3_endpoint_url)
 
 
 def calibrate(cfg: TrainConfig, model: Embedder, texts: list[str]) -> None:

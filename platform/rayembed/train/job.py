@@ -26,6 +26,8 @@ from rayembed.model.layout import read_layout
 from rayembed.model.lora import check_targets
 from rayembed.model.pca import ranking_axes
 from rayembed.model.tokenizer import prepare_tokenizer
+from rayembed.tracking import registry_env
+from rayembed.train import tracked
 from rayembed.train.config import TrainConfig
 from rayembed.train.export import ROTATION, export_run, warn_if_no_node_fits_export
 from rayembed.train.hang import Board, Watchdog
@@ -219,20 +221,28 @@ def worker_env(cfg: TrainConfig) -> dict[str, str]:
     """Environment of the training workers (set before they start)."""
     import os
 
+    registry = registry_env()  # a models:/ model or teacher is fetched by the workers too
     if cfg.malloc_mmap_threshold is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return {}
-    return {"MALLOC_MMAP_THRESHOLD_": str(cfg.malloc_mmap_threshold)}
+        return registry
+    return {"MALLOC_MMAP_THRESHOLD_": str(cfg.malloc_mmap_threshold), **registry}
 
 
-def torch_trainer(cfg: TrainConfig, ds: Any, rotation: Any, board: Any = None) -> Any:
-    """The Ray Train trainer of the run: workers get the whole config as a dict (no module globals), and
-    the run's hang.Board to post their step and phase to."""
+def torch_trainer(
+    cfg: TrainConfig, ds: Any, rotation: Any, board: Any = None, run_id: str | None = None
+) -> Any:
+    """The Ray Train trainer of the run: workers get the whole config as a dict (no module globals), the
+    run's hang.Board to post their step and phase to, and the tracked run's id."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "rotation": rotation, "board": board},
+        train_loop_config={
+            "cfg": dataclasses.asdict(cfg),
+            "rotation": rotation,
+            "board": board,
+            "tracking_run_id": run_id,
+        },  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
             # elastic: Train v2 takes (min, max)
             num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,  # type: ignore[arg-type]
@@ -256,7 +266,7 @@ def torch_trainer(cfg: TrainConfig, ds: Any, rotation: Any, board: Any = None) -
     )
 
 
-def fit(cfg: TrainConfig, ds: Any, rotation: Any) -> tuple[Any, dict[str, Any]]:
+def fit(cfg: TrainConfig, ds: Any, rotation: Any, run_id: str | None = None) -> tuple[Any, dict[str, Any]]:
     """Ray Train's run, watched (hang.py): (its result, the stalls the driver saw and the failures the
     workers explained)."""
     import ray
@@ -267,7 +277,7 @@ def fit(cfg: TrainConfig, ds: Any, rotation: Any) -> tuple[Any, dict[str, Any]]:
     board: Any = ray.remote(Board).options(num_cpus=0, scheduling_strategy=here).remote()
     watchdog = Watchdog(board, cfg.stall_warning_s) if cfg.stall_warning_s else None
     try:
-        result = torch_trainer(cfg, ds, rotation, board).fit()
+        result = torch_trainer(cfg, ds, rotation, board, run_id).fit()
     finally:
         stalls = watchdog.stop() if watchdog else []
         failures = ray.get(board.snapshot.remote())["failures"]
@@ -295,13 +305,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
     if cfg.pca_rotation and rotation is None:
         rotation = fit_rotation(cfg, rows)
-    started = time.perf_counter()
-    result, watched = fit(cfg, ds.select_columns(input_columns(cfg)), rotation)
+    started, tracker = time.perf_counter(), tracked.start(cfg)
+    if cfg.tracking:  # workers and the export reach the same store, wherever they run
+        cfg = dataclasses.replace(cfg, tracking=dataclasses.asdict(tracked.settings(cfg)))
+    try:
+        run_id = tracker.run_id if tracker else None
+        result, watched = fit(cfg, ds.select_columns(input_columns(cfg)), rotation, run_id)
+    except BaseException:
+        if tracker is not None:
+            tracker.close("FAILED")  # a later start of this run_name sets it running again
+        raise
     assert result.checkpoint is not None
     summary = {
         "checkpoint": ("s3://" if is_s3(str(cfg.storage_path)) else "") + result.checkpoint.path,
         **(result.metrics or {}),
         "wall_s": round(time.perf_counter() - started, 1),
         **watched,
+        **({"tracking": tracker.close(None)} if tracker else {}),
     }
     return export_run(cfg, result.checkpoint, rotation, calibration_texts(cfg, rows), summary)

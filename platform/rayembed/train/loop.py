@@ -22,6 +22,7 @@ from torch import Tensor
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.batching import Text, by_length
 from rayembed.model.lora import has_lora
+from rayembed.train import tracked
 from rayembed.train.config import TrainConfig
 from rayembed.train.dist import agree, init_deepspeed, most
 from rayembed.train.export import CKPT_TAG, HISTORY, ROTATION, saved_rotation, saved_world_size, to_universal
@@ -156,6 +157,30 @@ def _save_and_report(
     return True
 
 
+def _checkpoint_or_report(
+    cfg: TrainConfig,
+    engine: Any,
+    state: dict[str, int],
+    metrics: dict[str, float],
+    kept: tuple[Any, ...],
+    fixed: dict[str, Any],
+    watch: Watch,
+) -> int | None:
+    """A checkpoint when one is due (its step; one the store refused is counted in `fixed`, and training
+    goes on with the next due as planned), else the metrics alone."""
+    import ray.train
+
+    if state["step"] % cfg.checkpoint_every:
+        watch.at(state["step"], "report")
+        ray.train.report({**metrics, **state})
+        return None
+    watch.at(state["step"], "checkpoint")
+    if _save_and_report(engine, state, metrics, *kept):
+        return state["step"]
+    fixed["checkpoint_failures"] += 1
+    return None
+
+
 def _build(cfg: TrainConfig, device: torch.device, rotation: Tensor | None) -> tuple[Any, Embedder | None]:
     """The DeepSpeed engine around the starting model (start.py) with what trains, and the in-loop teacher."""
     import deepspeed
@@ -261,6 +286,7 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
     watch.at(0, "resume")
     state, history, rotation = _resume(engine, loss_state, rotation, cfg.batch_size * world)
     fixed["resumed_from"], started = state["step"], time.perf_counter()
+    tracker, logged = tracked.for_worker(cfg, config.get("tracking_run_id")) if rank == 0 else (None, -1)
     shard = ray.train.get_dataset_shard("train")
     max_steps = cfg.max_steps or 10**12
     metrics: dict[str, float] = {"loss": float("nan")}
@@ -279,6 +305,7 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
             fixed["rows_left_out"] += rows - world * num_rows(batch)  # a short last batch's remainder
             # seeded by position: a resumed run samples the same FlagEmbedding groups it would have
             rng = np.random.default_rng([cfg.seed, state["epoch"], state["step"], rank])
+            step_started = time.perf_counter()
             loss = _step(cfg, engine, (teacher, loss_state, rotation), batch, rng, watch, state["step"] + 1)
             at = {"epoch": state["epoch"], "row": state["row_in_epoch"], "rows": rows, "workers": world}
             state["step"], state["row_in_epoch"] = state["step"] + 1, state["row_in_epoch"] + rows
@@ -287,20 +314,18 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
             history.append(
                 {"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started} | at | extra
             )
-            if state["step"] % cfg.checkpoint_every == 0:
-                watch.at(state["step"], "checkpoint")
-                if _save_and_report(engine, state, metrics, history, loss_state, rotation):
-                    saved = state["step"]
-                else:  # the store refused it: training goes on, the next one is due as planned
-                    fixed["checkpoint_failures"] += 1
-                last_report = time.perf_counter()
-            elif report:
-                watch.at(state["step"], "report")
-                ray.train.report({**metrics, **state})
+            if tracker is not None and state["step"] > logged:  # a resumed run's steps are logged once
+                speed = rows / (time.perf_counter() - step_started)
+                tracker.log_metrics(tracked.step_metrics(metrics, engine.get_lr()[0], speed), state["step"])
+            if state["step"] % cfg.checkpoint_every == 0 or report:
+                kept = (history, loss_state, rotation)
+                saved = _checkpoint_or_report(cfg, engine, state, metrics, kept, fixed, watch) or saved
                 last_report = time.perf_counter()
         else:
             break
         state["epoch"], state["row_in_epoch"] = state["epoch"] + 1, 0
+    if tracker is not None:
+        tracker.close(None)  # flushed; the export task ends the run
     if saved != state["step"] or state["step"] == 0:
         watch.at(state["step"], "checkpoint")
         metrics |= fixed | {"peak_mem_mb": peak_memory_mb(device)}

@@ -1,0 +1,215 @@
+"""Experiment tracking: one small interface, one module per backend (name -> module in `BACKENDS`).
+
+A job with a `tracking` section opens a run (`open_run`), logs its config as params, step-indexed
+metrics and artifacts through a `Tracker`, and ends it. The Tracker never holds the job up: calls go to a
+background thread through a bounded queue; a call the backend fails (server down, timeout) is dropped
+and counted, with one warning; a full queue drops and counts too. `Tracker.close()` waits up to
+`flush_timeout_s` for what is queued and returns the counts, which the job puts in its summary.
+
+A backend module has `open(cfg, run_id, run_name, tags) -> Backend`; the Backend has the methods of
+`Backend` below. Adding one (TensorBoard, Aim) is one module and one line in `BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from rayembed.settings import check, one_of
+
+BACKENDS = {"mlflow": "rayembed.tracking.mlflow_backend", "wandb": "rayembed.tracking.wandb_backend"}
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "mlflow"
+    """mlflow or wandb."""
+    uri: str | None = None
+    """Where runs go. mlflow: a tracking URI (http://host:5000, sqlite:///mlflow.db, a folder); default
+    $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db. wandb: the local folder of its files (default ./wandb)."""
+    experiment: str = "rayembed"
+    """The experiment (mlflow) or project (wandb) the run goes into."""
+    run_name: str | None = None
+    """The tracked run's name (default: the job's run_name, else the job's name)."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Tags set on the run."""
+    register_as: str | None = None
+    """train (mlflow): register the exported model under this name; a new version each run."""
+    alias: str | None = None
+    """train (mlflow): point this alias (e.g. 'candidate') at the new version."""
+    mode: str = "offline"
+    """wandb: offline (files only; `wandb sync` uploads them) or online."""
+    timeout_s: float = 10.0
+    """Per request to the tracking server; a request that takes longer is dropped and counted."""
+    queue_size: int = 10_000
+    """Calls waiting for the backend; past this they are dropped and counted (training never waits)."""
+    flush_timeout_s: float = 60.0
+    """At the end of a job, wait at most this long for queued calls."""
+
+    def __post_init__(self) -> None:
+        one_of("tracking.backend", self.backend, BACKENDS)
+        one_of("tracking.mode", self.mode, ("offline", "online"))
+        check(self.alias is None or self.register_as is not None, "tracking.alias needs tracking.register_as")
+        check(self.register_as is None or self.backend == "mlflow", "tracking.register_as needs mlflow")
+        check(self.timeout_s > 0 and self.flush_timeout_s >= 0, "tracking timeouts must be positive")
+        check(self.queue_size >= 1, "tracking.queue_size must be >= 1")
+
+
+class Backend(Protocol):
+    run_id: str
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None: ...
+    def log_artifacts(self, local_dir: str, artifact_path: str | None) -> None: ...
+    def last_step(self, key: str) -> int: ...
+    def register(self, artifact_path: str, name: str, alias: str | None, tags: dict[str, str]) -> str: ...
+    def end(self, status: str) -> None: ...
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested settings as flat params: {'eval': {'dims': [64]}} -> {'eval.dims': '[64]'}."""
+    out: dict[str, str] = {}
+    for k, v in values.items():
+        if isinstance(v, dict) and v:
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def numeric(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers in a (nested) summary as flat metrics; strings, lists and None are left out."""
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out |= numeric(v, f"{prefix}{k}/")
+        elif isinstance(v, int | float) and not isinstance(v, bool) and v == v:  # NaN is no metric
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+class Tracker:
+    """A run of `backend`, logged to from a background thread (see the module's docstring)."""
+
+    def __init__(self, backend: Backend, queue_size: int = 10_000, flush_timeout_s: float = 60.0) -> None:
+        self.backend, self.run_id, self.flush_timeout_s = backend, backend.run_id, flush_timeout_s
+        self.dropped = self.failed = 0
+        self._queue: queue.Queue[Callable[[], Any] | None] = queue.Queue(queue_size)
+        self._thread = threading.Thread(target=self._work, name="rayembed-tracking", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (call := self._queue.get()) is not None:
+            try:
+                call()
+            except Exception as e:  # the tracker is down or refused: training goes on
+                self.failed += 1
+                if self.failed == 1:
+                    print(f"tracking: a call failed ({type(e).__name__}: {str(e)[:200]}); the job goes on, "
+                          "failed calls are dropped and counted", file=sys.stderr)  # fmt: skip
+            finally:
+                self._queue.task_done()
+
+    def _put(self, call: Callable[[], Any]) -> None:
+        try:
+            self._queue.put_nowait(call)
+        except queue.Full:
+            self.dropped += 1
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._put(lambda: self.backend.log_params(params))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._put(lambda: self.backend.log_metrics(metrics, step))
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self._put(lambda: self.backend.log_artifacts(local_dir, artifact_path))
+
+    def flush(self) -> bool:
+        """Wait up to flush_timeout_s for the queued calls; whether they all ran."""
+        done = threading.Event()
+        self._put(done.set)
+        return done.wait(self.flush_timeout_s)
+
+    def close(self, status: str | None = "FINISHED") -> dict[str, Any]:
+        """Flush, end the run with `status` (None: leave it running for another process to go on with),
+        stop the thread; the counts for the job's summary."""
+        if status is not None:
+            self._put(lambda: self.backend.end(status))
+        flushed = self.flush()
+        self._put(None)  # type: ignore[arg-type]
+        if not flushed:
+            self.dropped += self._queue.qsize()
+        return {"run_id": self.run_id, "dropped": self.dropped, "failed": self.failed}
+
+
+def backend_module(name: str) -> Any:
+    return importlib.import_module(BACKENDS[name])
+
+
+def open_run(
+    cfg: TrackingConfig | dict[str, Any],
+    run_name: str,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> Tracker | None:
+    """A Tracker on a new run (or on `run_id`, resumed). None, with a warning, if the backend cannot be
+    reached: the job runs untracked rather than not at all."""
+    cfg = cfg if isinstance(cfg, TrackingConfig) else TrackingConfig(**cfg)
+    try:
+        backend = backend_module(cfg.backend).open(
+            cfg, run_id, cfg.run_name or run_name, {**cfg.tags, **(tags or {})}
+        )
+    except Exception as e:
+        print(f"tracking: cannot open a {cfg.backend} run at {cfg.uri or 'the default store'} "
+              f"({type(e).__name__}: {str(e)[:200]}); this job runs untracked", file=sys.stderr)  # fmt: skip
+        return None
+    return Tracker(backend, cfg.queue_size, cfg.flush_timeout_s)
+
+
+def source_tags(model: str) -> dict[str, str]:
+    """Tags linking a job to the run that made its model, when the model is a registered version."""
+    if not model.startswith("models:/"):
+        return {}
+    from rayembed.tracking.mlflow_backend import registered
+
+    version = registered(model)
+    return {
+        "rayembed.model": f"models:/{version.name}/{version.version}",
+        "rayembed.model_run_id": version.run_id or "",
+    }
+
+
+def log_job(
+    cfg: TrackingConfig | dict[str, Any],
+    job: str,
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    model: str = "",
+) -> dict[str, Any]:
+    """One tracked run for a job that has no steps (embed, eval): its settings as params, the numbers of
+    its summary as metrics, linked to the model's run; returns the Tracker's counts (or why it has none)."""
+    try:
+        tags = {"rayembed.job": job, **source_tags(model)}
+    except Exception as e:  # noqa: BLE001  # the registry is down: the run goes untagged
+        tags = {"rayembed.job": job, "rayembed.model": model}
+        print(f"tracking: cannot read {model}'s registry entry ({type(e).__name__}); the run is not linked")
+    tracker = open_run(cfg, job, tags=tags)
+    if tracker is None:
+        return {"error": "the tracking store could not be reached; see the job's log"}
+    tracker.log_params(flatten(params))
+    tracker.log_metrics(numeric(metrics))
+    return tracker.close()
+
+
+def registry_env() -> dict[str, str]:
+    """The driver's MLflow settings, for the runtime env of workers and replicas that fetch models:/."""
+    import os
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL")
+    return {k: os.environ[k] for k in names if os.environ.get(k)}

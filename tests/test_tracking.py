@@ -1,0 +1,183 @@
+"""Experiment tracking and the model registry against a real `mlflow server` on loopback (SQLite store,
+proxied artifacts): a tracked 2-worker ZeRO-2 run and its resume are one run; its model is registered,
+then served, evaluated and batch-embedded from `models:/`; a store that is down holds no job up; W&B
+offline through the same interface."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import DATA, free_port, start_endpoint, start_mlflow_server
+from rayembed.config import EmbedConfig, EvalConfig, TrainConfig
+from rayembed.model import Embedder
+from rayembed.tracking import Tracker, TrackingConfig, open_run
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+EVAL = {"beir_dir": str(DATA / "scifact"), "max_queries": 5, "max_docs": 30, "sts_file": None}
+
+
+def _runs(client: Any, experiment: str) -> list[Any]:
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def _steps(client: Any, run_id: str, key: str = "loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
+    mlflow_server: str, tiny_model: Path, snli_triples: Path, scifact_docs: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from rayembed.embed import embed
+    from rayembed.eval import evaluate
+    from rayembed.train import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    client = MlflowClient(mlflow_server)
+    tracking = {"experiment": "tracked-train", "register_as": "tiny-tracked", "alias": "candidate"}
+
+    def cfg(max_steps: int) -> TrainConfig:
+        return TrainConfig(
+            data=str(snli_triples), output_dir=str(tmp_path / "run"), model=str(tiny_model), num_workers=2,
+            zero_stage=2, batch_size=8, max_length=32, lr=1e-3, max_steps=max_steps, checkpoint_every=2,
+            matryoshka_dims=[16], eval=EVAL, tracking=tracking,
+        )  # fmt: skip
+
+    first = train(cfg(2))
+    run_id = first["tracking"]["run_id"]
+    assert first["tracking"]["dropped"] == first["tracking"]["failed"] == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["zero_stage"] == "2"
+    assert run.data.params["num_workers"] == "2" and run.data.params["eval.max_queries"] == "5"
+    assert _steps(client, run_id) == [1, 2] and _steps(client, run_id, "lr") == [1, 2]
+    assert "samples_per_s" in run.data.metrics and "peak_mem_mb" in run.data.metrics
+    assert "eval/after/beir/32/ndcg_10" in run.data.metrics  # the export's eval, before and after
+    assert {"model/config.json", "model/int8_scales.json"} <= {a.path for a in client.list_artifacts(run_id, "model")}
+    assert {"report/report.md", "report/curves.png"} <= {a.path for a in client.list_artifacts(run_id, "report")}
+    assert first["tracking"]["registered"]["version"] == "1"
+
+    second = train(cfg(4))  # the same run_name again: resumes from step 2, into the same tracked run
+    assert second["resumed_from"] == 2 and second["tracking"]["run_id"] == run_id
+    assert [r.info.run_id for r in _runs(client, "tracked-train")] == [run_id]
+    assert _steps(client, run_id) == [1, 2, 3, 4]  # each step once
+    version = client.get_model_version_by_alias("tiny-tracked", "candidate")
+    assert version.version == "2" and version.run_id == run_id
+    assert version.tags["rayembed.width"] == "32" and version.tags["rayembed.matryoshka_dims"] == "16"
+
+    # models:/ wherever a model path goes: the endpoint names the registry version as its revision
+    url = start_endpoint(model="models:/tiny-tracked@candidate", model_name="tiny")
+    try:
+        body = json.dumps({"input": ["a registered model"], "model": "tiny"}).encode()
+        req = urllib.request.Request(f"{url}/v1/embeddings", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            served, revision = json.loads(r.read())["data"][0]["embedding"], r.headers["x-rayembed-revision"]
+    finally:
+        serve.shutdown()
+    assert revision == "models:/tiny-tracked/2"
+    local = Embedder.load(second["output_dir"], device="cpu").encode(["a registered model"])[0]
+    assert np.allclose(served, local, atol=1e-5)
+
+    # eval and embed of the registered model log into their experiments, linked to the training run
+    report = evaluate(EvalConfig(model="models:/tiny-tracked/2", **EVAL, tracking={"experiment": "evals"}))
+    [evaluated] = _runs(client, "evals")
+    assert evaluated.data.tags["rayembed.model_run_id"] == run_id
+    assert evaluated.data.metrics["beir/32/ndcg_10"] == pytest.approx(report["beir"]["32"]["ndcg@10"])
+    summary = embed(EmbedConfig(input=str(scifact_docs), output=str(tmp_path / "vectors"), text_column="text", id_column="_id",
+                                model="models:/tiny-tracked@candidate", progress=False, tracking={"experiment": "embeds"}))  # fmt: skip
+    [embedded] = _runs(client, "embeds")
+    assert embedded.data.tags["rayembed.model"] == "models:/tiny-tracked/2"
+    assert embedded.data.metrics["rows"] == summary["rows"] == 300 and "padding_ratio" in embedded.data.metrics
+
+
+class Blocked:
+    """A backend whose every call waits for `go` (a store that hangs)."""
+
+    run_id = "blocked"
+
+    def __init__(self) -> None:
+        self.go, self.logged = threading.Event(), 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        self.go.wait()
+        self.logged += 1
+
+    def end(self, status: str) -> None:
+        self.go.wait()
+
+
+def test_a_hung_or_lost_store_holds_no_job_up(tmp_path: Path) -> None:
+    # hung: calls return while the backend is stuck on the first; past the queue they are dropped, counted
+    backend = Blocked()
+    tracker = Tracker(backend, queue_size=4, flush_timeout_s=0.5)  # type: ignore[arg-type]
+    for step in range(10):
+        tracker.log_metrics({"loss": 1.0}, step)
+    assert backend.logged == 0 and tracker.dropped >= 5
+    counts = tracker.close()
+    backend.go.set()
+    assert counts["dropped"] >= 5
+
+    # lost: the server goes away mid-run; its calls fail, are counted, and the job's end still comes
+    proc, uri = start_mlflow_server(tmp_path / "doomed")
+    tracker = open_run({"uri": uri, "experiment": "doomed", "flush_timeout_s": 60}, "lost")
+    assert tracker is not None
+    tracker.log_metrics({"loss": 1.0}, 1)
+    assert tracker.flush()
+    proc.terminate()
+    proc.wait(30)
+    for step in range(2, 6):
+        tracker.log_metrics({"loss": 1.0}, step)
+    counts = tracker.close()
+    assert counts["failed"] >= 4 and counts["dropped"] == 0
+
+    # never there: the job runs untracked and says so
+    report_cfg = EvalConfig(model="default", **EVAL, tracking={"uri": f"http://127.0.0.1:{free_port()}"})
+    from rayembed.eval import evaluate
+
+    report = evaluate(report_cfg)
+    assert "error" in report["tracking"] and report["beir"]["384"]["ndcg@10"] > 0
+
+
+def test_wandb_offline_through_the_same_interface(tmp_path: Path) -> None:
+    tracker = open_run({"backend": "wandb", "uri": str(tmp_path / "wandb"), "experiment": "offline"}, "w")
+    assert tracker is not None
+    tracker.log_params({"lr": "0.001"})
+    for step in range(1, 4):
+        tracker.log_metrics({"loss": 1.0 / step}, step)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    tracker.log_artifacts(str(model), "model")
+    counts = tracker.close()
+    assert counts["failed"] == counts["dropped"] == 0
+    # offline, a run is one protobuf log for `wandb sync` (no reader ships with wandb 0.31): its records
+    # hold the param's and each step's values as they were sent
+    [log] = (tmp_path / "wandb" / "wandb").glob(f"offline-run-*-{counts['run_id']}/run-{counts['run_id']}.wandb")
+    data = log.read_bytes()
+    assert b"0.001" in data and all(repr(1.0 / step).encode() in data for step in (1, 2, 3))
+    assert f"{counts['run_id']}-model".encode() in data  # the model folder's artifact
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"backend": "neptune"}, "tracking.backend must be one of mlflow, wandb"),
+        ({"alias": "candidate"}, "tracking.alias needs tracking.register_as"),
+        ({"backend": "wandb", "register_as": "m"}, "tracking.register_as needs mlflow"),
+        ({"experiments": "x"}, "unknown setting(s) ['experiments']"),
+    ],
+)
+def test_bad_tracking_settings_are_refused_before_any_work(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        TrainConfig(data="x", output_dir="y", tracking=settings)
+    assert TrackingConfig().backend == "mlflow"
