@@ -327,12 +327,13 @@ def start_mlflow_server(root: Path, port: int | None = None) -> tuple[Any, str]:
 
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with open(root / "server.log", "wb") as log:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+             "--artifacts-destination", str(root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
