@@ -63,8 +63,12 @@ def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
     assert _steps(client, run_id) == [1, 2] and _steps(client, run_id, "lr") == [1, 2]
     assert "samples_per_s" in run.data.metrics and "peak_mem_mb" in run.data.metrics
     assert "eval/after/beir/32/ndcg_10" in run.data.metrics  # the export's eval, before and after
-    assert {"model/config.json", "model/int8_scales.json"} <= {a.path for a in client.list_artifacts(run_id, "model")}
-    assert {"report/report.md", "report/curves.png"} <= {a.path for a in client.list_artifacts(run_id, "report")}
+    assert {"model/config.json", "model/int8_scales.json"} <= {
+        a.path for a in client.list_artifacts(run_id, "model")
+    }
+    assert {"report/report.md", "report/curves.png"} <= {
+        a.path for a in client.list_artifacts(run_id, "report")
+    }
     assert first["tracking"]["registered"]["version"] == "1"
 
     second = train(cfg(4))  # the same run_name again: resumes from step 2, into the same tracked run
@@ -97,7 +101,9 @@ def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
                                 model="models:/tiny-tracked@candidate", progress=False, tracking={"experiment": "embeds"}))  # fmt: skip
     [embedded] = _runs(client, "embeds")
     assert embedded.data.tags["rayembed.model"] == "models:/tiny-tracked/2"
-    assert embedded.data.metrics["rows"] == summary["rows"] == 300 and "padding_ratio" in embedded.data.metrics
+    assert (
+        embedded.data.metrics["rows"] == summary["rows"] == 300 and "padding_ratio" in embedded.data.metrics
+    )
 
 
 class Blocked:
@@ -162,7 +168,9 @@ def test_wandb_offline_through_the_same_interface(tmp_path: Path) -> None:
     assert counts["failed"] == counts["dropped"] == 0
     # offline, a run is one protobuf log for `wandb sync` (no reader ships with wandb 0.31): its records
     # hold the param's and each step's values as they were sent
-    [log] = (tmp_path / "wandb" / "wandb").glob(f"offline-run-*-{counts['run_id']}/run-{counts['run_id']}.wandb")
+    [log] = (tmp_path / "wandb" / "wandb").glob(
+        f"offline-run-*-{counts['run_id']}/run-{counts['run_id']}.wandb"
+    )
     data = log.read_bytes()
     assert b"0.001" in data and all(repr(1.0 / step).encode() in data for step in (1, 2, 3))
     assert f"{counts['run_id']}-model".encode() in data  # the model folder's artifact
