@@ -28,10 +28,17 @@ def _train_workers() -> list[dict[str, Any]]:
     ]
 
 
-def test_killed_worker_resumes_from_checkpoint(tiny_model: Path, snli_triples: Path, tmp_path: Path) -> None:
+def test_killed_worker_resumes_from_checkpoint(
+    tiny_model: Path, snli_triples: Path, tmp_path: Path, mlflow_server: str
+) -> None:
+    """The run is tracked: the restarted group goes on in the same MLflow run, and steps it trains again
+    (those after the checkpoint it restarts from) are not logged twice."""
+    from mlflow import MlflowClient
+
     cfg = TrainConfig(
         data=str(snli_triples), output_dir=str(tmp_path / "run"), model=str(tiny_model), num_workers=2,
         zero_stage=2, batch_size=4, epochs=3, max_steps=16, checkpoint_every=2, max_failures=1, lr=1e-3,
+        tracking={"uri": mlflow_server, "experiment": "killed-worker"},
     )  # fmt: skip
     result: dict[str, Any] = {}
     job = threading.Thread(target=lambda: result.update(train(cfg)))
@@ -56,6 +63,11 @@ def test_killed_worker_resumes_from_checkpoint(tiny_model: Path, snli_triples: P
         h["step"] for h in json.loads(Path(cfg.output_dir, "report", "report.json").read_text())["history"]
     ]
     assert steps == list(range(1, 17))
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("killed-worker").experiment_id])
+    assert [r.info.run_id for r in runs] == [result["tracking"]["run_id"]]
+    tracked = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert sorted(tracked) == list(range(1, 17)), tracked  # every step once, the re-trained ones too
     from conftest import record
 
     record({"faults": {"train_worker_sigkill": {"lost": 16 - len(set(steps)), "duplicated": len(steps) - len(set(steps)),

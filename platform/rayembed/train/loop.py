@@ -287,6 +287,7 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
     state, history, rotation = _resume(engine, loss_state, rotation, cfg.batch_size * world)
     fixed["resumed_from"], started = state["step"], time.perf_counter()
     tracker, logged = tracked.for_worker(cfg, config.get("tracking_run_id")) if rank == 0 else (None, -1)
+    logged = tracked.backfill(tracker, history, logged)
     shard = ray.train.get_dataset_shard("train")
     max_steps = cfg.max_steps or 10**12
     metrics: dict[str, float] = {"loss": float("nan")}

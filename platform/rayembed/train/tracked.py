@@ -4,7 +4,8 @@ The driver opens the run and logs the resolved config as params; its id is kept 
 (`<storage_path>/<run_name>.tracking.json`), so a resumed job (a new `rayembed train` of the same run)
 appends to it, as does Ray Train's own restart after a lost worker or node (the id rides in the workers'
 config). Rank 0 logs each step's metrics, only past the last step the run already has, so no step is
-logged twice when a run resumes from a checkpoint older than its last logged step. The export task logs
+logged twice when a run resumes from a checkpoint older than its last logged step; steps up to the
+checkpoint that the run lacks (queued when rank 0 died) are logged from the checkpoint's history. The export task logs
 the eval, the report and the model, registers the model if asked, and ends the run.
 """
 
@@ -81,6 +82,18 @@ def for_worker(cfg: TrainConfig, run_id: str | None) -> tuple[Tracker | None, in
     except Exception as e:  # noqa: BLE001  # an unreachable store: log everything, it dedups nothing
         print(f"tracking: cannot read the run's last step ({type(e).__name__}); logging from here")
         return tracker, -1
+
+
+def backfill(tracker: Tracker | None, history: list[dict[str, Any]], logged: int) -> int:
+    """Log the steps of a resumed checkpoint's history that the run lacks (rank 0 died with them still
+    queued), so the run has every step up to where training goes on; returns the last step logged."""
+    if tracker is None:
+        return logged
+    for h in history:
+        if h["step"] > logged:
+            skip = ("step", "time_s", "epoch", "row", "rows", "workers")
+            tracker.log_metrics(numeric({k: v for k, v in h.items() if k not in skip}), h["step"])
+    return max([logged, *(h["step"] for h in history)])
 
 
 def step_metrics(metrics: dict[str, float], lr: float, samples_per_s: float) -> dict[str, float]:
