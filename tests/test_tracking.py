@@ -189,3 +189,24 @@ def test_bad_tracking_settings_are_refused_before_any_work(settings: dict[str, A
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         TrainConfig(data="x", output_dir="y", tracking=settings)
     assert TrackingConfig().backend == "mlflow"
+
+
+def test_rank_0_restarted_logs_the_checkpointed_steps_its_run_lacks(mlflow_server: str) -> None:
+    """Rank 0 died with steps 2-3 still queued; the restart from the step-3 checkpoint logs them from the
+    checkpoint's history (loss and the loss's own metrics, not its bookkeeping) and goes on after 3."""
+    from mlflow import MlflowClient
+
+    from rayembed.train.tracked import backfill
+
+    tracker = open_run({"uri": mlflow_server, "experiment": "backfill"}, "restarted")
+    assert tracker is not None
+    tracker.log_metrics({"loss": 1.0}, 1)
+    assert tracker.flush()
+    history = [{"step": s, "loss": 1.0 / s, "time_s": 0.1 * s, "epoch": 0, "row": 8 * s, "rows": 8, "workers": 2,
+                "scale": 20.0} for s in (1, 2, 3)]  # fmt: skip
+    assert backfill(tracker, history, tracker.backend.last_step("loss")) == 3
+    tracker.close()
+    client = MlflowClient(mlflow_server)
+    assert _steps(client, tracker.run_id) == [1, 2, 3] and _steps(client, tracker.run_id, "scale") == [2, 3]
+    assert client.get_metric_history(tracker.run_id, "loss")[0].value == 1.0  # step 1 as first logged
+    assert "time_s" not in client.get_run(tracker.run_id).data.metrics

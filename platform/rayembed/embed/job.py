@@ -206,7 +206,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
             # own malloc arena, up to 8 per core, each keeping what it freed: an actor's RSS grew with the
             # fragments it had done (738 -> 1,349 MB from 1k to 100k long documents). 2 arenas keep it
             # flat at the same speed (docs/benchmarks.md "Long documents").
-            runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", **registry_env()}},
+            runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", **registry_env(cfg.model)}},
         )
         with _progress(len(pending), cfg.progress) as tick:
             for row in out.iter_rows():

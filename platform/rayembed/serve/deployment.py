@@ -264,7 +264,7 @@ def _actor_options(spec: Any) -> dict[str, Any]:
     """A model replica's resources; a models:/ model's replicas also get the driver's MLflow settings."""
     from rayembed.tracking import registry_env
 
-    env = registry_env() if str(spec.model).startswith("models:/") else {}
+    env = registry_env(spec.model)
     return {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus} | (
         {"runtime_env": {"env_vars": env}} if env else {}
     )

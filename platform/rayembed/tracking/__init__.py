@@ -207,9 +207,15 @@ def log_job(
     return tracker.close()
 
 
-def registry_env() -> dict[str, str]:
-    """The driver's MLflow settings, for the runtime env of workers and replicas that fetch models:/."""
+def registry_env(*models: str | None) -> dict[str, str]:
+    """The driver's MLflow settings, for the runtime env of workers and replicas that fetch one of
+    `models` from the registry (the tracking URI as the driver resolves it: a default SQLite file by its
+    absolute path); {} when none is a models:/ source (an unchanged runtime env reuses Ray's workers)."""
     import os
 
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL")
-    return {k: os.environ[k] for k in names if os.environ.get(k)}
+    if not any(str(m or "").startswith("models:/") for m in models):
+        return {}
+    from rayembed.tracking.mlflow_backend import tracking_uri
+
+    names = ("MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL")
+    return {"MLFLOW_TRACKING_URI": tracking_uri()} | {k: os.environ[k] for k in names if os.environ.get(k)}

@@ -20,7 +20,12 @@ MAX_PARAMS, MAX_METRICS, MAX_PARAM_CHARS = 100, 1000, 6000  # MLflow's limits pe
 
 
 def tracking_uri(uri: str | None = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    """`uri`, else $MLFLOW_TRACKING_URI, else the SQLite default; a relative SQLite path made absolute
+    (Ray workers run in their own folders, and must open the file the driver opened)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+    return uri
 
 
 def client(uri: str | None = None, timeout_s: float = 10.0) -> Any:

@@ -94,7 +94,8 @@ def to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
 
 def export_options(cfg: TrainConfig) -> dict[str, Any]:
     """Ray options of the export task: 1 CPU (and 1 GPU with use_gpu), then `export_resources`."""
-    env = {"runtime_env": {"env_vars": registry_env()}} if registry_env() else {}
+    registry = registry_env(cfg.model, cfg.teacher)
+    env = {"runtime_env": {"env_vars": registry}} if registry else {}
     return {"num_cpus": 1, "num_gpus": 1 if cfg.use_gpu else 0, **env, **cfg.export_resources}
 
 

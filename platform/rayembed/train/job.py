@@ -221,7 +221,9 @@ def worker_env(cfg: TrainConfig) -> dict[str, str]:
     """Environment of the training workers (set before they start)."""
     import os
 
-    registry = registry_env()  # a models:/ model or teacher is fetched by the workers too
+    registry = registry_env(
+        cfg.model, cfg.teacher
+    )  # a models:/ model or teacher is fetched by the workers too
     if cfg.malloc_mmap_threshold is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return registry
     return {"MALLOC_MMAP_THRESHOLD_": str(cfg.malloc_mmap_threshold), **registry}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,10 @@ from rayembed.train.config import TrainConfig
 
 def settings(cfg: TrainConfig) -> TrackingConfig:
     """The run's tracking section with local stores made absolute (workers run in their own folders)."""
+    from rayembed.tracking.mlflow_backend import tracking_uri
+
     t = TrackingConfig(**(cfg.tracking or {}))
-    uri = t.uri or (os.environ.get("MLFLOW_TRACKING_URI") if t.backend == "mlflow" else None)
-    if t.backend == "mlflow":
-        uri = uri or "sqlite:///mlflow.db"
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
-    elif uri is None or "://" not in uri:
-        uri = str(Path(uri or "wandb").resolve())
+    uri = tracking_uri(t.uri) if t.backend == "mlflow" else str(Path(t.uri or "wandb").resolve())
     return dataclasses.replace(t, uri=uri)
 
 
