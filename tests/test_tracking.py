@@ -92,6 +92,14 @@ def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
     local = Embedder.load(second["output_dir"], device="cpu").encode(["a registered model"])[0]
     assert np.allclose(served, local, atol=1e-5)
 
+    # merge takes registered versions as ingredients: the soup of versions 1 and 2
+    from rayembed.config import MergeConfig
+    from rayembed.train.merge import merge
+
+    soup = merge(MergeConfig(models=["models:/tiny-tracked/1", "models:/tiny-tracked@candidate"],
+                             output=str(tmp_path / "soup")))  # fmt: skip
+    assert Embedder.load(soup["output"], device="cpu").dim == 32
+
     # eval and embed of the registered model log into their experiments, linked to the training run
     report = evaluate(EvalConfig(model="models:/tiny-tracked/2", **EVAL, tracking={"experiment": "evals"}))
     [evaluated] = _runs(client, "evals")

@@ -99,7 +99,10 @@ def with_weights(base: Embedder, state: dict[str, torch.Tensor], what: str) -> E
 
 def local_source(source: str, endpoint_url: str | None, scratch: Path) -> str:
     """A local path for one source: an s3:// model folder is this node's cached copy (as every job loads
-    it); an s3:// DeepSpeed checkpoint folder is downloaded into `scratch`; aliases and local paths stay."""
+    it); an s3:// DeepSpeed checkpoint folder is downloaded into `scratch`; a registered model (models:/)
+    is its cached copy too; aliases and local paths stay."""
+    if source.startswith("models:/"):
+        return str(resolve_model_path(source))
     if not is_s3(source):
         return source
     if is_file(join(source, "latest"), endpoint_url):
