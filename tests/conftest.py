@@ -318,21 +318,24 @@ def scifact_docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def start_mlflow_server(root: Path, port: int | None = None) -> tuple[Any, str]:
+def start_mlflow_server(
+    root: Path, artifacts: str | None = None, env: dict[str, str] | None = None
+) -> tuple[Any, str]:
     """A real `mlflow server` on loopback: SQLite backend store, artifacts served by it (proxied, as
-    cluster workers reach them) from a local folder. (process, tracking URI) once /health answers."""
+    cluster workers reach them) from `artifacts` (default: a local folder; an s3:// URI with the server's
+    `env` naming the store). (process, tracking URI) once /health answers."""
     import subprocess
     import sys
     import urllib.request
 
-    port = port or free_port()
+    port = free_port()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "server.log", "wb") as log:  # the server keeps its own copy of the descriptor
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-             "--artifacts-destination", str(root / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT,
+             "--artifacts-destination", artifacts or str(root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
 

@@ -218,3 +218,35 @@ def test_rank_0_restarted_logs_the_checkpointed_steps_its_run_lacks(mlflow_serve
     assert _steps(client, tracker.run_id) == [1, 2, 3] and _steps(client, tracker.run_id, "scale") == [2, 3]
     assert client.get_metric_history(tracker.run_id, "loss")[0].value == 1.0  # step 1 as first logged
     assert "time_s" not in client.get_run(tracker.run_id).data.metrics
+
+
+def test_a_model_registered_with_its_artifacts_on_s3_is_fetched_from_the_registry(
+    s3_endpoint: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tracking server whose artifact store is the loopback S3 server: the model folder logged through
+    it lands on S3, its registered version resolves by alias and loads as the model that was logged."""
+    import s3fs
+
+    from rayembed.model import resolve_model_path
+
+    proc, uri = start_mlflow_server(tmp_path / "server", artifacts="s3://rayembed/mlflow",
+                                    env={"MLFLOW_S3_ENDPOINT_URL": s3_endpoint})  # fmt: skip
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("RAYEMBED_MODEL_CACHE", str(tmp_path / "cache"))
+        tracker = open_run({"experiment": "on-s3", "register_as": "tiny-s3", "alias": "prod"}, "s3")
+        assert tracker is not None
+        tracker.log_artifacts(str(tiny_model), "model")
+        assert tracker.flush()
+        assert tracker.backend.register("model", "tiny-s3", "prod", {}) == "1"
+        tracker.close()
+        stored = s3fs.S3FileSystem(endpoint_url=s3_endpoint).find("rayembed/mlflow")
+        assert any(f.endswith("/artifacts/model/model.safetensors") for f in stored), stored
+        local = resolve_model_path("models:/tiny-s3@prod")
+        assert local.parent == tmp_path / "cache"  # the node's model cache, keyed by registry and version
+        text = ["a model from the registry"]
+        want = Embedder.load(tiny_model, device="cpu").encode(text)
+        assert np.allclose(Embedder.load(local, device="cpu").encode(text), want, atol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(30)
