@@ -120,11 +120,16 @@ class Blocked:
     run_id = "blocked"
 
     def __init__(self) -> None:
-        self.go, self.logged = threading.Event(), 0
+        self.go, self.entered, self.logged = threading.Event(), threading.Event(), 0
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+    def log_params(self, params: dict[str, str]) -> None:
+        self.entered.set()
         self.go.wait()
         self.logged += 1
+
+    def log_metrics(self, rows: list[tuple[dict[str, float], int | None]]) -> None:
+        self.go.wait()
+        self.logged += len(rows)
 
     def end(self, status: str) -> None:
         self.go.wait()
@@ -134,12 +139,17 @@ def test_a_hung_or_lost_store_holds_no_job_up(tmp_path: Path) -> None:
     # hung: calls return while the backend is stuck on the first; past the queue they are dropped, counted
     backend = Blocked()
     tracker = Tracker(backend, queue_size=4, flush_timeout_s=0.5)  # type: ignore[arg-type]
-    for step in range(10):
+    for step in range(10):  # buffered: past queue_size steps, dropped and counted
         tracker.log_metrics({"loss": 1.0}, step)
-    assert backend.logged == 0 and tracker.dropped >= 5
+    assert tracker.dropped == 6
+    tracker.log_params({"a": "1"})
+    assert backend.entered.wait(10)  # the backend is stuck on this call: 4 more are queued, 5 dropped
+    for _ in range(9):
+        tracker.log_params({"a": "1"})
+    assert backend.logged == 0 and tracker.dropped == 6 + 5
     counts = tracker.close()
     backend.go.set()
-    assert counts["dropped"] >= 5
+    assert counts["dropped"] == 6 + 5 + 4 + 4  # what the store never took: queued calls, buffered steps
 
     # lost: the server goes away mid-run; its calls fail, are counted, and the job's end still comes
     proc, uri = start_mlflow_server(tmp_path / "doomed")
@@ -151,8 +161,8 @@ def test_a_hung_or_lost_store_holds_no_job_up(tmp_path: Path) -> None:
     proc.wait(30)
     for step in range(2, 6):
         tracker.log_metrics({"loss": 1.0}, step)
-    counts = tracker.close()
-    assert counts["failed"] >= 4 and counts["dropped"] == 0
+    counts = tracker.close()  # the 4 steps go in one request, which fails: its values are dropped
+    assert counts["failed"] >= 1 and counts["dropped"] == 4
 
     # never there: the job runs untracked and says so
     report_cfg = EvalConfig(model="default", **EVAL, tracking={"uri": f"http://127.0.0.1:{free_port()}"})

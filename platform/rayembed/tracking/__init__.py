@@ -3,7 +3,8 @@
 A job with a `tracking` section opens a run (`open_run`), logs its config as params, step-indexed
 metrics and artifacts through a `Tracker`, and ends it. The Tracker never holds the job up: calls go to a
 background thread through a bounded queue; a call the backend fails (server down, timeout) is dropped
-and counted, with one warning; a full queue drops and counts too. `Tracker.close()` waits up to
+and counted, with one warning; a full queue drops and counts too. Metrics are buffered and sent in one
+request per `interval_s`. `Tracker.close()` waits up to
 `flush_timeout_s` for what is queued and returns the counts, which the job puts in its summary.
 
 A backend module has `open(cfg, run_id, run_name, tags) -> Backend`; the Backend has the methods of
@@ -50,13 +51,18 @@ class TrackingConfig:
     """Calls waiting for the backend; past this they are dropped and counted (training never waits)."""
     flush_timeout_s: float = 60.0
     """At the end of a job, wait at most this long for queued calls."""
+    interval_s: float = 5.0
+    """Metrics are buffered and sent in one request at most this often (curves lag by as much)."""
 
     def __post_init__(self) -> None:
         one_of("tracking.backend", self.backend, BACKENDS)
         one_of("tracking.mode", self.mode, ("offline", "online"))
         check(self.alias is None or self.register_as is not None, "tracking.alias needs tracking.register_as")
         check(self.register_as is None or self.backend == "mlflow", "tracking.register_as needs mlflow")
-        check(self.timeout_s > 0 and self.flush_timeout_s >= 0, "tracking timeouts must be positive")
+        check(
+            min(self.timeout_s, self.interval_s) > 0 and self.flush_timeout_s >= 0,
+            "tracking times must be positive",
+        )
         check(self.queue_size >= 1, "tracking.queue_size must be >= 1")
 
 
@@ -64,7 +70,7 @@ class Backend(Protocol):
     run_id: str
 
     def log_params(self, params: dict[str, str]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None: ...
+    def log_metrics(self, rows: list[tuple[dict[str, float], int | None]]) -> None: ...
     def log_artifacts(self, local_dir: str, artifact_path: str | None) -> None: ...
     def last_step(self, key: str) -> int: ...
     def register(self, artifact_path: str, name: str, alias: str | None, tags: dict[str, str]) -> str: ...
@@ -94,57 +100,95 @@ def numeric(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class Tracker:
-    """A run of `backend`, logged to from a background thread (see the module's docstring)."""
+    """A run of `backend`, logged to from a background thread (see the module's docstring). Metrics are
+    buffered and sent together every `interval_s` (one request for many steps: at 10 steps/s a request
+    per step cost training 17% of its speed on 2 cores, docs/results/tracking.json)."""
 
-    def __init__(self, backend: Backend, queue_size: int = 10_000, flush_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        queue_size: int = 10_000,
+        flush_timeout_s: float = 60.0,
+        interval_s: float = 5.0,
+    ) -> None:
         self.backend, self.run_id, self.flush_timeout_s = backend, backend.run_id, flush_timeout_s
-        self.dropped = self.failed = 0
+        self.interval_s, self.queue_size, self.dropped, self.failed = interval_s, queue_size, 0, 0
+        self._pending: list[tuple[dict[str, float], int | None]] = []
+        self._lock = threading.Lock()
         self._queue: queue.Queue[Callable[[], Any] | None] = queue.Queue(queue_size)
         self._thread = threading.Thread(target=self._work, name="rayembed-tracking", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
-        while (call := self._queue.get()) is not None:
+        while True:
             try:
-                call()
-            except Exception as e:  # the tracker is down or refused: training goes on
-                self.failed += 1
-                if self.failed == 1:
-                    print(f"tracking: a call failed ({type(e).__name__}: {str(e)[:200]}); the job goes on, "
-                          "failed calls are dropped and counted", file=sys.stderr)  # fmt: skip
-            finally:
-                self._queue.task_done()
+                call = self._queue.get(timeout=self.interval_s)
+            except queue.Empty:
+                self._run(self._send)  # the metrics of the last interval
+                continue
+            if call is None:
+                return
+            self._run(call)
+            self._queue.task_done()
 
-    def _put(self, call: Callable[[], Any]) -> None:
+    def _run(self, call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except Exception as e:  # the tracker is down or refused: training goes on
+            self.failed += 1
+            if self.failed == 1:
+                print(f"tracking: a call failed ({type(e).__name__}: {str(e)[:200]}); the job goes on, "
+                      "failed calls are dropped and counted", file=sys.stderr)  # fmt: skip
+
+    def _send(self) -> None:
+        with self._lock:
+            rows, self._pending = self._pending, []
+        try:
+            if rows:
+                self.backend.log_metrics(rows)
+        except Exception:
+            self.dropped += len(rows)  # values lost with the failed request
+            raise
+
+    def _put(self, call: Callable[[], Any] | None, count: bool = True) -> None:
+        """Queue a call; a full queue drops it (counted, unless it is the Tracker's own bookkeeping)."""
         try:
             self._queue.put_nowait(call)
         except queue.Full:
-            self.dropped += 1
+            self.dropped += count
 
     def log_params(self, params: dict[str, str]) -> None:
         self._put(lambda: self.backend.log_params(params))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._put(lambda: self.backend.log_metrics(metrics, step))
+        with self._lock:
+            if len(self._pending) >= self.queue_size:
+                self.dropped += 1
+            else:
+                self._pending.append((metrics, step))
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self._put(self._send, count=False)  # the metrics before it go first
         self._put(lambda: self.backend.log_artifacts(local_dir, artifact_path))
 
     def flush(self) -> bool:
-        """Wait up to flush_timeout_s for the queued calls; whether they all ran."""
+        """Send the buffered metrics and wait up to flush_timeout_s for every queued call; whether all ran."""
         done = threading.Event()
-        self._put(done.set)
+        self._put(self._send, count=False)
+        self._put(done.set, count=False)
         return done.wait(self.flush_timeout_s)
 
     def close(self, status: str | None = "FINISHED") -> dict[str, Any]:
         """Flush, end the run with `status` (None: leave it running for another process to go on with),
         stop the thread; the counts for the job's summary."""
-        if status is not None:
-            self._put(lambda: self.backend.end(status))
         flushed = self.flush()
-        self._put(None)  # type: ignore[arg-type]
+        if status is not None and flushed:
+            self._put(lambda: self.backend.end(status))
+            flushed = self.flush()
+        self._put(None, count=False)  # the thread ends (a stuck one is a daemon: it dies with the job)
         if not flushed:
-            self.dropped += self._queue.qsize()
+            with self._lock:
+                self.dropped += self._queue.qsize() + len(self._pending)
         return {"run_id": self.run_id, "dropped": self.dropped, "failed": self.failed}
 
 
@@ -169,7 +213,7 @@ def open_run(
         print(f"tracking: cannot open a {cfg.backend} run at {cfg.uri or 'the default store'} "
               f"({type(e).__name__}: {str(e)[:200]}); this job runs untracked", file=sys.stderr)  # fmt: skip
         return None
-    return Tracker(backend, cfg.queue_size, cfg.flush_timeout_s)
+    return Tracker(backend, cfg.queue_size, cfg.flush_timeout_s, cfg.interval_s)
 
 
 def source_tags(model: str) -> dict[str, str]:

@@ -17,10 +17,11 @@ class WandbRun:
     def log_params(self, params: dict[str, str]) -> None:
         self.run.config.update(params, allow_val_change=True)
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
-        if step is not None and step < self.run.step:  # W&B refuses going back; a resumed job's repeat
-            return
-        self.run.log(metrics, step=step)
+    def log_metrics(self, rows: list[tuple[dict[str, float], int | None]]) -> None:
+        for metrics, step in rows:
+            if step is not None and step < self.run.step:  # W&B refuses going back; a resumed job's repeat
+                continue
+            self.run.log(metrics, step=step)
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None) -> None:
         import wandb
