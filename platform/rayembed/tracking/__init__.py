@@ -31,8 +31,8 @@ class TrackingConfig:
     backend: str = "mlflow"
     """mlflow or wandb."""
     uri: str | None = None
-    """Where runs go. mlflow: a tracking URI (http://host:5000, sqlite:///mlflow.db, a folder); default
-    $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db. wandb: the local folder of its files (default ./wandb)."""
+    """Where runs go. mlflow: a tracking URI (http://host:5000, sqlite:///mlflow.db; MLflow 3 refuses a
+    folder store); default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db. wandb: the local folder of its files (default ./wandb)."""
     experiment: str = "rayembed"
     """The experiment (mlflow) or project (wandb) the run goes into."""
     run_name: str | None = None
@@ -129,7 +129,6 @@ class Tracker:
             if call is None:
                 return
             self._run(call)
-            self._queue.task_done()
 
     def _run(self, call: Callable[[], Any]) -> None:
         try:

@@ -1,7 +1,8 @@
 """MLflow: runs (params, step-indexed metrics, artifacts), the model registry, and `models:/` sources.
 
-The tracking URI is the section's `uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (a SQLite file in the working folder, MLflow 3's own default; its file store is frozen); the registry is the
-same store unless $MLFLOW_REGISTRY_URI says otherwise. Requests time out after `timeout_s` and are tried
+The tracking URI is the section's `uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (a SQLite
+file in the working folder, MLflow 3's own default; its file store is frozen); the registry is the same
+store unless $MLFLOW_REGISTRY_URI says otherwise. Requests time out after `timeout_s` and are tried
 twice at most ($MLFLOW_HTTP_REQUEST_TIMEOUT and $MLFLOW_HTTP_REQUEST_MAX_RETRIES, unless set): MLflow's
 own default of 7 retries with backoff would hold a failing call for minutes.
 

@@ -221,9 +221,8 @@ def worker_env(cfg: TrainConfig) -> dict[str, str]:
     """Environment of the training workers (set before they start)."""
     import os
 
-    registry = registry_env(
-        cfg.model, cfg.teacher
-    )  # a models:/ model or teacher is fetched by the workers too
+    # a models:/ model or teacher is fetched by the workers too
+    registry = registry_env(cfg.model, cfg.teacher)
     if cfg.malloc_mmap_threshold is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return registry
     return {"MALLOC_MMAP_THRESHOLD_": str(cfg.malloc_mmap_threshold), **registry}
@@ -244,7 +243,7 @@ def torch_trainer(
             "rotation": rotation,
             "board": board,
             "tracking_run_id": run_id,
-        },  # fmt: skip
+        },
         scaling_config=ray.train.ScalingConfig(
             # elastic: Train v2 takes (min, max)
             num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,  # type: ignore[arg-type]
@@ -307,9 +306,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
     if cfg.pca_rotation and rotation is None:
         rotation = fit_rotation(cfg, rows)
+    cfg = tracked.resolved(cfg)  # workers and the export reach the same store, wherever they run
     started, tracker = time.perf_counter(), tracked.start(cfg)
-    if cfg.tracking:  # workers and the export reach the same store, wherever they run
-        cfg = dataclasses.replace(cfg, tracking=dataclasses.asdict(tracked.settings(cfg)))
     try:
         run_id = tracker.run_id if tracker else None
         result, watched = fit(cfg, ds.select_columns(input_columns(cfg)), rotation, run_id)

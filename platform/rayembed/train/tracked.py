@@ -23,13 +23,16 @@ from rayembed.tracking import Tracker, TrackingConfig, flatten, numeric, open_ru
 from rayembed.train.config import TrainConfig
 
 
-def settings(cfg: TrainConfig) -> TrackingConfig:
-    """The run's tracking section with local stores made absolute (workers run in their own folders)."""
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its tracking store named where every process finds it: the default or a relative
+    store made absolute (workers and the export task run in their own folders)."""
     from rayembed.tracking.mlflow_backend import tracking_uri
 
-    t = TrackingConfig(**(cfg.tracking or {}))
+    if not cfg.tracking:
+        return cfg
+    t = TrackingConfig(**cfg.tracking)
     uri = tracking_uri(t.uri) if t.backend == "mlflow" else str(Path(t.uri or "wandb").resolve())
-    return dataclasses.replace(t, uri=uri)
+    return dataclasses.replace(cfg, tracking=dataclasses.asdict(dataclasses.replace(t, uri=uri)))
 
 
 def _kept(cfg: TrainConfig) -> tuple[Any, str]:
@@ -46,10 +49,11 @@ def kept_run_id(cfg: TrainConfig) -> str | None:
 
 
 def start(cfg: TrainConfig) -> Tracker | None:
-    """Open (or reopen) the run on the driver, keep its id with the checkpoints, log the config."""
+    """Open (or reopen) the run on the driver, keep its id with the checkpoints, log the config
+    (`cfg` as `resolved` returns it)."""
     if not cfg.tracking:
         return None
-    t = settings(cfg)
+    t = TrackingConfig(**cfg.tracking)
     kept = kept_run_id(cfg)
     tracker = open_run(
         t, cfg.run_name, kept, tags={"rayembed.job": "train", "rayembed.run_name": cfg.run_name}
@@ -61,7 +65,7 @@ def start(cfg: TrainConfig) -> Tracker | None:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as f:
             f.write(json.dumps({"run_id": tracker.run_id, "backend": t.backend, "uri": t.uri}).encode())
-    tracker.log_params(flatten(dataclasses.asdict(cfg) | {"tracking": dataclasses.asdict(t)}))
+    tracker.log_params(flatten(dataclasses.asdict(cfg)))
     return tracker
 
 
