@@ -17,6 +17,7 @@ import pytest
 from conftest import DATA, free_port, start_endpoint, start_mlflow_server
 from rayembed.config import EmbedConfig, EvalConfig, TrainConfig
 from rayembed.model import Embedder
+from rayembed.model.layout import model_revision
 from rayembed.tracking import Tracker, TrackingConfig, open_run
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -62,6 +63,8 @@ def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
     assert run.data.params["num_workers"] == "2" and run.data.params["eval.max_queries"] == "5"
     assert _steps(client, run_id) == [1, 2] and _steps(client, run_id, "lr") == [1, 2]
     assert "samples_per_s" in run.data.metrics and "peak_mem_mb" in run.data.metrics
+    assert _steps(client, run_id, "loss/infonce_16") == [1, 2]  # the loss's one term: width 16
+    assert run.data.metrics["tokens_per_s_per_worker"] > run.data.metrics["samples_per_s"] / 2  # > 1 a row
     assert "eval/after/beir/32/ndcg_10" in run.data.metrics  # the export's eval, before and after
     assert {"model/config.json", "model/int8_scales.json"} <= {
         a.path for a in client.list_artifacts(run_id, "model")
@@ -78,6 +81,8 @@ def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
     version = client.get_model_version_by_alias("tiny-tracked", "candidate")
     assert version.version == "2" and version.run_id == run_id
     assert version.tags["rayembed.width"] == "32" and version.tags["rayembed.matryoshka_dims"] == "16"
+    assert version.tags["rayembed.revision"] == model_revision(Path(second["output_dir"]))
+    assert "rayembed.frame" not in version.tags  # not rotated (test_registered_tags_name_a_rotated_frame)
 
     # models:/ wherever a model path goes: the endpoint names the registry version as its revision
     url = start_endpoint(model="models:/tiny-tracked@candidate", model_name="tiny")
@@ -263,3 +268,17 @@ def test_a_model_registered_with_its_artifacts_on_s3_is_fetched_and_a_lost_serve
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_registered_tags_name_a_rotated_models_frame_and_its_revision(tiny_model: Path) -> None:
+    """A pca-rotated model (distillation's export) is registered with its output frame, the id merge and
+    the index-compatible pair compare, and the revision its folder has wherever it was published."""
+    from rayembed.train.export import model_tags
+
+    model = Embedder.load(tiny_model, device="cpu")
+    cfg = TrainConfig(data="x", output_dir="s3://bucket/out", matryoshka_dims=[16], run_name="r")
+    assert "rayembed.frame" not in model_tags(cfg, model, "abc")
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((model.dim, model.dim)))
+    tags = model_tags(cfg, model.rotate(q), "abc")
+    assert tags["rayembed.frame"] == model.frame and len(model.frame or "") >= 8
+    assert tags["rayembed.revision"] == "abc" and tags["rayembed.run_name"] == "r"

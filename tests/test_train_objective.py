@@ -204,3 +204,28 @@ def test_export_options_and_whether_a_node_fits_them() -> None:
         export_options(big), [head, large]
     )
     assert not export_fits(export_options(big), [head, large | {"Alive": False}])
+
+
+def test_each_term_of_the_loss_is_recorded_and_they_add_up_to_it() -> None:
+    """What the tracker logs as loss/<term>: each Matryoshka width, each 2D sub-model and the spread-out
+    regulariser, unweighted, adding up (with their weights) to the loss that is trained."""
+    from rayembed.train.losses import InfoNCE
+    from rayembed.train.regularizers import SpreadOut
+
+    cfg = TrainConfig(data="x", output_dir="y", matryoshka_dims=[32, 16], matryoshka_weights=[1.0, 0.5],
+                      matryoshka_2d=[[1, 8]], spread_out_weight=0.25)  # fmt: skip
+    batch = {"query": np.array(["q1", "q2", "q3"]), "positive": np.array(["p1", "p2", "p3"])}
+    g = torch.Generator().manual_seed(0)
+    q, d = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g)  # [full 32 | first layer 32]
+    terms: dict[str, float] = {}
+    loss = float(objective(cfg, batch, None, torch.device("cpu"), terms=terms)[1]([q, d]))
+    assert set(terms) == {"infonce@32", "infonce@16", "L1/infonce@8", "spread_out"}
+    nce = InfoNCE(20.0)
+    assert terms["infonce@16"] == pytest.approx(float(nce(q[:, :16], d[:, :16])))
+    assert terms["L1/infonce@8"] == pytest.approx(float(nce(q[:, 32:40], d[:, 32:40])))
+    assert terms["spread_out"] == pytest.approx(float(SpreadOut()(q[:, :32], d[:, :32])))
+    weighted = (
+        terms["infonce@32"] + 0.5 * terms["infonce@16"] + terms["L1/infonce@8"] + 0.25 * terms["spread_out"]
+    )
+    assert loss == pytest.approx(weighted, rel=1e-5)
+    assert len({round(v, 6) for v in terms.values()}) == 4  # four different values, not one copied

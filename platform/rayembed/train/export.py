@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayembed.io import is_s3, publish
+from rayembed.io import publish
 from rayembed.model import Embedder
 from rayembed.model.layout import model_revision
 from rayembed.model.lora import has_lora, merge
@@ -151,9 +151,16 @@ def finish(
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     summary["export"] = {"node_id": node, "pid": os.getpid()}
     tracker = tracked.finish(cfg, summary, evals)
-    summary = {"output_dir": published(model.save, f"{root}/model", cfg, tracker), **summary}
+    revision: list[str] = []  # of the folder as written, before an s3:// output's temporary one goes
+
+    def save(path: Path) -> None:
+        model.save(path)
+        revision.extend([model_revision(path)] if tracker is not None else [])
+
+    summary = {"output_dir": published(save, f"{root}/model", cfg, tracker), **summary}
     if tracker is not None:
-        summary["tracking"] |= {"registered": tracked.register(cfg, tracker, model_tags(cfg, model, summary))}
+        tags = model_tags(cfg, model, revision[0])
+        summary["tracking"] |= {"registered": tracked.register(cfg, tracker, tags)}
     summary["export"]["wall_s"] = round(time.perf_counter() - started, 1)
     summary["report"] = published(
         lambda p: write_report(p, summary, history, evals), f"{root}/report", cfg, tracker
@@ -163,13 +170,14 @@ def finish(
     return summary
 
 
-def model_tags(cfg: TrainConfig, model: Embedder, summary: dict[str, Any]) -> dict[str, str]:
-    """Tags of a registered version: the run, the model's revision (its content hash, local outputs),
-    width, Matryoshka widths and the precisions it is calibrated for."""
-    local = not is_s3(summary["output_dir"])
+def model_tags(cfg: TrainConfig, model: Embedder, revision: str) -> dict[str, str]:
+    """Tags of a registered version: the run, the model's revision (its content hash, as the endpoint and
+    the embed manifest name it), its output frame (pca-rotated models: the axes' id, which merge and
+    index-compatible pairs compare), width, Matryoshka widths and the precisions it is calibrated for."""
     return {
         "rayembed.run_name": cfg.run_name,
-        **({"rayembed.revision": model_revision(Path(summary["output_dir"]))} if local else {}),
+        "rayembed.revision": revision,
+        **({"rayembed.frame": model.frame} if model.frame else {}),
         "rayembed.width": str(model.dim),
         "rayembed.matryoshka_dims": ",".join(map(str, cfg.matryoshka_dims)),
         "rayembed.precisions": "float32,int8,binary",

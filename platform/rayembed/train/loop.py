@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,13 +87,22 @@ def offload_config(cfg: TrainConfig) -> dict[str, Any]:
     return out | ({"offload_param": {"device": "cpu", "pin_memory": True}} if cfg.offload == "all" else {})
 
 
-def backward_step(engine: Any, cfg: TrainConfig, towers: list[Sequence[Text]], loss_of: LossOf) -> Tensor:
-    """Forward + backward of one batch (plain, or GradCache in chunks); the caller calls engine.step()."""
+def backward_step(
+    engine: Any,
+    cfg: TrainConfig,
+    towers: list[Sequence[Text]],
+    loss_of: LossOf,
+    seen: Counter[str] | None = None,
+) -> Tensor:
+    """Forward + backward of one batch (plain, or GradCache in chunks); the caller calls engine.step().
+    `seen["tokens"]` counts the tokens (padding left out) of the passes with autograd: each text once."""
     model: Embedder = engine.module
     layers = sub_model_layers(cfg)  # 2D Matryoshka: also pool these sub-models' outputs
 
     def embed(texts: Sequence[Text]) -> Tensor:
         feats = {k: v.to(engine.device) for k, v in model.tokenize(list(texts)).items()}
+        if seen is not None and torch.is_grad_enabled():  # GradCache's first pass runs without
+            seen["tokens"] += int(feats["attention_mask"].sum())
         # every worker runs as many passes as the one whose lengths need most: ZeRO-3 gathers each
         # layer's parameters from all workers in every pass, so a worker with fewer would wait forever
         return by_length(
@@ -241,16 +251,19 @@ def _epoch_batches(
 
 
 def _step(cfg: TrainConfig, engine: Any, fixed: tuple[Any, LossState, Tensor | None], batch: Any,
-          rng: np.random.Generator, watch: Watch, step: int) -> float:  # fmt: skip
-    """Optimizer step `step` on this worker's rows, its phases marked on `watch`."""
+          rng: np.random.Generator, watch: Watch, step: int) -> tuple[float, dict[str, float], int]:  # fmt: skip
+    """Optimizer step `step` on this worker's rows, its phases marked on `watch`: (the loss, its terms'
+    unweighted values, the tokens this worker's model read)."""
     teacher, loss_state, rotation = fixed
-    towers, loss_of = objective(cfg, batch, teacher, engine.device, loss_state.loss_fn, rotation, rng)
+    terms: dict[str, float] = {}
+    towers, loss_of = objective(cfg, batch, teacher, engine.device, loss_state.loss_fn, rotation, rng, terms)
     watch.at(step, "forward and backward")
-    loss = float(backward_step(engine, cfg, towers, loss_of))
+    seen: Counter[str] = Counter()
+    loss = float(backward_step(engine, cfg, towers, loss_of, seen))
     watch.at(step, "optimizer step")
     engine.step()
     loss_state.step()
-    return loss
+    return loss, terms, seen["tokens"]
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -307,7 +320,9 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
             # seeded by position: a resumed run samples the same FlagEmbedding groups it would have
             rng = np.random.default_rng([cfg.seed, state["epoch"], state["step"], rank])
             step_started = time.perf_counter()
-            loss = _step(cfg, engine, (teacher, loss_state, rotation), batch, rng, watch, state["step"] + 1)
+            loss, terms, tokens = _step(
+                cfg, engine, (teacher, loss_state, rotation), batch, rng, watch, state["step"] + 1
+            )
             at = {"epoch": state["epoch"], "row": state["row_in_epoch"], "rows": rows, "workers": world}
             state["step"], state["row_in_epoch"] = state["step"] + 1, state["row_in_epoch"] + rows
             extra = loss_state.metrics()  # e.g. a learnable scale
@@ -316,8 +331,10 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
                 {"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started} | at | extra
             )
             if tracker is not None and state["step"] > logged:  # a resumed run's steps are logged once
-                speed = rows / (time.perf_counter() - step_started)
-                tracker.log_metrics(tracked.step_metrics(metrics, engine.get_lr()[0], speed), state["step"])
+                took = time.perf_counter() - step_started
+                speed = {"samples_per_s": rows / took, "tokens_per_s_per_worker": tokens / took}
+                step_metrics = tracked.step_metrics(metrics, terms, engine.get_lr()[0], speed)
+                tracker.log_metrics(step_metrics, state["step"])
             if state["step"] % cfg.checkpoint_every == 0 or report:
                 kept = (history, loss_state, rotation)
                 saved = _checkpoint_or_report(cfg, engine, state, metrics, kept, fixed, watch) or saved

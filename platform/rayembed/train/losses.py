@@ -7,6 +7,7 @@ Inputs need not be unit length: every loss normalises, so Matryoshka prefixes `q
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,14 +97,20 @@ def matryoshka(
     dims: Sequence[int],
     weights: Sequence[float] | None,
     *embs: Tensor | None,
-    **kw: int,
+    terms: dict[str, float] | None = None,
+    name: str = "loss",
+    **kw: Any,
 ) -> Tensor:
     """sum_k w_k * loss(x[..., :k] for x in embs): every embedding cut to its first k features (the last
-    axis, so [B, G, D] groups too). Empty `dims` means the full width only."""
+    axis, so [B, G, D] groups too). Empty `dims` means the full width only. `terms`, if given, gets each
+    width's unweighted value as `name@k` (`name` alone for the full width only)."""
     if not dims:
-        return loss(*embs, **kw)
+        value = loss(*embs, **kw)
+        if terms is not None:
+            terms[name] = float(value.detach())
+        return value
     ws = weights or [1.0] * len(dims)
-    return sum(  # type: ignore[return-value]
-        w * loss(*(None if e is None else e[..., :k] for e in embs), **kw)
-        for k, w in zip(dims, ws, strict=True)
-    )
+    values = [loss(*(None if e is None else e[..., :k] for e in embs), **kw) for k in dims]
+    if terms is not None:
+        terms.update({f"{name}@{k}": float(v.detach()) for k, v in zip(dims, values, strict=True)})
+    return sum(w * v for w, v in zip(ws, values, strict=True))  # type: ignore[return-value]

@@ -61,8 +61,9 @@ def input_columns(cfg: TrainConfig) -> list[str]:
     return [cfg.text_column] + ([cfg.teacher_column] if cfg.teacher_column else [])
 
 
-# loss_at(reps, dims, weights) -> (loss summed over the Matryoshka widths `dims`, q and d for spread-out)
-LossAt = Callable[[list[Tensor], Sequence[int], Sequence[float] | None], tuple[Tensor, Tensor, Tensor]]
+# loss_at(reps, dims, weights, tag) -> (loss summed over the Matryoshka widths `dims`, q and d for
+# spread-out); each term's value goes into the step's `terms` under `tag` (the sub-model) + its name
+LossAt = Callable[[list[Tensor], Sequence[int], Sequence[float] | None, str], tuple[Tensor, Tensor, Tensor]]
 
 
 def objective(
@@ -73,22 +74,26 @@ def objective(
     loss_fn: nn.Module | None = None,
     rotation: Tensor | None = None,
     rng: np.random.Generator | None = None,
+    terms: dict[str, float] | None = None,
 ) -> tuple[list[Sequence[Text]], LossOf]:
     """(text towers, loss of their embeddings: one matrix per tower). `loss_fn`: the run's loss module
     (kept across steps when it has parameters, e.g. a learnable scale); default: a fresh one.
     `rotation` (pca_rotation): distillation targets are rotated by it, as the model's output is.
-    `rng`: samples FlagEmbedding groups (seeded by the loop from the run's position)."""
+    `rng`: samples FlagEmbedding groups (seeded by the loop from the run's position). `terms`, if given,
+    gets each term's unweighted value when the loss is computed: `<loss>@<width>`, `score_kl@<width>`,
+    `L<layers>/<loss>@<width>` (2D Matryoshka sub-models), `spread_out`."""
+    terms = {} if terms is None else terms
     loss_fn = loss_fn or build_loss(cfg).to(device)
     if cfg.loss in CONTRASTIVE:
         groups = groups_of(cfg, batch, rng or np.random.default_rng(cfg.seed))
-        towers, loss_at = _contrastive(cfg, groups, loss_fn, device)
+        towers, loss_at = _contrastive(cfg, groups, loss_fn, device, terms)
     elif cfg.loss in GUIDED:
         assert teacher is not None, f"loss={cfg.loss} needs the teacher model in the loop"
-        towers, loss_at = _guided(cfg, batch, teacher, loss_fn)
+        towers, loss_at = _guided(cfg, batch, teacher, loss_fn, terms)
     else:
         assert isinstance(loss_fn, EmbeddingDistill)
-        towers, loss_at = _distill(cfg, batch, teacher, device, loss_fn, rotation)
-    return towers, _over_sub_models(cfg, loss_at)
+        towers, loss_at = _distill(cfg, batch, teacher, device, loss_fn, rotation, terms)
+    return towers, _over_sub_models(cfg, loss_at, terms)
 
 
 def sub_model_layers(cfg: TrainConfig) -> list[int]:
@@ -96,24 +101,28 @@ def sub_model_layers(cfg: TrainConfig) -> list[int]:
     return sorted({layers for layers, _ in cfg.matryoshka_2d})
 
 
-def _over_sub_models(cfg: TrainConfig, loss_at: LossAt) -> LossOf:
+def _over_sub_models(cfg: TrainConfig, loss_at: LossAt, terms: dict[str, float]) -> LossOf:
     """The full model at every Matryoshka width, plus each 2D (layers, dim) sub-model; spread-out on the
     full model's full width. With 2D pairs each tower's rows are [full | one part per sub-model]."""
     layers = sub_model_layers(cfg)
 
     def loss_of(reps: list[Tensor]) -> Tensor:
         parts = [r.chunk(1 + len(layers), dim=1) for r in reps]
-        loss, q, d = loss_at([p[0] for p in parts], cfg.matryoshka_dims, cfg.matryoshka_weights)
+        loss, q, d = loss_at([p[0] for p in parts], cfg.matryoshka_dims, cfg.matryoshka_weights, "")
         for n, dim in cfg.matryoshka_2d:
             i = 1 + layers.index(n)
-            loss = loss + loss_at([p[i] for p in parts], [dim], None)[0]
-        return loss + cfg.spread_out_weight * SpreadOut()(q, d) if cfg.spread_out_weight else loss
+            loss = loss + loss_at([p[i] for p in parts], [dim], None, f"L{n}/")[0]
+        if not cfg.spread_out_weight:
+            return loss
+        spread = SpreadOut()(q, d)
+        terms["spread_out"] = float(spread.detach())
+        return loss + cfg.spread_out_weight * spread
 
     return loss_of
 
 
 def _contrastive(
-    cfg: TrainConfig, groups: Groups, loss_fn: nn.Module, device: torch.device
+    cfg: TrainConfig, groups: Groups, loss_fn: nn.Module, device: torch.device, terms: dict[str, float]
 ) -> tuple[list[Sequence[Text]], LossAt]:
     towers: list[Sequence[Text]] = [query_tower(cfg, groups.queries, groups.instructions), groups.positives]
     towers += groups.negatives
@@ -122,7 +131,7 @@ def _contrastive(
     group_kl = GroupScoreDistill(cfg.scale, cfg.score_temperature)
 
     def loss_at(
-        reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None
+        reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None, tag: str
     ) -> tuple[Tensor, Tensor, Tensor]:
         d, offset = gather_with_grad(reps[1])
         negs = [gather_with_grad(r)[0] for r in reps[2:]]
@@ -132,21 +141,22 @@ def _contrastive(
         kw: dict[str, Any] = {"offset": offset} | (
             {"mask": masks[offset]} if masks[offset] is not None else {}
         )
-        loss = matryoshka(loss_fn, dims, weights, reps[0], d, neg, **kw)
+        loss = matryoshka(loss_fn, dims, weights, reps[0], d, neg, terms=terms, name=tag + cfg.loss, **kw)
         if cfg.score_weight:
             group = torch.stack(reps[1:], dim=1)  # [B, 1 + k, D]: own positive, own negatives
 
             def kl(q: Tensor, g: Tensor) -> Tensor:
                 return group_kl(q, g, scores, group_valid(groups, device))
 
-            loss = loss + cfg.score_weight * matryoshka(kl, dims, weights, reps[0], group)
+            kl_loss = matryoshka(kl, dims, weights, reps[0], group, terms=terms, name=f"{tag}score_kl")
+            loss = loss + cfg.score_weight * kl_loss
         return loss, reps[0], d
 
     return towers, loss_at
 
 
 def _guided(
-    cfg: TrainConfig, batch: dict[str, Any], teacher: Embedder, loss_fn: nn.Module
+    cfg: TrainConfig, batch: dict[str, Any], teacher: Embedder, loss_fn: nn.Module, terms: dict[str, float]
 ) -> tuple[list[Sequence[Text]], LossAt]:
     queries = texts_of(batch[cfg.query_column])
     tasks = list(batch[cfg.instruction_column]) if cfg.instruction_column else [None] * len(queries)
@@ -159,11 +169,11 @@ def _guided(
         fn = partial(loss_fn, teacher_scores=scores)
 
     def loss_at(
-        reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None
+        reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None, tag: str
     ) -> tuple[Tensor, Tensor, Tensor]:
         d, offset = gather_with_grad(reps[1])
         loss = partial(loss_fn, guide_q=guide_q, guide_d=guide_d, offset=offset) if cfg.loss == "gist" else fn
-        return matryoshka(loss, dims, weights, reps[0], d), reps[0], d
+        return matryoshka(loss, dims, weights, reps[0], d, terms=terms, name=tag + cfg.loss), reps[0], d
 
     return towers, loss_at
 
@@ -175,6 +185,7 @@ def _distill(
     device: torch.device,
     loss_fn: EmbeddingDistill,
     rotation: Tensor | None,
+    terms: dict[str, float],
 ) -> tuple[list[Sequence[Text]], LossAt]:
     texts = texts_of(batch[cfg.text_column])
     if cfg.teacher_column:
@@ -188,9 +199,10 @@ def _distill(
         target = target.float() @ rotation.to(device)
 
     def loss_at(
-        reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None
+        reps: list[Tensor], dims: Sequence[int], weights: Sequence[float] | None, tag: str
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return matryoshka(loss_fn, dims, weights, reps[0], target), reps[0], reps[0]
+        loss = matryoshka(loss_fn, dims, weights, reps[0], target, terms=terms, name=tag + cfg.loss)
+        return loss, reps[0], reps[0]
 
     return [texts], loss_at
 

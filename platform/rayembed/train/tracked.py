@@ -95,9 +95,12 @@ def backfill(tracker: Tracker | None, history: list[dict[str, Any]], logged: int
     return max([logged, *(h["step"] for h in history)])
 
 
-def step_metrics(metrics: dict[str, float], lr: float, samples_per_s: float) -> dict[str, float]:
-    """What rank 0 logs at a step: the loss and its terms, lr, samples/s, memory."""
-    return {**numeric(metrics), "lr": lr, "samples_per_s": samples_per_s}
+def step_metrics(
+    metrics: dict[str, float], terms: dict[str, float], lr: float, speed: dict[str, float]
+) -> dict[str, float]:
+    """What rank 0 logs at a step: the loss, each of its terms' unweighted values (`loss/<term>`, rank
+    0's rows), lr, speeds (samples/s of the global batch, rank 0's tokens/s), memory."""
+    return {**numeric(metrics), **{f"loss/{k}": v for k, v in terms.items()}, "lr": lr, **speed}
 
 
 def finish(cfg: TrainConfig, summary: dict[str, Any], evals: dict[str, Any] | None) -> Tracker | None:
