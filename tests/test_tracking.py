@@ -6,6 +6,8 @@ offline through the same interface."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import urllib.request
 from pathlib import Path
@@ -14,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import DATA, free_port, start_endpoint, start_mlflow_server
-from rayembed.config import EmbedConfig, EvalConfig, TrainConfig
-from rayembed.model import Embedder
+from conftest import DATA, free_port, start_endpoint, start_mlflow_server, wait_for
+from rayembed.config import EmbedConfig, EvalConfig, ServeConfig, TrainConfig
+from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.layout import model_revision
 from rayembed.tracking import Tracker, TrackingConfig, open_run
 
@@ -42,6 +44,7 @@ def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
 
     from rayembed.embed import embed
     from rayembed.eval import evaluate
+    from rayembed.serve import run as deploy
     from rayembed.train import train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -66,8 +69,8 @@ def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
     assert _steps(client, run_id, "loss/infonce_16") == [1, 2]  # the loss's one term: width 16
     assert run.data.metrics["tokens_per_s_per_worker"] > run.data.metrics["samples_per_s"] / 2  # > 1 a row
     assert "eval/after/beir/32/ndcg_10" in run.data.metrics  # the export's eval, before and after
-    assert {"model/config.json", "model/int8_scales.json"} <= {
-        a.path for a in client.list_artifacts(run_id, "model")
+    assert {"model/step-2/config.json", "model/step-2/int8_scales.json"} <= {
+        a.path for a in client.list_artifacts(run_id, "model/step-2")
     }
     assert {"report/report.md", "report/curves.png"} <= {
         a.path for a in client.list_artifacts(run_id, "report")
@@ -78,6 +81,7 @@ def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
     assert second["resumed_from"] == 2 and second["tracking"]["run_id"] == run_id
     assert [r.info.run_id for r in _runs(client, "tracked-train")] == [run_id]
     assert _steps(client, run_id) == [1, 2, 3, 4]  # each step once
+    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/step-2", "model/step-4"]
     version = client.get_model_version_by_alias("tiny-tracked", "candidate")
     assert version.version == "2" and version.run_id == run_id
     assert version.tags["rayembed.width"] == "32" and version.tags["rayembed.matryoshka_dims"] == "16"
@@ -87,15 +91,29 @@ def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
     # models:/ wherever a model path goes: the endpoint names the registry version as its revision
     url = start_endpoint(model="models:/tiny-tracked@candidate", model_name="tiny")
     try:
-        body = json.dumps({"input": ["a registered model"], "model": "tiny"}).encode()
-        req = urllib.request.Request(f"{url}/v1/embeddings", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            served, revision = json.loads(r.read())["data"][0]["embedding"], r.headers["x-rayembed-revision"]
+        served, revision = _served(url)
+        assert revision == "models:/tiny-tracked/2"
+        local = Embedder.load(second["output_dir"], device="cpu").encode(["a registered model"])[0]
+        assert np.allclose(served, local, atol=1e-5)
+        # the alias moved back to version 1: a replica started now (one lost, or added by autoscaling) serves
+        # the version deployed, not the alias's new one (it did: one endpoint, two models); deploying the
+        # same settings again is the rollout to version 1
+        client.set_registered_model_alias("tiny-tracked", "candidate", "1")
+        [replica] = _replicas("EmbeddingService")
+        os.kill(replica["Pid"], signal.SIGKILL)
+        assert wait_for(lambda: _replicas("EmbeddingService") and _answers(url), 120)
+        assert _replicas("EmbeddingService")[0]["Pid"] != replica["Pid"]
+        again, revision = _served(url)
+        assert revision == "models:/tiny-tracked/2" and np.allclose(again, served, atol=1e-6)
+        deploy(ServeConfig(port=int(url.rsplit(":", 1)[1]), model="models:/tiny-tracked@candidate", model_name="tiny"),
+            blocking=False)  # fmt: skip
+        assert wait_for(lambda: _served(url)[1] == "models:/tiny-tracked/1", 120), _served(url)[1]
+        v1 = Embedder.load(resolve_model_path("models:/tiny-tracked/1"), device="cpu")
+        want = v1.encode(["a registered model"])[0]
+        assert np.allclose(_served(url)[0], want, atol=1e-5) and not np.allclose(want, served, atol=1e-4)
     finally:
         serve.shutdown()
-    assert revision == "models:/tiny-tracked/2"
-    local = Embedder.load(second["output_dir"], device="cpu").encode(["a registered model"])[0]
-    assert np.allclose(served, local, atol=1e-5)
+        client.set_registered_model_alias("tiny-tracked", "candidate", "2")
 
     # merge takes registered versions as ingredients: the soup of versions 1 and 2
     from rayembed.config import MergeConfig
@@ -117,6 +135,27 @@ def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
     assert (
         embedded.data.metrics["rows"] == summary["rows"] == 300 and "padding_ratio" in embedded.data.metrics
     )
+
+
+def _replicas(kind: str) -> list[dict[str, Any]]:
+    import ray._private.state as state
+
+    return [a for a in state.actors().values() if a["State"] == "ALIVE" and kind in a["ActorClassName"]]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(_served(url))
+    except OSError:
+        return False
+
+
+def _served(url: str) -> tuple[list[float], str]:
+    """The endpoint's vector of one text and the revision it names."""
+    body = json.dumps({"input": ["a registered model"], "model": "tiny"}).encode()
+    req = urllib.request.Request(f"{url}/v1/embeddings", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["data"][0]["embedding"], r.headers["x-rayembed-revision"]
 
 
 class Blocked:

@@ -192,10 +192,14 @@ def test_export_options_and_whether_a_node_fits_them() -> None:
     big = TrainConfig(
         data="x", output_dir="y", export_resources={"num_cpus": 8, "memory": 64e9, "resources": {"export": 1}}
     )
-    assert export_options(cpu) == {"num_cpus": 1, "num_gpus": 0}
-    assert export_options(gpu) == {"num_cpus": 1, "num_gpus": 1}
+    assert export_options(cpu) == {"num_cpus": 2, "num_gpus": 0}  # the two workers' CPUs, free by then
+    assert export_options(gpu) == {"num_cpus": 1, "num_gpus": 1}  # one GPU worker's
     assert export_options(big) == {"num_cpus": 8, "num_gpus": 0, "memory": 64e9, "resources": {"export": 1}}
     head = {"Alive": True, "Resources": {"CPU": 4.0, "memory": 16e9}}
+    wide = TrainConfig(data="x", output_dir="y", num_workers=8, cpus_per_worker=2)
+    assert (
+        export_options(wide)["num_cpus"] == 16 and export_options(wide, [head])["num_cpus"] == 4
+    )  # a node's
     gpus = {"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0, "memory": 512e9}}
     large = {"Alive": True, "Resources": {"CPU": 16.0, "memory": 256e9, "export": 1.0}}
     assert export_fits(export_options(cpu), [head]) and not export_fits(export_options(gpu), [head])

@@ -270,8 +270,28 @@ def _actor_options(spec: Any) -> dict[str, Any]:
     )
 
 
+def pinned(cfg: ServeConfig) -> ServeConfig:
+    """`cfg` with each `models:/<name>@<alias>` turned into the version the alias names now: every replica
+    serves that version (one that autoscaling starts after the alias moved too), and deploying the same
+    settings again after the alias moved is a rollout to the new version (the deployment's arguments change)."""
+    from rayembed.tracking.mlflow_backend import registered
+
+    def pin(model: str) -> str:
+        if not model.startswith("models:/") or "@" not in model:
+            return model
+        version = registered(model)
+        return f"models:/{version.name}/{version.version}"
+
+    if cfg.models:
+        models = [m | ({"model": pin(str(m["model"]))} if "model" in m else {}) for m in cfg.models]
+        return dataclasses.replace(cfg, models=models, model=pin(cfg.model))
+    return dataclasses.replace(cfg, model=pin(cfg.model))
+
+
 def build_app(cfg: ServeConfig) -> serve.Application:
-    """The Serve application for `cfg` (also what a RayService's import path builds)."""
+    """The Serve application for `cfg` (also what a RayService's import path builds), registry aliases
+    pinned to their versions."""
+    cfg = pinned(cfg)
     queues = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
@@ -314,6 +334,7 @@ def run(cfg: ServeConfig, blocking: bool = True) -> str:
     from rayembed.io import ensure_ray
     from rayembed.model import resolve_model_path
 
+    cfg = pinned(cfg)  # the version fetched here is the one the replicas serve
     for spec in cfg.specs():
         resolve_model_path(
             spec.model, cfg.s3_endpoint_url

@@ -27,7 +27,9 @@ class WandbRun:
         import wandb
 
         name = (artifact_path or "files").replace("/", "-")
-        artifact = wandb.Artifact(f"{self.run_id}-{name}", type="model" if name == "model" else "run-files")
+        artifact = wandb.Artifact(
+            f"{self.run_id}-{name}", type="model" if name.startswith("model") else "run-files"
+        )
         artifact.add_dir(local_dir)
         self.run.log_artifact(artifact)
 

@@ -79,7 +79,9 @@ class TrainConfig:
     export_resources: dict[str, Any] = field(default_factory=dict)
     """Ray resources of the export task (ZeRO shards gathered, LoRA merged, int8 calibration, eval, model
     and report published), which runs on a node that has them, not on the driver: num_cpus, num_gpus,
-    memory (bytes), resources ({name: amount}). Default: 1 CPU, and 1 GPU with use_gpu."""
+    memory (bytes), resources ({name: amount}). Default: the CPUs the workers held, free once they end
+    (num_workers x cpus_per_worker, at most a node's; with use_gpu one worker's and 1 GPU): the export's
+    evals and int8 calibration use as many threads."""
     placement_strategy: str = "PACK"
     """How Ray places the workers: PACK (fewest nodes), SPREAD (one per node where it can), or
     STRICT_PACK / STRICT_SPREAD."""

@@ -92,11 +92,16 @@ def to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
-def export_options(cfg: TrainConfig) -> dict[str, Any]:
-    """Ray options of the export task: 1 CPU (and 1 GPU with use_gpu), then `export_resources`."""
+def export_options(cfg: TrainConfig, nodes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Ray options of the export task, then `export_resources`. Default: the CPUs the training workers
+    held, free once they end (num_workers x cpus_per_worker; one worker's with use_gpu, and 1 GPU), at
+    most the largest of `nodes` (ray.nodes()) has: its evals and int8 calibration run on as many threads."""
     registry = registry_env(cfg.model, cfg.teacher)
     env = {"runtime_env": {"env_vars": registry}} if registry else {}
-    return {"num_cpus": 1, "num_gpus": 1 if cfg.use_gpu else 0, **env, **cfg.export_resources}
+    cpus = cfg.cpus_per_worker * (1 if cfg.use_gpu else cfg.num_workers)
+    alive = [n["Resources"].get("CPU", 0.0) for n in nodes or [] if n.get("Alive")]
+    cpus = max(1.0, min(cpus, max(alive)) if alive else cpus)
+    return {"num_cpus": cpus, "num_gpus": 1 if cfg.use_gpu else 0, **env, **cfg.export_resources}
 
 
 def warn_if_no_node_fits_export(cfg: TrainConfig) -> None:
@@ -104,8 +109,9 @@ def warn_if_no_node_fits_export(cfg: TrainConfig) -> None:
     for one after the last step: an autoscaler may add it, a fixed cluster never will)."""
     import ray
 
-    options = export_options(cfg)
-    if not export_fits(options, ray.nodes()):
+    nodes = ray.nodes()
+    options = export_options(cfg, nodes)
+    if not export_fits(options, nodes):
         print(f"train: no node has the export's resources {options} now; after training the export waits for "
               "one (an autoscaler adds it; else lower export_resources). Checkpoints are kept either way",
               flush=True)  # fmt: skip
@@ -126,7 +132,7 @@ def export_run(
     """Run `finish` as a Ray task placed by `export_options` and wait for it; returns the summary."""
     import ray
 
-    task = ray.remote(finish).options(**export_options(cfg))
+    task = ray.remote(finish).options(**export_options(cfg, ray.nodes()))
     return ray.get(task.remote(cfg, checkpoint, rotation, texts, summary))
 
 
@@ -139,6 +145,8 @@ def finish(
     import ray
 
     started = time.perf_counter()
+    if ray.is_initialized():  # the task's CPUs (Ray may have set one thread for the process)
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     with checkpoint.as_directory() as d:
         model = consolidate(d, cfg)
         history = json.loads(Path(d, HISTORY).read_text()) if Path(d, HISTORY).is_file() else []
@@ -157,10 +165,13 @@ def finish(
         model.save(path)
         revision.extend([model_revision(path)] if tracker is not None else [])
 
-    summary = {"output_dir": published(save, f"{root}/model", cfg, tracker), **summary}
+    # the run's artifact per exported step: a registered version's files never change, even when the
+    # run is resumed and exported again (one `model` folder was overwritten, version 1 became version 2)
+    artifact = f"model/step-{summary.get('step', 0)}"
+    summary = {"output_dir": published(save, f"{root}/model", cfg, tracker, artifact), **summary}
     if tracker is not None:
         tags = model_tags(cfg, model, revision[0])
-        summary["tracking"] |= {"registered": tracked.register(cfg, tracker, tags)}
+        summary["tracking"] |= {"registered": tracked.register(cfg, tracker, artifact, tags)}
     summary["export"]["wall_s"] = round(time.perf_counter() - started, 1)
     summary["report"] = published(
         lambda p: write_report(p, summary, history, evals), f"{root}/report", cfg, tracker
@@ -184,14 +195,17 @@ def model_tags(cfg: TrainConfig, model: Embedder, revision: str) -> dict[str, st
     }
 
 
-def published(write: Any, out: str, cfg: TrainConfig, tracker: Tracker | None) -> str:
-    """`publish` (local or s3://), and the folder logged as the tracked run's artifact of that name."""
+def published(
+    write: Any, out: str, cfg: TrainConfig, tracker: Tracker | None, artifact: str | None = None
+) -> str:
+    """`publish` (local or s3://), and the folder logged as the tracked run's artifact `artifact` (default:
+    the folder's name)."""
     if tracker is None:
         return publish(write, out, cfg.s3_endpoint_url)
 
     def write_and_log(path: Path) -> None:
         write(path)
-        tracker.log_artifacts(str(path), out.rsplit("/", 1)[-1])
+        tracker.log_artifacts(str(path), artifact or out.rsplit("/", 1)[-1])
         tracker.flush()  # before a temporary folder (s3:// outputs) goes
 
     return publish(write_and_log, out, cfg.s3_endpoint_url)

@@ -116,15 +116,16 @@ def finish(cfg: TrainConfig, summary: dict[str, Any], evals: dict[str, Any] | No
     return tracker
 
 
-def register(cfg: TrainConfig, tracker: Tracker, tags: dict[str, str]) -> dict[str, Any]:
-    """Register the logged model if `register_as` says so: {'name', 'version', 'alias'} or the error."""
+def register(cfg: TrainConfig, tracker: Tracker, artifact: str, tags: dict[str, str]) -> dict[str, Any]:
+    """Register the model logged as `artifact` if `register_as` says so: {'name', 'version', 'alias'} or
+    the error."""
     t = TrackingConfig(**(cfg.tracking or {}))
     if not t.register_as:
         return {}
     if not tracker.flush():  # the model's files must be there first
         return {"error": "the model's upload did not finish in tracking.flush_timeout_s"}
     try:
-        version = tracker.backend.register("model", t.register_as, t.alias, tags)
+        version = tracker.backend.register(artifact, t.register_as, t.alias, tags)
     except Exception as e:  # noqa: BLE001  # the model is published anyway; the summary says what failed
         print(f"tracking: registering {t.register_as!r} failed: {type(e).__name__}: {str(e)[:200]}")
         return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
