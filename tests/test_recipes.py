@@ -52,13 +52,17 @@ def test_distill_recipe_runs_to_its_end(recipe_dir: Path) -> None:
     """jobs/distill.yaml (ZeRO-3, length-sorted forward passes: the recipe that hung at step ~11 when each
     worker planned its passes alone), 15 steps across 3 checkpoints, then its eval section. (CI runs 15 of
     the bench's 30 steps on 1,000 of its 2,000 rows, past the step it hung at, and 200 of the 1,000
-    axis-turning steps: about 3 min less; tests/test_train_hang.py makes the ranks' plans differ step by step.)"""
+    axis-turning steps: about 3 min less; the export's eval without STS and the eval section on 300
+    documents; tests/test_train_hang.py makes the ranks' plans differ step by step.)"""
     extra = [
         "train.max_steps=15",
         "train.checkpoint_every=5",
         "train.pca_ranking_steps=200",
         "prepare.limit=1000",
         "train.pca_rows=1000",
+        "train.eval.sts_file=null",
+        "eval.max_queries=50",
+        "eval.max_docs=300",
     ]  # 15 steps of 2 x 32 rows: 960
     run = run_recipe("distill", recipe_dir / "distill", timeout_s=1500, extra=extra)
     check_run(run, steps=15)

@@ -19,7 +19,7 @@ import pytest
 from conftest import DATA, free_port, start_endpoint, start_mlflow_server, wait_for
 from rayembed.config import EmbedConfig, EvalConfig, ServeConfig, TrainConfig
 from rayembed.model import Embedder, resolve_model_path
-from rayembed.model.layout import model_revision
+from rayembed.model.layout import model_revision, trained_in
 from rayembed.tracking import Tracker, TrackingConfig, open_run
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -127,6 +127,13 @@ def test_a_tracked_run_resumes_as_one_run_and_its_registered_model_is_served(
     report = evaluate(EvalConfig(model="models:/tiny-tracked/2", **EVAL, tracking={"experiment": "evals"}))
     [evaluated] = _runs(client, "evals")
     assert evaluated.data.tags["rayembed.model_run_id"] == run_id
+    # the exported folder names its training run too (rayembed.json): an eval of the folder links to it;
+    # a model saved again from it (fine-tuned, merged) does not
+    assert trained_in(Path(second["output_dir"])) == {"backend": "mlflow", "run_id": run_id}
+    assert trained_in(Embedder.load(second["output_dir"], device="cpu").save(tmp_path / "again")) == {}
+    evaluate(EvalConfig(model=second["output_dir"], **EVAL, tracking={"experiment": "folder-evals"}))
+    [folder_eval] = _runs(client, "folder-evals")
+    assert folder_eval.data.tags["rayembed.model_run_id"] == run_id
     assert evaluated.data.metrics["beir/32/ndcg_10"] == pytest.approx(report["beir"]["32"]["ndcg@10"])
     summary = embed(EmbedConfig(input=str(scifact_docs), output=str(tmp_path / "vectors"), text_column="text", id_column="_id",
                                 model="models:/tiny-tracked@candidate", progress=False, tracking={"experiment": "embeds"}))  # fmt: skip
@@ -176,6 +183,9 @@ class Blocked:
         self.logged += len(rows)
 
     def end(self, status: str) -> None:
+        self.go.wait()
+
+    def detach(self) -> None:
         self.go.wait()
 
 

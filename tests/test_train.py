@@ -186,9 +186,19 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
             checkpoint_every=2,
             pca_rotation=True,
             matryoshka_dims=[32, 8],
+            tracking={"backend": "wandb", "uri": str(tmp_path / "wandb"), "experiment": "distill"},
         )
     )
     ckpt = Path(result["checkpoint"]) / "ds"
+    # tracked in W&B (offline): the driver's params, rank 0's steps with each Matryoshka term of the loss
+    # and its tokens/s, the export's eval-free summary and model, each process a segment of the one run
+    run_id = result["tracking"]["run_id"]
+    segments = sorted((tmp_path / "wandb" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    logged = b"".join(p.read_bytes() for p in segments)
+    assert len(segments) == 3, segments  # driver, rank 0, export
+    assert b"zero_stage" in logged and b"loss/distill@32" in logged and b"loss/distill@8" in logged
+    assert b"tokens_per_s_per_worker" in logged and f"{run_id}-model-step-2".encode() in logged
+    assert result["tracking"]["failed"] == result["tracking"]["dropped"] == 0
     for rank in (0, 1):  # ZeRO-3: parameters too are partitioned per worker
         assert (ckpt / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
         assert (ckpt / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()

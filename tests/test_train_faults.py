@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from rayembed.config import TrainConfig
+from rayembed.model import Embedder
 from rayembed.train import train
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -29,14 +30,23 @@ def _train_workers() -> list[dict[str, Any]]:
 
 
 def test_killed_worker_resumes_from_checkpoint(
-    tiny_model: Path, snli_triples: Path, tmp_path: Path, mlflow_server: str
+    tiny_model: Path, snli_triples: Path, tmp_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The run is tracked: the restarted group goes on in the same MLflow run, and steps it trains again
-    (those after the checkpoint it restarts from) are not logged twice."""
+    (those after the checkpoint it restarts from) are not logged twice. Its model comes from the registry
+    (models:/...@base): the workers, the restarted ones too, and the export fetch it."""
     from mlflow import MlflowClient
 
+    from rayembed.tracking import open_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    base = open_run({"experiment": "bases"}, "base")
+    assert base is not None
+    base.log_artifacts(str(tiny_model), "model")
+    assert base.flush() and base.backend.register("model", "tiny-base", "base", {}) == "1"
+    base.close("FINISHED")
     cfg = TrainConfig(
-        data=str(snli_triples), output_dir=str(tmp_path / "run"), model=str(tiny_model), num_workers=2,
+        data=str(snli_triples), output_dir=str(tmp_path / "run"), model="models:/tiny-base@base", num_workers=2,
         zero_stage=2, batch_size=4, epochs=3, max_steps=16, checkpoint_every=2, max_failures=1, lr=1e-3,
         tracking={"uri": mlflow_server, "experiment": "killed-worker"},
     )  # fmt: skip
@@ -63,6 +73,8 @@ def test_killed_worker_resumes_from_checkpoint(
         h["step"] for h in json.loads(Path(cfg.output_dir, "report", "report.json").read_text())["history"]
     ]
     assert steps == list(range(1, 17))
+    exported = Embedder.load(result["output_dir"], device="cpu")  # the registered base, trained
+    assert exported.name == f"{Embedder.load(tiny_model, device='cpu').name}-{cfg.run_name}"
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("killed-worker").experiment_id])
     assert [r.info.run_id for r in runs] == [result["tracking"]["run_id"]]

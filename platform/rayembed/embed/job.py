@@ -36,7 +36,7 @@ from rayembed.embed.tables import append_to_iceberg, check_text_type, file_infos
 from rayembed.embed.versions import current, known_index, settings_check, write_deleted
 from rayembed.io import ensure_ray, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
-from rayembed.model.layout import model_revision
+from rayembed.model.layout import model_revision, trained_in
 from rayembed.tracking import log_job, registry_env
 
 
@@ -233,7 +233,10 @@ def finish(cfg: EmbedConfig, root: str, out_fs: Any, summary: dict[str, Any], kn
         done_now = append_to_iceberg(cfg.iceberg_append, cfg.iceberg_catalog, rows, cfg.output)
         summary["iceberg_append"] = {"table": cfg.iceberg_append, "rows": rows.num_rows, "appended": done_now}
     if cfg.tracking:
-        summary["tracking"] = log_job(cfg.tracking, "embed", dataclasses.asdict(cfg), summary, cfg.model)
+        made_by = trained_in(resolve_model_path(cfg.model, cfg.s3_endpoint_url))  # a folder's training run
+        summary["tracking"] = log_job(
+            cfg.tracking, "embed", dataclasses.asdict(cfg), summary, cfg.model, made_by
+        )
     write_json(out_fs, f"{root}/_summary.json", summary)
     return summary
 

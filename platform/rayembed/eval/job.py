@@ -14,6 +14,7 @@ from rayembed.eval.config import EvalConfig
 from rayembed.eval.metrics import comparable, retrieval_metrics
 from rayembed.io import open_file
 from rayembed.model import Embedder, postprocess, resolve_model_path
+from rayembed.model.layout import trained_in
 from rayembed.tracking import log_job
 
 
@@ -48,7 +49,8 @@ def variants(cfg: EvalConfig, full: int) -> list[tuple[str, int | None, str]]:
 def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
     """Metrics at full width and each of `cfg.dims`; written to `cfg.output` if set."""
     url = cfg.s3_endpoint_url
-    model = model or Embedder.load(resolve_model_path(cfg.model, url))
+    path = resolve_model_path(cfg.model, url) if model is None else None
+    model = model or Embedder.load(path)
     report: dict[str, Any] = {"model": model.name}
     if cfg.beir_dir:
         corpus, queries, qrels = load_beir(cfg.beir_dir, cfg.split, url)
@@ -79,5 +81,8 @@ def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
         with open_file(cfg.output, "w", url) as f:
             f.write(json.dumps(report, indent=2) + "\n")
     if cfg.tracking:
-        report["tracking"] = log_job(cfg.tracking, "eval", dataclasses.asdict(cfg), report, cfg.model)
+        made_by = trained_in(path) if path is not None else {}
+        report["tracking"] = log_job(
+            cfg.tracking, "eval", dataclasses.asdict(cfg), report, cfg.model, made_by
+        )
     return report

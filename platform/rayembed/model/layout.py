@@ -147,6 +147,17 @@ def read_layout(path: Path) -> Layout:
     )
 
 
+def trained_in(path: Path) -> dict[str, str]:
+    """The tracked run that trained the model in `path` ({'backend', 'run_id'}; {} if none): what the
+    export of a tracked run records in rayembed.json, so jobs on the folder link to that run. Neither
+    `Embedder.load` nor `save` carries it: a model saved from it again (fine-tuned, merged) is not that run's."""
+    return dict(_read_json(path / "rayembed.json").get("trained_in") or {})
+
+
+def mark_trained_in(path: Path, run: dict[str, str]) -> None:
+    _write_json(path / "rayembed.json", _read_json(path / "rayembed.json") | {"trained_in": run})
+
+
 INT8_SCALES = "int8_scales.json"  # {"scales": {width: scale}}; model_revision hashes it (codes depend on it)
 
 

@@ -75,6 +75,7 @@ class Backend(Protocol):
     def last_step(self, key: str) -> int: ...
     def register(self, artifact_path: str, name: str, alias: str | None, tags: dict[str, str]) -> str: ...
     def end(self, status: str) -> None: ...
+    def detach(self) -> None: ...  # this process is done with the run, which another process goes on with
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -181,8 +182,8 @@ class Tracker:
         """Flush, end the run with `status` (None: leave it running for another process to go on with),
         stop the thread; the counts for the job's summary."""
         flushed = self.flush()
-        if status is not None and flushed:
-            self._put(lambda: self.backend.end(status))
+        if flushed:
+            self._put(self.backend.detach if status is None else lambda: self.backend.end(status))
             flushed = self.flush()
         self._put(None, count=False)  # the thread ends (a stuck one is a daemon: it dies with the job)
         if not flushed:
@@ -215,10 +216,12 @@ def open_run(
     return Tracker(backend, cfg.queue_size, cfg.flush_timeout_s, cfg.interval_s)
 
 
-def source_tags(model: str) -> dict[str, str]:
-    """Tags linking a job to the run that made its model, when the model is a registered version."""
+def source_tags(model: str, trained_in: dict[str, str] | None = None) -> dict[str, str]:
+    """Tags linking a job to the run that made its model: a registered version's run, or `trained_in`,
+    the run a folder's rayembed.json names (model.layout.trained_in)."""
     if not model.startswith("models:/"):
-        return {}
+        run_id = (trained_in or {}).get("run_id")
+        return {"rayembed.model": model} | ({"rayembed.model_run_id": run_id} if run_id else {})
     from rayembed.tracking.mlflow_backend import registered
 
     version = registered(model)
@@ -234,11 +237,13 @@ def log_job(
     params: dict[str, Any],
     metrics: dict[str, Any],
     model: str = "",
+    trained_in: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One tracked run for a job that has no steps (embed, eval): its settings as params, the numbers of
-    its summary as metrics, linked to the model's run; returns the Tracker's counts (or why it has none)."""
+    its summary as metrics, linked to the model's run (`trained_in`: a folder's, see `source_tags`);
+    returns the Tracker's counts (or why it has none)."""
     try:
-        tags = {"rayembed.job": job, **source_tags(model)}
+        tags = {"rayembed.job": job, **source_tags(model, trained_in)}
     except Exception as e:  # noqa: BLE001  # the registry is down: the run goes untagged
         tags = {"rayembed.job": job, "rayembed.model": model}
         print(f"tracking: cannot read {model}'s registry entry ({type(e).__name__}); the run is not linked")

@@ -100,6 +100,9 @@ class MlflowRun:
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
 
+    def detach(self) -> None:
+        """Nothing to do: every call was a request the server has answered."""
+
 
 def _key(name: str) -> str:
     """MLflow's metric names allow letters, digits, _ - . / and spaces."""

@@ -42,6 +42,11 @@ class WandbRun:
     def end(self, status: str) -> None:
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
+    def detach(self) -> None:
+        """Finish this process's part of the run: W&B writes what it holds only then (a Ray worker that
+        exits without it lost rank 0's every step), and the next process resumes the run by its id."""
+        self.run.finish(exit_code=0)
+
 
 def open(cfg: Any, run_id: str | None, run_name: str, tags: dict[str, str]) -> WandbRun:  # noqa: A001
     import wandb

@@ -16,9 +16,9 @@ import torch
 
 from rayembed.io import publish
 from rayembed.model import Embedder
-from rayembed.model.layout import model_revision
+from rayembed.model.layout import mark_trained_in, model_revision
 from rayembed.model.lora import has_lora, merge
-from rayembed.tracking import Tracker, registry_env
+from rayembed.tracking import Tracker, TrackingConfig, registry_env
 from rayembed.train import tracked
 from rayembed.train.config import TrainConfig
 from rayembed.train.report import write_report
@@ -163,7 +163,11 @@ def finish(
 
     def save(path: Path) -> None:
         model.save(path)
-        revision.extend([model_revision(path)] if tracker is not None else [])
+        if tracker is not None:  # jobs on the folder link to this run (rayembed.json, not in the revision)
+            mark_trained_in(
+                path, {"backend": TrackingConfig(**cfg.tracking or {}).backend, "run_id": tracker.run_id}
+            )
+            revision.append(model_revision(path))
 
     # the run's artifact per exported step: a registered version's files never change, even when the
     # run is resumed and exported again (one `model` folder was overwritten, version 1 became version 2)
