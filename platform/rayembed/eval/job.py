@@ -49,8 +49,10 @@ def variants(cfg: EvalConfig, full: int) -> list[tuple[str, int | None, str]]:
 def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
     """Metrics at full width and each of `cfg.dims`; written to `cfg.output` if set."""
     url = cfg.s3_endpoint_url
-    path = resolve_model_path(cfg.model, url) if model is None else None
-    model = model or Embedder.load(path)
+    path = None
+    if model is None:
+        path = resolve_model_path(cfg.model, url)
+        model = Embedder.load(path)
     report: dict[str, Any] = {"model": model.name}
     if cfg.beir_dir:
         corpus, queries, qrels = load_beir(cfg.beir_dir, cfg.split, url)

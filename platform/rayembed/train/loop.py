@@ -251,10 +251,12 @@ def _epoch_batches(
 
 
 def _step(cfg: TrainConfig, engine: Any, fixed: tuple[Any, LossState, Tensor | None], batch: Any,
-          rng: np.random.Generator, watch: Watch, step: int) -> tuple[float, dict[str, float], int]:  # fmt: skip
-    """Optimizer step `step` on this worker's rows, its phases marked on `watch`: (the loss, its terms'
-    unweighted values, the tokens this worker's model read)."""
-    teacher, loss_state, rotation = fixed
+          at: tuple[int, int, int], watch: Watch) -> tuple[float, dict[str, float], int, float]:  # fmt: skip
+    """The optimizer step after step `at` = (epoch, step, rank) on this worker's rows, its phases marked
+    on `watch`: (the loss, its terms' unweighted values, the tokens this worker's model read, seconds)."""
+    started, (teacher, loss_state, rotation) = time.perf_counter(), fixed
+    # seeded by position: a resumed run samples the same FlagEmbedding groups it would have
+    rng, step = np.random.default_rng([cfg.seed, *at]), at[1] + 1
     terms: dict[str, float] = {}
     towers, loss_of = objective(cfg, batch, teacher, engine.device, loss_state.loss_fn, rotation, rng, terms)
     watch.at(step, "forward and backward")
@@ -263,7 +265,7 @@ def _step(cfg: TrainConfig, engine: Any, fixed: tuple[Any, LossState, Tensor | N
     watch.at(step, "optimizer step")
     engine.step()
     loss_state.step()
-    return loss, terms, seen["tokens"]
+    return loss, terms, seen["tokens"], time.perf_counter() - started
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -298,6 +300,7 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     watch.at(0, "resume")
     state, history, rotation = _resume(engine, loss_state, rotation, cfg.batch_size * world)
+    models = (teacher, loss_state, rotation)  # the rotation a resumed run started with
     fixed["resumed_from"], started = state["step"], time.perf_counter()
     tracker, logged = tracked.for_worker(cfg, config.get("tracking_run_id")) if rank == 0 else (None, -1)
     logged = tracked.backfill(tracker, history, logged)
@@ -317,11 +320,8 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
                 break
             assert batch is not None
             fixed["rows_left_out"] += rows - world * num_rows(batch)  # a short last batch's remainder
-            # seeded by position: a resumed run samples the same FlagEmbedding groups it would have
-            rng = np.random.default_rng([cfg.seed, state["epoch"], state["step"], rank])
-            step_started = time.perf_counter()
-            loss, terms, tokens = _step(
-                cfg, engine, (teacher, loss_state, rotation), batch, rng, watch, state["step"] + 1
+            loss, terms, tokens, seconds = _step(
+                cfg, engine, models, batch, (state["epoch"], state["step"], rank), watch
             )
             at = {"epoch": state["epoch"], "row": state["row_in_epoch"], "rows": rows, "workers": world}
             state["step"], state["row_in_epoch"] = state["step"] + 1, state["row_in_epoch"] + rows
@@ -331,10 +331,8 @@ def _train(cfg: TrainConfig, config: dict[str, Any], watch: Watch) -> None:
                 {"step": state["step"], "loss": loss, "time_s": time.perf_counter() - started} | at | extra
             )
             if tracker is not None and state["step"] > logged:  # a resumed run's steps are logged once
-                took = time.perf_counter() - step_started
-                speed = {"samples_per_s": rows / took, "tokens_per_s_per_worker": tokens / took}
-                step_metrics = tracked.step_metrics(metrics, terms, engine.get_lr()[0], speed)
-                tracker.log_metrics(step_metrics, state["step"])
+                took, lr = (rows, tokens, seconds), engine.get_lr()[0]
+                tracker.log_metrics(tracked.step_metrics(metrics, terms, lr, took), state["step"])
             if state["step"] % cfg.checkpoint_every == 0 or report:
                 kept = (history, loss_state, rotation)
                 saved = _checkpoint_or_report(cfg, engine, state, metrics, kept, fixed, watch) or saved
