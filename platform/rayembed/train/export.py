@@ -21,6 +21,7 @@ from rayembed.model.lora import has_lora, merge
 from rayembed.tracking import Tracker, TrackingConfig, registry_env
 from rayembed.train import tracked
 from rayembed.train.config import TrainConfig
+from rayembed.train.dist import import_deepspeed
 from rayembed.train.report import write_report
 from rayembed.train.start import starting_model, trainable_model
 
@@ -41,6 +42,7 @@ def checkpoint_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     masters in their partitions; stage 0 (plain data parallel) keeps the module's own weights (with
     bf16 training those are bf16, upcast here)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = Path(checkpoint_dir, (Path(checkpoint_dir) / "latest").read_text().strip())
@@ -78,6 +80,7 @@ def to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
     folder to load from (tag CKPT_TAG inside)."""
     import argparse
 
+    import_deepspeed()
     from deepspeed.checkpoint.ds_to_universal import main as convert
 
     args = {"num_extract_workers": 1, "num_merge_workers": 1, "keep_temp_folder": False, "strict": True}

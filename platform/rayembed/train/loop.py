@@ -25,7 +25,7 @@ from rayembed.model.batching import Text, by_length
 from rayembed.model.lora import has_lora
 from rayembed.train import tracked
 from rayembed.train.config import TrainConfig
-from rayembed.train.dist import agree, init_deepspeed, most
+from rayembed.train.dist import agree, import_deepspeed, init_deepspeed, most
 from rayembed.train.export import CKPT_TAG, HISTORY, ROTATION, saved_rotation, saved_world_size, to_universal
 from rayembed.train.gradcache import LossOf, grad_cache_step
 from rayembed.train.hang import Watch, bound_collectives
@@ -193,7 +193,7 @@ def _checkpoint_or_report(
 
 def _build(cfg: TrainConfig, device: torch.device, rotation: Tensor | None) -> tuple[Any, Embedder | None]:
     """The DeepSpeed engine around the starting model (start.py) with what trains, and the in-loop teacher."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     ds_config = deepspeed_config(cfg)
     model = trainable_model(cfg, starting_model(cfg, str(device), rotation, ds_config), recompute=True)
