@@ -221,8 +221,10 @@ def test_each_term_of_the_loss_is_recorded_and_they_add_up_to_it() -> None:
     batch = {"query": np.array(["q1", "q2", "q3"]), "positive": np.array(["p1", "p2", "p3"])}
     g = torch.Generator().manual_seed(0)
     q, d = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g)  # [full 32 | first layer 32]
-    terms: dict[str, float] = {}
-    loss = float(objective(cfg, batch, None, torch.device("cpu"), terms=terms)[1]([q, d]))
+    recorded: dict[str, torch.Tensor] = {}
+    loss = float(objective(cfg, batch, None, torch.device("cpu"), terms=recorded)[1]([q, d]))
+    assert all(not t.requires_grad for t in recorded.values())  # detached: logging keeps no graph
+    terms = {k: float(t) for k, t in recorded.items()}  # read as the tracker reads them
     assert set(terms) == {"infonce@32", "infonce@16", "L1/infonce@8", "spread_out"}
     nce = InfoNCE(20.0)
     assert terms["infonce@16"] == pytest.approx(float(nce(q[:, :16], d[:, :16])))

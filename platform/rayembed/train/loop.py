@@ -100,9 +100,10 @@ def backward_step(
     layers = sub_model_layers(cfg)  # 2D Matryoshka: also pool these sub-models' outputs
 
     def embed(texts: Sequence[Text]) -> Tensor:
-        feats = {k: v.to(engine.device) for k, v in model.tokenize(list(texts)).items()}
+        tokens = model.tokenize(list(texts))
         if seen is not None and torch.is_grad_enabled():  # GradCache's first pass runs without
-            seen["tokens"] += int(feats["attention_mask"].sum())
+            seen["tokens"] += int(tokens["attention_mask"].sum())  # on the CPU: no device sync
+        feats = {k: v.to(engine.device) for k, v in tokens.items()}
         # every worker runs as many passes as the one whose lengths need most: ZeRO-3 gathers each
         # layer's parameters from all workers in every pass, so a worker with fewer would wait forever
         return by_length(
@@ -251,13 +252,13 @@ def _epoch_batches(
 
 
 def _step(cfg: TrainConfig, engine: Any, fixed: tuple[Any, LossState, Tensor | None], batch: Any,
-          at: tuple[int, int, int], watch: Watch) -> tuple[float, dict[str, float], int, float]:  # fmt: skip
+          at: tuple[int, int, int], watch: Watch) -> tuple[float, dict[str, Tensor], int, float]:  # fmt: skip
     """The optimizer step after step `at` = (epoch, step, rank) on this worker's rows, its phases marked
     on `watch`: (the loss, its terms' unweighted values, the tokens this worker's model read, seconds)."""
     started, (teacher, loss_state, rotation) = time.perf_counter(), fixed
     # seeded by position: a resumed run samples the same FlagEmbedding groups it would have
     rng, step = np.random.default_rng([cfg.seed, *at]), at[1] + 1
-    terms: dict[str, float] = {}
+    terms: dict[str, Tensor] = {}
     towers, loss_of = objective(cfg, batch, teacher, engine.device, loss_state.loss_fn, rotation, rng, terms)
     watch.at(step, "forward and backward")
     seen: Counter[str] = Counter()

@@ -97,20 +97,21 @@ def matryoshka(
     dims: Sequence[int],
     weights: Sequence[float] | None,
     *embs: Tensor | None,
-    terms: dict[str, float] | None = None,
+    terms: dict[str, Tensor] | None = None,
     name: str = "loss",
     **kw: Any,
 ) -> Tensor:
     """sum_k w_k * loss(x[..., :k] for x in embs): every embedding cut to its first k features (the last
     axis, so [B, G, D] groups too). Empty `dims` means the full width only. `terms`, if given, gets each
-    width's unweighted value as `name@k` (`name` alone for the full width only)."""
+    width's unweighted value as `name@k` (`name` alone for the full width only), detached and left on its
+    device: read as a number only where it is logged (no device sync per term on the training path)."""
     if not dims:
         value = loss(*embs, **kw)
         if terms is not None:
-            terms[name] = float(value.detach())
+            terms[name] = value.detach()
         return value
     ws = weights or [1.0] * len(dims)
     values = [loss(*(None if e is None else e[..., :k] for e in embs), **kw) for k in dims]
     if terms is not None:
-        terms.update({f"{name}@{k}": float(v.detach()) for k, v in zip(dims, values, strict=True)})
+        terms.update({f"{name}@{k}": v.detach() for k, v in zip(dims, values, strict=True)})
     return sum(w * v for w, v in zip(ws, values, strict=True))  # type: ignore[return-value]

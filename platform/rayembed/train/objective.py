@@ -74,7 +74,7 @@ def objective(
     loss_fn: nn.Module | None = None,
     rotation: Tensor | None = None,
     rng: np.random.Generator | None = None,
-    terms: dict[str, float] | None = None,
+    terms: dict[str, Tensor] | None = None,
 ) -> tuple[list[Sequence[Text]], LossOf]:
     """(text towers, loss of their embeddings: one matrix per tower). `loss_fn`: the run's loss module
     (kept across steps when it has parameters, e.g. a learnable scale); default: a fresh one.
@@ -101,7 +101,7 @@ def sub_model_layers(cfg: TrainConfig) -> list[int]:
     return sorted({layers for layers, _ in cfg.matryoshka_2d})
 
 
-def _over_sub_models(cfg: TrainConfig, loss_at: LossAt, terms: dict[str, float]) -> LossOf:
+def _over_sub_models(cfg: TrainConfig, loss_at: LossAt, terms: dict[str, Tensor]) -> LossOf:
     """The full model at every Matryoshka width, plus each 2D (layers, dim) sub-model; spread-out on the
     full model's full width. With 2D pairs each tower's rows are [full | one part per sub-model]."""
     layers = sub_model_layers(cfg)
@@ -115,14 +115,14 @@ def _over_sub_models(cfg: TrainConfig, loss_at: LossAt, terms: dict[str, float])
         if not cfg.spread_out_weight:
             return loss
         spread = SpreadOut()(q, d)
-        terms["spread_out"] = float(spread.detach())
+        terms["spread_out"] = spread.detach()
         return loss + cfg.spread_out_weight * spread
 
     return loss_of
 
 
 def _contrastive(
-    cfg: TrainConfig, groups: Groups, loss_fn: nn.Module, device: torch.device, terms: dict[str, float]
+    cfg: TrainConfig, groups: Groups, loss_fn: nn.Module, device: torch.device, terms: dict[str, Tensor]
 ) -> tuple[list[Sequence[Text]], LossAt]:
     towers: list[Sequence[Text]] = [query_tower(cfg, groups.queries, groups.instructions), groups.positives]
     towers += groups.negatives
@@ -156,7 +156,7 @@ def _contrastive(
 
 
 def _guided(
-    cfg: TrainConfig, batch: dict[str, Any], teacher: Embedder, loss_fn: nn.Module, terms: dict[str, float]
+    cfg: TrainConfig, batch: dict[str, Any], teacher: Embedder, loss_fn: nn.Module, terms: dict[str, Tensor]
 ) -> tuple[list[Sequence[Text]], LossAt]:
     queries = texts_of(batch[cfg.query_column])
     tasks = list(batch[cfg.instruction_column]) if cfg.instruction_column else [None] * len(queries)
@@ -185,7 +185,7 @@ def _distill(
     device: torch.device,
     loss_fn: EmbeddingDistill,
     rotation: Tensor | None,
-    terms: dict[str, float],
+    terms: dict[str, Tensor],
 ) -> tuple[list[Sequence[Text]], LossAt]:
     texts = texts_of(batch[cfg.text_column])
     if cfg.teacher_column:

@@ -96,14 +96,14 @@ def backfill(tracker: Tracker | None, history: list[dict[str, Any]], logged: int
 
 
 def step_metrics(
-    metrics: dict[str, float], terms: dict[str, float], lr: float, took: tuple[int, int, float]
+    metrics: dict[str, float], terms: dict[str, Any], lr: float, took: tuple[int, int, float]
 ) -> dict[str, float]:
     """What rank 0 logs at a step: the loss, each of its terms' unweighted values (`loss/<term>`, rank
-    0's rows), lr, memory and speeds from `took` = (rows of the global batch, tokens rank 0's model
+    0's rows, 0-d tensors read here), lr, memory and speeds from `took` = (rows of the global batch, tokens rank 0's model
     read, seconds): samples/s and rank 0's tokens/s."""
     rows, tokens, seconds = took
     speed = {"samples_per_s": rows / seconds, "tokens_per_s_per_worker": tokens / seconds}
-    return {**numeric(metrics), **{f"loss/{k}": v for k, v in terms.items()}, "lr": lr, **speed}
+    return {**numeric(metrics), **{f"loss/{k}": float(v) for k, v in terms.items()}, "lr": lr, **speed}
 
 
 def finish(cfg: TrainConfig, summary: dict[str, Any], evals: dict[str, Any] | None) -> Tracker | None:
