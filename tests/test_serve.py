@@ -75,6 +75,18 @@ def test_chunked_output_of_a_long_input_through_the_openai_client(endpoint: str,
     extra = [d.model_extra or {} for d in resp.data]
     assert [d.index for d in resp.data] == p.doc and [x["chunk"] for x in extra] == p.index
     assert [x["start"] for x in extra] == p.start and [x["end"] for x in extra] == p.end
+    # the TEI route, asked the same: per input, its chunks in order, the same offsets and vectors
+    body = {"inputs": [long, TEXTS[0]], "chunking": {"mode": "chunks", "chunk_tokens": 24}}
+    status, tei = _post(f"{endpoint}/embed", json.dumps(body).encode())
+    assert status == 200 and [len(x) for x in tei] == [p.doc.count(0), 1], tei
+    flat = [c for doc in tei for c in doc]
+    np.testing.assert_allclose([c["embedding"] for c in flat], want, atol=1e-5)
+    assert [(c["chunk"], c["start"], c["end"], c["tokens"]) for c in flat] == list(
+        zip(p.index, p.start, p.end, p.tokens, strict=True)
+    )
+    body["normalize"] = False
+    status, refused = _post(f"{endpoint}/embed", json.dumps(body).encode())
+    assert status == 400 and "chunking gives normalized vectors" in refused["error"]["message"]
 
 
 def test_ingress_is_haproxy_in_front_of_the_replica(endpoint: str) -> None:

@@ -125,6 +125,8 @@ class EmbedFragments:
             resolve_model_path(c.model, c.s3_endpoint_url), device=device, dtype=dtype
         )
         self.embedder.tokenize_threads = threads
+        if c.rope_scaling:
+            self.embedder.set_rope_scaling(c.rope_scaling)
         if c.max_length:
             self.embedder.set_max_length(c.max_length)
         self.meta = meta

@@ -8,6 +8,7 @@ from typing import Any
 
 from rayembed.io import local_abspath
 from rayembed.model.layout import model_ref
+from rayembed.model.rope import check_rope_scaling
 from rayembed.settings import build, check
 from rayembed.tracking import TrackingConfig
 
@@ -41,6 +42,11 @@ class EmbedConfig:
     """Most tokens of a text the model reads (default: the model's own, from its folder): a long-context
     model may be raised to its positions (e.g. 32768) to embed whole documents without chunking; memory
     stays bounded by `max_tokens` (a text longer than it is embedded alone)."""
+    rope_scaling: dict[str, Any] | None = None
+    """Stretch a RoPE model's positions past what it was trained on, as its model card's config.json would:
+    {rope_type: linear | yarn, factor: > 1, original_max_position_embeddings: optional (default: the
+    model's positions)}; then `max_length` may go up to positions x factor. Models with learned positions
+    (BERT) are refused. The endpoint's `rope_scaling` must match for the same vectors."""
     chunking: str | None = None
     """Long texts as passages (docs/embedding.md "Long documents"): None, one vector per row, its text
     cut at the model's max length (counted in `truncated`); `chunks`, each chunk of the text embedded on
@@ -146,6 +152,7 @@ class EmbedConfig:
         check(self.dim is None or self.dim > 0, "dim must be positive")
         self._check_chunking()
         check(self.max_length is None or self.max_length >= 1, "max_length must be >= 1")
+        check_rope_scaling(self.rope_scaling)
         check(
             not (self.chunking and self.title_column),
             "chunking cuts the text column alone (start/end index it): pass the title through "

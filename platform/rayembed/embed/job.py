@@ -77,6 +77,8 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
     """(manifest settings: what shapes the vectors, Parquet schema metadata)."""
     path = resolve_model_path(cfg.model, cfg.s3_endpoint_url)
     model = Embedder.load(path, device="cpu")
+    if cfg.rope_scaling:
+        model.set_rope_scaling(cfg.rope_scaling)
     if cfg.max_length:
         model.set_max_length(cfg.max_length)
     dim = cfg.dim or model.dim
@@ -95,6 +97,8 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
         "prompt": model.prompt(cfg.prompt_name),
         "id_column": cfg.id_column,
     }
+    if cfg.rope_scaling:
+        settings["rope_scaling"] = cfg.rope_scaling
     if cfg.chunking:  # the model decides what fits: refused here, before any work
         settings["chunking"] = chunk_settings(cfg, model)
     if cfg.incremental_from:

@@ -114,6 +114,7 @@ def settings_check(previous: dict[str, Any], settings: dict[str, Any]) -> None:
         "precision",
         "normalized",
         "max_length",
+        "rope_scaling",
         "text",
         "prompt",
         "id_column",

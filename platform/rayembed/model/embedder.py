@@ -35,6 +35,7 @@ from rayembed.model.latent_attention import LatentAttention  # noqa: E402
 from rayembed.model.layout import Layout, read_layout, resolve_model_path, write_layout  # noqa: E402
 from rayembed.model.pca import frame_id  # noqa: E402
 from rayembed.model.pooling import POOLINGS, pool, pool_mask  # noqa: E402
+from rayembed.model.rope import scale_rope  # noqa: E402
 from rayembed.model.tokenizer import prepare_tokenizer, save_tokenizer  # noqa: E402
 from rayembed.model.vectors import PRECISIONS, calibrate_int8, postprocess, unit  # noqa: E402
 
@@ -75,6 +76,7 @@ class Embedder(nn.Module):
         self._prompt_lengths: dict[str, int] = {}
         self.int8_scales: dict[int, float] = {}  # width -> int8 scale (`calibrate_int8`); {}: 127
         self.frame: str | None = None  # id of the output axes `rotate` turned to (pca.frame_id)
+        self.rope_scaling: dict[str, Any] | None = None  # set_rope_scaling's (saving keeps it: config.json)
         self.set_pooling(pooling)
 
     # ---- construction -------------------------------------------------------------------------
@@ -152,6 +154,14 @@ class Embedder(nn.Module):
         if max_length < 1 or (limit and max_length > limit):
             raise ValueError(f"max_length must be in 1..{limit} (the model's positions), got {max_length}")
         self.max_length = int(max_length)
+        return self
+
+    def set_rope_scaling(self, scaling: dict[str, Any]) -> Embedder:
+        """Stretch a RoPE backbone's positions ({rope_type: linear | yarn, factor, optionally
+        original_max_position_embeddings}, as a model card's config.json puts it), so `set_max_length` may go
+        up to positions x factor; models with learned positions (BERT) are refused with the reason."""
+        scale_rope(self.backbone, scaling)
+        self.rope_scaling = dict(scaling)
         return self
 
     def set_attention(self, attention: str) -> Embedder:

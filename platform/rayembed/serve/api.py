@@ -45,7 +45,8 @@ class EmbeddingRequest(BaseModel):
 
 
 class TEIEmbedRequest(BaseModel):
-    """text-embeddings-inference's /embed body; `model` (an extension) picks one of several models."""
+    """text-embeddings-inference's /embed body; `model` and `chunking` (extensions) pick one of several
+    models and ask for long inputs as passages: then each input's answer is a list of its chunks."""
 
     model_config = ConfigDict(extra="ignore")
     inputs: str | list[str]
@@ -55,6 +56,7 @@ class TEIEmbedRequest(BaseModel):
     prompt_name: str | None = None
     dimensions: int | None = Field(default=None, gt=0)
     model: str | None = None
+    chunking: Chunking | None = None
 
 
 class TEITokenizeRequest(BaseModel):
@@ -147,10 +149,14 @@ def parse_request(body: bytes, limits: Limits, truncate: bool = True) -> tuple[E
     else:
         job = Job(texts=_texts(value, limits, "input"), prompt_name=req.prompt_name)
     job.dimensions, job.precision, job.truncate = req.dimensions, req.precision, truncate
-    c = job.chunking = req.chunking
+    job.chunking = _chunking(req.chunking)
+    return req, job
+
+
+def _chunking(c: Chunking | None) -> Chunking | None:
     if c is not None and c.chunk_tokens is not None and c.overlap >= c.chunk_tokens:
         raise APIError(400, "chunking.overlap must be less than chunking.chunk_tokens", param="chunking")
-    return req, job
+    return c
 
 
 def parse_tei(body: bytes, limits: Limits, truncate: bool) -> tuple[str | None, Job]:
@@ -166,7 +172,20 @@ def parse_tei(body: bytes, limits: Limits, truncate: bool) -> tuple[str | None, 
         texts=_texts(req.inputs, limits, "inputs"), prompt_name=req.prompt_name, normalize=req.normalize
     )
     job.truncate, job.dimensions = truncate if req.truncate is None else req.truncate, req.dimensions
+    job.chunking = _chunking(req.chunking)
+    if job.chunking is not None and not req.normalize:
+        raise APIError(400, "chunking gives normalized vectors: leave normalize at true", param="normalize")
     return req.model, job
+
+
+def tei_chunks(vectors: np.ndarray, chunks: dict[str, list[int]], inputs: int) -> list[list[dict[str, Any]]]:
+    """The chunked TEI answer: per input, its chunks in order, each with `chunk`, `start`, `end`
+    (input[start:end]), `tokens` and `embedding`."""
+    out: list[list[dict[str, Any]]] = [[] for _ in range(inputs)]
+    for i, doc in enumerate(chunks["doc"]):
+        item = {k: chunks[k][i] for k in ("chunk", "start", "end", "tokens")}
+        out[doc].append(item | {"embedding": vectors[i].tolist()})
+    return out
 
 
 def parse_tokenize(body: bytes, limits: Limits) -> tuple[TEITokenizeRequest, list[str]]:
@@ -243,4 +262,5 @@ def tei_info(model: dict[str, Any], cfg: Any) -> dict[str, Any]:
         "max_input_length": model["max_length"], "max_batch_tokens": cfg.max_batch_tokens,
         "max_batch_requests": cfg.max_batch_inputs, "max_client_batch_size": cfg.max_inputs_per_request,
         "auto_truncate": cfg.truncate, "tokenization_workers": 1, "version": __version__, "prompts": model["prompts"],
+        "rope_scaling": model["rope_scaling"],
     }  # fmt: skip

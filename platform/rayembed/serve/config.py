@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayembed.model.layout import model_ref
+from rayembed.model.rope import check_rope_scaling
 from rayembed.settings import check
 
 
@@ -33,6 +34,8 @@ class ModelSpec:
     """Torch threads per replica."""
     max_length: int | None = None
     """Most tokens of an input the model reads (None: the endpoint's setting, else the model's own)."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE scaling of this model (None: the endpoint's setting)."""
 
 
 METRICS_INTERVAL_S = 10.0  # Ray Serve's AutoscalingConfig.metrics_interval_s default (ray.serve.config)
@@ -84,6 +87,11 @@ class ServeConfig:
     """Most tokens of an input the model reads (default: the model's own, from its folder): a long-context
     model may be raised up to its positions (e.g. 32768); refused above them. The batch job's `max_length`
     must match for the same vectors."""
+    rope_scaling: dict[str, Any] | None = None
+    """Stretch a RoPE model's positions ({rope_type: linear | yarn, factor: > 1,
+    original_max_position_embeddings: optional}, as a model card's config.json puts it) so `max_length`
+    may go up to positions x factor; models with learned positions (BERT) are refused. The batch job's
+    `rope_scaling` must match for the same vectors."""
     api_keys_file: str | None = None
     """File of accepted API keys, one per line (also $RAYEMBED_API_KEYS, comma-separated); none: open."""
     max_queued_inputs: int = 16384
@@ -176,6 +184,7 @@ class ServeConfig:
                 or (spec.dtype == "float16" and float(spec.num_gpus or 0) > 0),
                 f"dtype must be float32|bfloat16 (or float16 with num_gpus > 0), got {spec.dtype!r}",
             )
+            check_rope_scaling(spec.rope_scaling)
             out.append(spec)
         return out
 

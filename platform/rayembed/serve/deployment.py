@@ -32,6 +32,7 @@ from rayembed.serve.api import (
     parse_tei,
     parse_tokenize,
     response_body,
+    tei_chunks,
     tei_info,
 )
 from rayembed.serve.config import ModelSpec, ServeConfig
@@ -176,6 +177,9 @@ class EmbeddingService:
     async def _tei(self, body: bytes) -> Response:
         model, job = parse_tei(body, self.limits, self.cfg.truncate)
         done = await self.backend(model).embed(job)
+        if done.chunks is not None:
+            answer = tei_chunks(done.vectors, done.chunks, len(job.texts or ()))
+            return JSONResponse(answer, headers={REVISION: done.revision})
         return JSONResponse(done.vectors.tolist(), headers={REVISION: done.revision})
 
     async def _tokenize(self, body: bytes) -> Response:

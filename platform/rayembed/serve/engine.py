@@ -68,6 +68,8 @@ class ModelEngine:
             torch.set_num_threads(spec.torch_threads)
         device = "cuda" if spec.num_gpus else "cpu"
         model = Embedder.load(path, device=device, dtype=getattr(torch, str(spec.dtype)))
+        if spec.rope_scaling:
+            model.set_rope_scaling(spec.rope_scaling)
         return model.set_max_length(spec.max_length) if spec.max_length else model
 
     def _encode(self, ids: list[list[int]], prompt_lengths: list[int] | None) -> np.ndarray:
@@ -216,4 +218,5 @@ class ModelEngine:
         """What /v1/models and /info say of the model."""
         e = self.embedder
         return {"name": self.name, "revision": self.revision, "dim": e.dim, "pooling": e.pooling, "dtype": self.spec.dtype,
-                "max_length": e.max_length, "prompts": sorted(e.prompts), "queued_inputs": self.batcher.queued}  # fmt: skip
+                "max_length": e.max_length, "rope_scaling": e.rope_scaling, "prompts": sorted(e.prompts),
+                "queued_inputs": self.batcher.queued}  # fmt: skip

@@ -39,6 +39,16 @@ class Embedding(BaseModel):
     tokens: int | None = None
 
 
+class TEIChunk(BaseModel):
+    """One chunk of a TEI /embed input asked with `chunking`: input[start:end], its tokens, its vector."""
+
+    chunk: int
+    start: int
+    end: int
+    tokens: int
+    embedding: list[float]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     total_tokens: int
@@ -118,7 +128,7 @@ def route(answer: Any, request: type[BaseModel] | None = None, errors: bool = Tr
 
 
 EMBEDDINGS = route(EmbeddingResponse, EmbeddingRequest)
-TEI_EMBED = route(list[list[float]], TEIEmbedRequest)
+TEI_EMBED = route(list[list[float]] | list[list[TEIChunk]], TEIEmbedRequest)
 TOKENIZE = route(list[list[Token]], TEITokenizeRequest)
 MODELS = route(ModelList)
 INFO = route(dict[str, Any])
