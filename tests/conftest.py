@@ -56,6 +56,32 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny")
 
 
+def build_pair(teacher: Path, out: Path) -> tuple[Path, Path]:
+    """An index-compatible pair as a distillation exports it (train/pair.py), without the training: the
+    student is the teacher's second layer alone turned by a random rotation (pca_rotation's place), the
+    teacher turned into its frame; (student folder, teacher-in-frame folder), roles marked."""
+    import numpy as np
+
+    from rayembed.model import Embedder
+    from rayembed.model.layout import mark_role
+    from rayembed.train.config import TrainConfig
+    from rayembed.train.pair import teacher_in_frame
+
+    rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(32, 32)))[0]
+    student = Embedder.load(teacher, device="cpu").keep_layers([1]).rotate(rotation)
+    cfg = TrainConfig(data="x", output_dir="y", loss="distill", teacher=str(teacher), teacher_column="e")
+    documents = teacher_in_frame(cfg, student, rotation)
+    paths = (student.save(out / "student"), documents.save(out / "teacher-in-frame"))
+    mark_role(paths[0], "query")
+    mark_role(paths[1], "document")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return build_pair(tiny_model, tmp_path_factory.mktemp("pair"))
+
+
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3")
 
 

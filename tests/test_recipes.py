@@ -66,6 +66,15 @@ def test_distill_recipe_runs_to_its_end(recipe_dir: Path) -> None:
     ]  # 15 steps of 2 x 32 rows: 960
     run = run_recipe("distill", recipe_dir / "distill", timeout_s=1500, extra=extra)
     check_run(run, steps=15)
+    pair = run.sections["train"]["pair"]  # the teacher exported in the student's frame, roles marked
+    own = [
+        json.loads(Path(p, "rayembed.json").read_text())
+        for p in (run.sections["train"]["output_dir"], pair["document_model"])
+    ]
+    assert [o["frame"] for o in own] == [pair["frame"]] * 2 and [o["role"] for o in own] == [
+        "query",
+        "document",
+    ]
     scores = run.sections["eval"]["beir"]
     assert all(0 < v["ndcg@10"] <= 1 for v in scores.values() if isinstance(v, dict)), scores
 

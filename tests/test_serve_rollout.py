@@ -86,16 +86,32 @@ def test_rollout_and_rollback_under_load_drop_no_request(
         np.testing.assert_allclose(vectors, expect[revision], atol=1e-6)
 
 
-def test_several_models_behind_one_endpoint(tiny_model: Path, tiny_decoder: Callable[..., Path]) -> None:
+def test_several_models_behind_one_endpoint(
+    tiny_model: Path, tiny_decoder: Callable[..., Path], tiny_pair: tuple[Path, Path]
+) -> None:
+    """Three models, one of them an index-compatible pair (a student and its teacher in the student's
+    frame) behind one name, its encoder chosen by `input_type` through the openai client and TEI's route."""
     import openai
     from ray import serve
 
-    decoder = tiny_decoder("qwen3")
+    decoder, (student, documents) = tiny_decoder("qwen3"), tiny_pair
     url = start_endpoint(models=[{"name": "bert", "model": str(tiny_model)},
-                                 {"name": "qwen", "model": str(decoder), "max_replicas": 1, "num_cpus": 0.5}])  # fmt: skip
+                                 {"name": "qwen", "model": str(decoder), "max_replicas": 1, "num_cpus": 0.5},
+                                 {"name": "pair", "model": str(student), "document_model": str(documents),
+                                  "max_replicas": 1, "num_cpus": 0.5}])  # fmt: skip
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        assert {m.id for m in client.models.list().data} == {"bert", "qwen"}
+        assert {m.id for m in client.models.list().data} == {"bert", "qwen", "pair"}
+        for input_type, path in (("document", documents), ("query", student)):
+            got = client.embeddings.create(model="pair", input=TEXTS, encoding_format="float",
+                                           extra_body={"input_type": input_type})  # fmt: skip
+            want = Embedder.load(path, device="cpu").encode(TEXTS)
+            np.testing.assert_allclose([d.embedding for d in got.data], want, atol=1e-6)
+            status, vectors, revision = _post(
+                f"{url}/embed", {"inputs": TEXTS, "model": "pair", "input_type": input_type}
+            )
+            assert status == 200 and revision == model_revision(path)
+            np.testing.assert_allclose(vectors, want, atol=1e-6)
         for name, path in (("bert", tiny_model), ("qwen", decoder)):
             got = client.embeddings.create(model=name, input=TEXTS, encoding_format="float")
             assert got.model == name

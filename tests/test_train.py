@@ -13,6 +13,7 @@ import torch
 from conftest import build_tiny
 from rayembed.config import SHARED_DATA, TrainConfig
 from rayembed.model import Embedder
+from rayembed.model.layout import pair_role
 from rayembed.train import train
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -154,7 +155,8 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
     tiny_model: Path, scifact_docs: Path, tmp_path: Path
 ) -> None:
     """Teacher embeddings come from the batch pipeline (text passed through), not from the loop;
-    the student is the teacher's second layer alone (student_layers), with a PCA-rotated output."""
+    the student is the teacher's second layer alone (student_layers), with a PCA-rotated output. The
+    teacher named beside its column is exported in the student's frame: the index-compatible pair."""
     from rayembed.config import EmbedConfig
     from rayembed.embed import embed
 
@@ -174,6 +176,7 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
             loss="distill",
             text_column="text",
             teacher_column="embedding",
+            teacher=str(tiny_model),  # the model that embedded the column: not run, exported in frame
             num_workers=2,
             zero_stage=3,
             batch_size=8,
@@ -222,6 +225,18 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
 
     st = SentenceTransformer(result["output_dir"], device="cpu").encode(PROBE)
     np.testing.assert_allclose(exported.encode(PROBE), st, atol=1e-5)
+    # the pair: the teacher turned by the run's axes, one frame, roles marked, int8 at the same widths
+    documents = Path(result["pair"]["document_model"])
+    assert (
+        documents == tmp_path / "distill" / "teacher-in-frame"
+        and f"{run_id}-teacher-in-frame-step-2".encode() in logged
+    )
+    in_frame = Embedder.load(documents, device="cpu")
+    assert in_frame.frame == exported.frame == result["pair"]["frame"] is not None
+    assert (pair_role(Path(result["output_dir"])), pair_role(documents)) == ("query", "document")
+    assert sorted(in_frame.int8_scales) == sorted(exported.int8_scales) == [8, 32]
+    turned = Embedder.load(tiny_model, device="cpu").encode(PROBE) @ axes
+    np.testing.assert_allclose(in_frame.encode(PROBE), turned, atol=1e-5)
 
 
 def test_gist_with_in_loop_guide_gathers_across_workers(

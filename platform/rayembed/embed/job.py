@@ -99,6 +99,10 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
     }
     if cfg.rope_scaling:
         settings["rope_scaling"] = cfg.rope_scaling
+    if (
+        model.frame
+    ):  # the output axes (pca rotation, or a distilled pair's): queries must come from that frame
+        settings["frame"] = model.frame
     if cfg.chunking:  # the model decides what fits: refused here, before any work
         settings["chunking"] = chunk_settings(cfg, model)
     if cfg.incremental_from:

@@ -115,6 +115,7 @@ def settings_check(previous: dict[str, Any], settings: dict[str, Any]) -> None:
         "normalized",
         "max_length",
         "rope_scaling",
+        "frame",
         "text",
         "prompt",
         "id_column",

@@ -158,6 +158,22 @@ def mark_trained_in(path: Path, run: dict[str, str]) -> None:
     _write_json(path / "rayembed.json", _read_json(path / "rayembed.json") | {"trained_in": run})
 
 
+ROLES = ("query", "document")  # of an index-compatible pair's two models (train/pair.py)
+
+
+def pair_role(path: Path) -> str | None:
+    """`query` or `document` for a model exported as one of a pair (a distillation's student and its
+    teacher in the student's frame, which share `frame`); None otherwise. Like `trained_in`, kept in
+    rayembed.json and not carried by `Embedder.save`: a model saved from it again is not that pair's."""
+    return _read_json(path / "rayembed.json").get("role")
+
+
+def mark_role(path: Path, role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    _write_json(path / "rayembed.json", _read_json(path / "rayembed.json") | {"role": role})
+
+
 INT8_SCALES = "int8_scales.json"  # {"scales": {width: scale}}; model_revision hashes it (codes depend on it)
 
 

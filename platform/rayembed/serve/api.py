@@ -29,9 +29,12 @@ class Chunking(BaseModel):
     boundary: Literal["paragraph", "sentence", "token"] = "sentence"
 
 
+InputType = Literal["query", "document", "search_query", "search_document"]
+
+
 class EmbeddingRequest(BaseModel):
     """The OpenAI embeddings body (input: text, texts, token ids or lists of token ids), plus `precision`
-    (int8 | binary), `prompt_name` and `chunking` as extensions."""
+    (int8 | binary), `prompt_name`, `input_type` and `chunking` as extensions."""
 
     model_config = ConfigDict(extra="ignore")
     input: str | list[str] | list[int] | list[list[int]]
@@ -40,6 +43,7 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     precision: Literal["float32", "int8", "binary"] = "float32"
     prompt_name: str | None = None
+    input_type: InputType | None = None
     chunking: Chunking | None = None
     user: str | None = None
 
@@ -54,6 +58,7 @@ class TEIEmbedRequest(BaseModel):
     truncation_direction: Literal["right", "left", "Right", "Left"] | None = None
     normalize: bool = True
     prompt_name: str | None = None
+    input_type: InputType | None = None
     dimensions: int | None = Field(default=None, gt=0)
     model: str | None = None
     chunking: Chunking | None = None
@@ -81,6 +86,9 @@ class Job:
     dimensions: int | None = None
     precision: str = "float32"
     chunking: Chunking | None = None
+    # query | document (Cohere's search_query / search_document too): picks a pair's encoder (the served
+    # model's document_model for documents) and the chosen model's prompt of that name, if it has one
+    input_type: str | None = None
 
 
 class APIError(Exception):
@@ -149,8 +157,12 @@ def parse_request(body: bytes, limits: Limits, truncate: bool = True) -> tuple[E
     else:
         job = Job(texts=_texts(value, limits, "input"), prompt_name=req.prompt_name)
     job.dimensions, job.precision, job.truncate = req.dimensions, req.precision, truncate
-    job.chunking = _chunking(req.chunking)
+    job.chunking, job.input_type = _chunking(req.chunking), _input_type(req.input_type)
     return req, job
+
+
+def _input_type(value: str | None) -> str | None:
+    return value.removeprefix("search_") if value else None
 
 
 def _chunking(c: Chunking | None) -> Chunking | None:
@@ -172,7 +184,7 @@ def parse_tei(body: bytes, limits: Limits, truncate: bool) -> tuple[str | None, 
         texts=_texts(req.inputs, limits, "inputs"), prompt_name=req.prompt_name, normalize=req.normalize
     )
     job.truncate, job.dimensions = truncate if req.truncate is None else req.truncate, req.dimensions
-    job.chunking = _chunking(req.chunking)
+    job.chunking, job.input_type = _chunking(req.chunking), _input_type(req.input_type)
     if job.chunking is not None and not req.normalize:
         raise APIError(400, "chunking gives normalized vectors: leave normalize at true", param="normalize")
     return req.model, job

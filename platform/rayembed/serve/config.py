@@ -36,6 +36,8 @@ class ModelSpec:
     """Most tokens of an input the model reads (None: the endpoint's setting, else the model's own)."""
     rope_scaling: dict[str, Any] | None = None
     """RoPE scaling of this model (None: the endpoint's setting)."""
+    document_model: str | None = None
+    """The document encoder of an index-compatible pair (None: the endpoint's setting)."""
 
 
 METRICS_INTERVAL_S = 10.0  # Ray Serve's AutoscalingConfig.metrics_interval_s default (ray.serve.config)
@@ -50,10 +52,15 @@ class ServeConfig:
     model once into its cache (model/remote.py)."""
     model_name: str | None = None
     """Name clients pass as `model` (default: the model's own name)."""
+    document_model: str | None = None
+    """An index-compatible pair behind one name: this folder (a distillation's `teacher-in-frame`) embeds
+    inputs sent with `input_type: document` (or prompt_name document), `model` (the student) the rest;
+    both must record one frame (refused otherwise). Documents embedded offline by the same folder are
+    then scored against the endpoint's query vectors (docs/serving.md "An index-compatible pair")."""
     models: list[dict[str, Any]] = field(default_factory=list)
     """Several models behind one endpoint, routed by the request's `model`: entries with `name` and
-    `model` (a folder), and optionally dtype, min_replicas, max_replicas, num_cpus, num_gpus,
-    torch_threads (default: this config's). Each is its own autoscaled deployment behind a light
+    `model` (a folder), and optionally document_model, dtype, min_replicas, max_replicas, num_cpus,
+    num_gpus, torch_threads, max_length, rope_scaling (default: this config's). Each is its own autoscaled deployment behind a light
     ingress. Empty: the one `model`, served by the ingress replicas themselves (no extra hop)."""
     ingress_replicas: int = 1
     """Ingress replicas when requests are routed to model deployments (several models, or scale to zero)."""
@@ -175,6 +182,7 @@ class ServeConfig:
                 if getattr(spec, f.name) is None and f.name != "name":
                     setattr(spec, f.name, getattr(self, f.name))
             spec.model = model_ref(str(spec.model))
+            spec.document_model = spec.document_model and model_ref(str(spec.document_model))
             check(
                 0 <= int(spec.min_replicas or 0) <= int(spec.max_replicas or 0),
                 f"models entry {entry}: need 0 <= min_replicas <= max_replicas",

@@ -16,6 +16,7 @@ workers spin (100 spins instead of ~3 ms), so every small parallel region pays a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 
 from rayembed.model import Embedder, Tokens, postprocess
 from rayembed.model.chunking import encode_chunks
-from rayembed.model.layout import model_revision, resolve_model_path
+from rayembed.model.layout import ROLES, model_revision, resolve_model_path
 from rayembed.model.remote import registered_revision
 from rayembed.model.vectors import unit
 from rayembed.serve.api import APIError, Job
@@ -43,8 +44,11 @@ class Embedded:
 
 
 class ModelEngine:
-    def __init__(self, spec: ModelSpec, cfg: ServeConfig, metrics: Metrics | None = None) -> None:
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="rayembed-model")  # see the module doc
+    def __init__(
+        self, spec: ModelSpec, cfg: ServeConfig, metrics: Metrics | None = None, compute: Any = None
+    ) -> None:
+        # one model thread per process, a pair's two models included (see the module doc)
+        self.compute = compute or ThreadPoolExecutor(1, thread_name_prefix="rayembed-model")
         path = resolve_model_path(spec.model, cfg.s3_endpoint_url)
         self.embedder = self.compute.submit(self._load, spec, path).result()
         self.embedder.tokenize_threads = max(1, int(spec.num_cpus or 1))
@@ -59,6 +63,33 @@ class ModelEngine:
             self._encode, self.embedder.dim, cfg.max_batch_tokens, cfg.max_batch_inputs, cfg.batch_wait_timeout_s,
             cfg.max_queued_inputs, self.metrics.on_batch, self.compute,
         )  # fmt: skip
+        self.documents = self._pair(spec, cfg) if spec.document_model else None
+
+    def _pair(self, spec: ModelSpec, cfg: ServeConfig) -> ModelEngine:
+        """The document encoder of an index-compatible pair, on this engine's model thread; refused unless
+        both models record one frame (vectors of other frames do not score against each other)."""
+        other = dataclasses.replace(spec, model=str(spec.document_model), document_model=None, name=self.name)
+        documents = ModelEngine(other, cfg, self.metrics, self.compute)
+        frames = (self.embedder.frame, documents.embedder.frame)
+        if frames[0] is None or frames[0] != frames[1] or self.embedder.dim != documents.embedder.dim:
+            raise ValueError(
+                f"document_model {spec.document_model} (frame {frames[1]}, {documents.embedder.dim}-d) and model "
+                f"{spec.model} (frame {frames[0]}, {self.embedder.dim}-d) are not one pair: a pair's models record "
+                "one frame (a distillation's model and teacher-in-frame)"
+            )
+        return documents
+
+    def routed(self, job: Job) -> tuple[ModelEngine, Job]:
+        """The engine for a request and the prompt it gets: `input_type` (or, to a pair, a prompt_name of
+        query or document) picks the pair's encoder, and that model's prompt of the name if it has one."""
+        pair = self.documents is not None
+        kind = job.input_type or (job.prompt_name if pair and job.prompt_name in ROLES else None)
+        if kind is None:
+            return self, job
+        engine = self.documents if kind == "document" and self.documents is not None else self
+        explicit = job.input_type is not None and job.prompt_name is not None
+        prompt = job.prompt_name if explicit else kind if kind in engine.embedder.prompts else None
+        return engine, dataclasses.replace(job, prompt_name=prompt, input_type=None)
 
     @staticmethod
     def _load(spec: ModelSpec, path: Any) -> Embedder:
@@ -109,6 +140,9 @@ class ModelEngine:
     async def embed(self, job: Job) -> Embedded:
         """One request: its tokens, the model (alone if it is idle, else through the batcher), then this
         request's own finishing."""
+        engine, job = self.routed(job)
+        if engine is not self:
+            return await engine.embed(job)
         self.check(job)
         if job.chunking is not None:
             return await self._chunked(job)
@@ -219,4 +253,5 @@ class ModelEngine:
         e = self.embedder
         return {"name": self.name, "revision": self.revision, "dim": e.dim, "pooling": e.pooling, "dtype": self.spec.dtype,
                 "max_length": e.max_length, "rope_scaling": e.rope_scaling, "prompts": sorted(e.prompts),
-                "queued_inputs": self.batcher.queued}  # fmt: skip
+                "queued_inputs": self.batcher.queued, "frame": e.frame,
+                "document_revision": self.documents.revision if self.documents else None}  # fmt: skip

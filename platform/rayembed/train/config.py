@@ -117,11 +117,10 @@ class TrainConfig:
     """Initialise the trained model from these transformer layers of `model` (e.g. [0, 2, 5]: a 3-layer
     student from MiniLM-L6's layers); the exported model has only these layers."""
     teacher: str | None = None
-    """Teacher model run inside the training loop (no grad): distill's teacher (unless teacher_column),
-    GIST's guide, score_distill's scorer."""
+    """Teacher model run inside the training loop (no grad): distill's teacher (with teacher_column: the
+    model that embedded the column, not run), GIST's guide, score_distill's scorer."""
     teacher_column: str | None = None
-    """Distillation: column of precomputed teacher embeddings (e.g. `rayembed embed` output of the teacher
-    with the text passed through); replaces running `teacher` in the loop."""
+    """Distillation: column of precomputed teacher vectors (e.g. its `rayembed embed` output): none run."""
     distill_alignment: str = "cosine"
     """Distillation alignment term: cosine or mse."""
     kl_weight: float = 1.0
@@ -136,10 +135,10 @@ class TrainConfig:
     matryoshka_weights: list[float] | None = None
     """Weights of the Matryoshka widths (default 1 each)."""
     pca_rotation: bool = False
-    """Matryoshka from a model not trained for it: before training, add an orthogonal output layer (a
-    sentence-transformers Dense) at the principal axes of the vectors the model learns to match (the
-    teacher's, else its own embeddings of the first `pca_rows` rows), teacher vectors rotated alike: full-width
-    similarities unchanged, each prefix starts with the most variance it can hold. Kept in checkpoints."""
+    """Matryoshka from a model not trained for it: before training, add an orthogonal output layer (a Dense)
+    at the principal axes of the vectors the model learns to match (the teacher's, else its own embeddings of
+    the first `pca_rows` rows), teacher vectors rotated alike: full-width similarities unchanged, each prefix
+    starts with the most variance it can hold. Kept in checkpoints."""
     pca_ranking_steps: int = 0
     """With pca_rotation: turn the axes by this many steps of rayembed.model.pca.ranking_axes, so each
     matryoshka_dims prefix ranks neighbours as full width does (1000: ~2 min on 2 cores). 0: principal axes."""
@@ -199,6 +198,9 @@ class TrainConfig:
     max_length: int | None = None
     """Token limit while training (default: the model's max_seq_length), at most its positions; the exported
     model keeps its own."""
+    export_pair: bool = True
+    """Distillation with a `teacher`: export it too, in the student's frame (`<output_dir>/teacher-in-frame`,
+    role document; the student: query), the corpus's encoder for the student's queries (train/pair.py)."""
     export_max_length: int | None = None
     """The exported model's token limit (its max_seq_length), e.g. 8192 for a long-context decoder whose
     folder gives none (read as 512); default: the starting model's. At most the model's positions."""
@@ -379,9 +381,8 @@ class MergeConfig:
     """Eval settings (EvalConfig fields) applied to every ingredient and the soup (merge_report.md/.json)."""
     calibration_texts: str | None = None
     """JSONL or Parquet file or folder of texts, local or s3:// (e.g. the runs' data): the soup's int8 scales are
-    calibrated on its first `int8_calibration_texts` texts, at the widths the base model was calibrated at
-    (its int8_scales.json; full width if none). Unset: the soup is saved uncalibrated (int8 = round(127 x)),
-    as the ingredients' scales were fitted to other weights."""
+    calibrated on its first `int8_calibration_texts` texts, at the base model's calibrated widths (full width
+    if none). Unset: saved uncalibrated (int8 = round(127 x)); the ingredients' scales fit other weights."""
     text_column: str = "text"
     """Column of `calibration_texts` holding the texts."""
     int8_calibration_texts: int = 512

@@ -16,12 +16,13 @@ import torch
 
 from rayembed.io import publish
 from rayembed.model import Embedder
-from rayembed.model.layout import mark_trained_in, model_revision
+from rayembed.model.layout import mark_role, mark_trained_in, model_revision
 from rayembed.model.lora import has_lora, merge
 from rayembed.tracking import Tracker, TrackingConfig, registry_env
 from rayembed.train import tracked
 from rayembed.train.config import TrainConfig
 from rayembed.train.dist import import_deepspeed
+from rayembed.train.pair import PAIR_DIR, teacher_in_frame, wants_pair
 from rayembed.train.report import write_report
 from rayembed.train.start import starting_model, trainable_model
 
@@ -158,14 +159,17 @@ def finish(
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     calibrate(cfg, model, texts)
     root = cfg.output_dir.rstrip("/")
+    teacher = teacher_in_frame(cfg, model, rotation) if wants_pair(cfg) else None  # sets the student's frame
     evals = run_evals(cfg, model, rotation)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     summary["export"] = {"node_id": node, "pid": os.getpid()}
     tracker = tracked.finish(cfg, summary, evals)
     revision: list[str] = []  # of the folder as written, before an s3:// output's temporary one goes
 
-    def save(path: Path) -> None:
+    def save(path: Path, model: Embedder = model, role: str = "query") -> None:
         model.save(path)
+        if teacher is not None:
+            mark_role(path, role)
         if tracker is not None:  # jobs on the folder link to this run (rayembed.json, not in the revision)
             mark_trained_in(
                 path, {"backend": TrackingConfig(**cfg.tracking or {}).backend, "run_id": tracker.run_id}
@@ -176,6 +180,11 @@ def finish(
     # run is resumed and exported again (one `model` folder was overwritten, version 1 became version 2)
     artifact = f"model/step-{summary.get('step', 0)}"
     summary = {"output_dir": published(save, f"{root}/model", cfg, tracker, artifact), **summary}
+    if teacher is not None:  # beside the student: the corpus's encoder in the same frame
+        calibrate(cfg, teacher, texts)
+        out = published(lambda p: save(p, teacher, "document"), f"{root}/{PAIR_DIR}", cfg, tracker,
+                        f"{PAIR_DIR}/step-{summary.get('step', 0)}")  # fmt: skip
+        summary["pair"] = {"document_model": out, "frame": teacher.frame}
     if tracker is not None:
         tags = model_tags(cfg, model, revision[0])
         summary["tracking"] |= {"registered": tracked.register(cfg, tracker, artifact, tags)}

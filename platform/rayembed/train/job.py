@@ -34,6 +34,7 @@ from rayembed.train.hang import Board, Watchdog
 from rayembed.train.loop import train_loop
 from rayembed.train.objective import input_columns
 from rayembed.train.order import ingest_config
+from rayembed.train.pair import teacher_path, wants_pair
 from rayembed.train.start import starting_model
 
 
@@ -150,7 +151,11 @@ def teacher_dim(cfg: TrainConfig, rows: dict[str, Any]) -> int | None:
     if cfg.loss != "distill":
         return None
     if cfg.teacher_column:
-        return len(rows[cfg.teacher_column][0])
+        width = len(rows[cfg.teacher_column][0])
+        if wants_pair(cfg) and (named := saved_width(teacher_path(cfg))) != width:
+            raise ValueError(f"{cfg.teacher_column} holds {width}-d vectors, the teacher {cfg.teacher} gives {named}-d: "
+                             "name the teacher that embedded the column, or export_pair=false")  # fmt: skip
+        return width
     return saved_width(resolve_model_path(str(cfg.teacher), cfg.s3_endpoint_url))
 
 
@@ -289,7 +294,7 @@ def fit(cfg: TrainConfig, ds: Any, rotation: Any, run_id: str | None = None) -> 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the job on the current Ray cluster (starting a local one if none); returns a summary."""
     width = check_model(cfg)  # bad model settings: fail before starting workers
-    if cfg.teacher and not cfg.teacher_column:
+    if cfg.teacher and (not cfg.teacher_column or wants_pair(cfg)):
         resolve_model_path(cfg.teacher, cfg.s3_endpoint_url)
     ensure_ray(cfg.local_cpus())
     check_storage(cfg)
