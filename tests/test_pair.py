@@ -55,6 +55,38 @@ def test_a_student_equal_to_its_teacher_ranks_exactly_as_the_teacher(tiny_model:
         teacher_in_frame(cfg, Embedder.load(tiny_model, device="cpu").set_projection(torch.eye(16, 32)), None)
 
 
+def test_the_eval_scores_the_pairs_queries_against_its_documents(
+    tiny_pair: tuple[Path, Path], tiny_model: Path
+) -> None:
+    """`document_model`: BEIR's documents embedded by the pair's document encoder, each side quantised
+    with its own int8 scales (`beir_pair`), beside the query model's own figures (`beir`)."""
+    from rayembed.data.readers import load_beir
+    from rayembed.eval.config import EvalConfig
+    from rayembed.eval.job import evaluate, subset
+    from rayembed.eval.metrics import comparable, retrieval_metrics
+    from rayembed.model import postprocess
+
+    student_dir, documents_dir = tiny_pair
+    settings = {"beir_dir": str(DATA / "scifact"), "sts_file": None, "max_queries": 30, "max_docs": 300,
+                "dims": [8], "precisions": ["float32", "int8"]}  # fmt: skip
+    report = evaluate(EvalConfig(model=str(student_dir), document_model=str(documents_dir), **settings))
+    alone = evaluate(EvalConfig(model=str(student_dir), **settings))
+    assert report["beir"] == alone["beir"] and report["beir_pair"]["documents"] == "tiny-bert"
+    corpus, queries, qrels = load_beir(str(DATA / "scifact"), "test")
+    corpus, queries = subset(corpus, queries, qrels, 30, 300)
+    student, documents = (Embedder.load(p, device="cpu") for p in tiny_pair)
+    q, d = student.encode(list(queries.values())), documents.encode(list(corpus.values()))
+    qv, dv = (
+        comparable(postprocess(x, 8, "int8", True, m.int8_scales), "int8")
+        for x, m in ((q, student), (d, documents))
+    )
+    want = retrieval_metrics(qv, dv, list(queries), list(corpus), qrels)
+    assert report["beir_pair"]["8-int8"] == pytest.approx(want)
+    assert report["beir_pair"]["32"] != report["beir"]["32"]
+    with pytest.raises(ValueError, match="not one pair"):
+        evaluate(EvalConfig(model=str(tiny_model), document_model=str(documents_dir), **settings))
+
+
 def test_the_engine_serves_the_pair_behind_one_name(tiny_pair: tuple[Path, Path], tiny_model: Path) -> None:
     student_dir, documents_dir = tiny_pair
     assert (pair_role(student_dir), pair_role(documents_dir)) == ("query", "document")

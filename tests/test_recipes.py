@@ -75,6 +75,10 @@ def test_distill_recipe_runs_to_its_end(recipe_dir: Path) -> None:
         "query",
         "document",
     ]
+    after = json.loads(Path(run.sections["train"]["report"], "report.json").read_text())["eval"]["after"]
+    assert (
+        0 < after["beir_pair"]["384"]["ndcg@10"] <= 1
+    )  # the student's queries against the teacher's documents
     scores = run.sections["eval"]["beir"]
     assert all(0 < v["ndcg@10"] <= 1 for v in scores.values() if isinstance(v, dict)), scores
 

@@ -14,6 +14,10 @@ from rayembed.tracking import TrackingConfig
 class EvalConfig:
     model: str = "default"
     """Model folder (local or s3://) or 'default'."""
+    document_model: str | None = None
+    """An index-compatible pair's document encoder (a distillation's teacher-in-frame, recording the same
+    frame as `model`): BEIR's documents are also embedded by it and scored against `model`'s queries,
+    reported as `beir_pair` beside `model`'s own `beir` (the asymmetric and symmetric figures)."""
     beir_dir: str | None = f"{SHARED_DATA}/scifact"
     """BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), local or s3://; null to skip."""
     split: str = "test"

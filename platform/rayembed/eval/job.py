@@ -7,6 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
 from scipy.stats import spearmanr
 
 from rayembed.data.readers import load_beir, load_sts
@@ -36,6 +37,22 @@ def subset(
     return {d: corpus[d] for d in docs}, {q: queries[q] for q in qids}
 
 
+def beir_scores(
+    cfg: EvalConfig, model: Embedder, q: np.ndarray, encoder: Embedder, corpus: dict[str, str],
+    queries: dict[str, str], qrels: dict[str, dict[str, int]],
+) -> dict[str, Any]:  # fmt: skip
+    """`model`'s query vectors `q` against the documents as `encoder` embeds them (`model` itself, or a
+    pair's document encoder), at each width and precision (each side quantised with its own int8 scales)."""
+    qids, dids = list(queries), list(corpus)
+    d = encoder.encode(list(corpus.values()), batch_size=cfg.batch_size, prompt_name=cfg.document_prompt_name)
+    out: dict[str, Any] = {"queries": len(qids), "docs": len(dids)}
+    for key, dim, prec in variants(cfg, model.dim):
+        qv = comparable(postprocess(q, dim, prec, True, model.int8_scales), prec)
+        dv = comparable(postprocess(d, dim, prec, True, encoder.int8_scales), prec)
+        out[key] = retrieval_metrics(qv, dv, qids, dids, qrels)
+    return out
+
+
 def variants(cfg: EvalConfig, full: int) -> list[tuple[str, int | None, str]]:
     """(report key, dim, precision) for each width x precision; float32 keys are the bare width."""
     out = []
@@ -46,29 +63,30 @@ def variants(cfg: EvalConfig, full: int) -> list[tuple[str, int | None, str]]:
     return out
 
 
-def evaluate(cfg: EvalConfig, model: Embedder | None = None) -> dict[str, Any]:
-    """Metrics at full width and each of `cfg.dims`; written to `cfg.output` if set."""
+def evaluate(
+    cfg: EvalConfig, model: Embedder | None = None, documents: Embedder | None = None
+) -> dict[str, Any]:
+    """Metrics at full width and each of `cfg.dims` (and, with a pair's `documents` encoder, its queries
+    against those documents); written to `cfg.output` if set."""
     url = cfg.s3_endpoint_url
     path = None
     if model is None:
         path = resolve_model_path(cfg.model, url)
         model = Embedder.load(path)
+    if documents is None and cfg.document_model:
+        documents = Embedder.load(resolve_model_path(cfg.document_model, url), device=str(model.device))
+    if documents is not None and (model.frame is None or documents.frame != model.frame):
+        raise ValueError(f"document_model records frame {documents.frame}, model {model.frame}: not one pair")
     report: dict[str, Any] = {"model": model.name}
     if cfg.beir_dir:
         corpus, queries, qrels = load_beir(cfg.beir_dir, cfg.split, url)
         corpus, queries = subset(corpus, queries, qrels, cfg.max_queries, cfg.max_docs)
-        qids, dids = list(queries), list(corpus)
-        q = model.encode(
-            [queries[i] for i in qids], batch_size=cfg.batch_size, prompt_name=cfg.query_prompt_name
-        )
-        d = model.encode(
-            [corpus[i] for i in dids], batch_size=cfg.batch_size, prompt_name=cfg.document_prompt_name
-        )
         name = cfg.beir_dir.rstrip("/").rsplit("/", 1)[-1]
-        report["beir"] = {"set": name, "queries": len(qids), "docs": len(dids)}
-        for key, dim, prec in variants(cfg, model.dim):
-            qv, dv = (comparable(postprocess(x, dim, prec, True, model.int8_scales), prec) for x in (q, d))
-            report["beir"][key] = retrieval_metrics(qv, dv, qids, dids, qrels)
+        q = model.encode(list(queries.values()), batch_size=cfg.batch_size, prompt_name=cfg.query_prompt_name)
+        for key, encoder in (("beir", model), ("beir_pair", documents)):
+            if encoder is not None:
+                named = {"set": name} | ({"documents": encoder.name} if encoder is documents else {})
+                report[key] = named | beir_scores(cfg, model, q, encoder, corpus, queries, qrels)
     if cfg.sts_file:
         s1, s2, gold = load_sts(cfg.sts_file, url)
         a, b = (

@@ -160,7 +160,7 @@ def finish(
     calibrate(cfg, model, texts)
     root = cfg.output_dir.rstrip("/")
     teacher = teacher_in_frame(cfg, model, rotation) if wants_pair(cfg) else None  # sets the student's frame
-    evals = run_evals(cfg, model, rotation)
+    evals = run_evals(cfg, model, rotation, teacher)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     summary["export"] = {"node_id": node, "pid": os.getpid()}
     tracker = tracked.finish(cfg, summary, evals)
@@ -243,9 +243,12 @@ def exported_prompts(cfg: TrainConfig, model: Embedder) -> dict[str, str]:
     return {**model.prompts, **cfg.prompts, **query}
 
 
-def run_evals(cfg: TrainConfig, trained: Embedder, rotation: Any) -> dict[str, Any] | None:
+def run_evals(
+    cfg: TrainConfig, trained: Embedder, rotation: Any, documents: Embedder | None = None
+) -> dict[str, Any] | None:
     """The run's `eval` section applied to the starting model (rotated as training started) and to the
-    trained one; both get the run's prompts, and queries its `query` prompt when it trained with one."""
+    trained one; both get the run's prompts, and queries its `query` prompt when it trained with one. With
+    the pair's `documents` encoder, the trained model's queries are scored against it too (`beir_pair`)."""
     if not cfg.eval:
         return None
     from rayembed.eval.config import EvalConfig
@@ -263,5 +266,5 @@ def run_evals(cfg: TrainConfig, trained: Embedder, rotation: Any) -> dict[str, A
     }
     return {
         "before": evaluate(EvalConfig(**settings), before),
-        "after": evaluate(EvalConfig(**settings), trained),
+        "after": evaluate(EvalConfig(**settings), trained, documents),
     }

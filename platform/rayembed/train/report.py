@@ -18,11 +18,16 @@ def eval_rows(evals: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[st
     """Markdown table cells: one row per evaluated model, one column per metric and width/precision."""
     columns: list[tuple[str, str, str]] = []
     for report in evals.values():
-        for part, metric in (("beir", "ndcg@10"), ("beir", "recall@100"), ("sts", "spearman")):
+        for part, metric in (
+            ("beir", "ndcg@10"),
+            ("beir", "recall@100"),
+            ("beir_pair", "ndcg@10"),
+            ("sts", "spearman"),
+        ):
             for key, value in report.get(part, {}).items():
                 if isinstance(value, dict) and metric in value and (part, key, metric) not in columns:
                     columns.append((part, key, metric))
-    header = ["model", *[f"{m} @{k}" for _, k, m in columns]]
+    header = ["model", *[f"{'pair ' if p == 'beir_pair' else ''}{m} @{k}" for p, k, m in columns]]
     rows = [
         [label, *[f"{r.get(p, {}).get(k, {}).get(m, float('nan')):.4f}" for p, k, m in columns]]
         for label, r in evals.items()
