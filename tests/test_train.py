@@ -190,6 +190,13 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
             pca_rotation=True,
             matryoshka_dims=[32, 8],
             tracking={"backend": "wandb", "uri": str(tmp_path / "wandb"), "experiment": "distill"},
+            eval={
+                "beir_dir": None,
+                "sts_file": None,
+                "corpus": str(scifact_docs),
+                "corpus_docs": 200,
+                "pseudo_queries": 50,
+            },  # the label-free retention check on the corpus (teacher: the run's)
         )
     )
     ckpt = Path(result["checkpoint"]) / "ds"
@@ -237,6 +244,12 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
     assert sorted(in_frame.int8_scales) == sorted(exported.int8_scales) == [8, 32]
     turned = Embedder.load(tiny_model, device="cpu").encode(PROBE) @ axes
     np.testing.assert_allclose(in_frame.encode(PROBE), turned, atol=1e-5)
+    # the retention check ran in the export's eval, through the pair too, into the report and W&B
+    report = json.loads((tmp_path / "distill" / "report" / "report.json").read_text())
+    kept = report["eval"]["after"]["retention"]
+    assert (
+        kept["pseudo_queries"] == 50 and kept["32"]["asymmetric"]["estimate"] > 0 and b"retention" in logged
+    )
 
 
 def test_gist_with_in_loop_guide_gathers_across_workers(

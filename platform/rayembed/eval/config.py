@@ -36,6 +36,20 @@ class EvalConfig:
     """One of the model's prompts put before every query (e.g. 'query' for an instruction-trained model)."""
     document_prompt_name: str | None = None
     """One of the model's prompts put before every document and STS sentence."""
+    corpus: str | None = None
+    """A label-free retention check on your own corpus: its documents (a JSONL file or folder of `text`
+    (+ `title`) rows, what `prepare corpus=` reads), no queries or labels. With `teacher`, estimates how
+    much of the teacher's nDCG@10 `model` keeps on them, symmetric and (with `document_model`) through the
+    pair, from pseudo-queries cut from the documents (eval/retention.py): report `retention`."""
+    teacher: str | None = None
+    """The teacher `model` was distilled from (the check's bar)."""
+    corpus_queries: str | None = None
+    """Optional real queries of the corpus, without labels (JSONL `text` rows): their top 10 by the student
+    against the teacher's (`real_query_agreement`)."""
+    corpus_docs: int = 3000
+    """Documents of `corpus` the check searches (the first ones)."""
+    pseudo_queries: int = 500
+    """Pseudo-queries the check cuts from them."""
     batch_size: int = 64
     """Rows per model call."""
     output: str | None = None
@@ -48,7 +62,11 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.tracking is not None:
             build(TrackingConfig, self.tracking)
-        check(bool(self.beir_dir or self.sts_file), "eval needs beir_dir or sts_file")
+        check(bool(self.beir_dir or self.sts_file or self.corpus), "eval needs beir_dir, sts_file or corpus")
+        check(
+            not self.corpus or bool(self.teacher), "corpus (the label-free retention check) needs the teacher"
+        )
+        check(min(self.corpus_docs, self.pseudo_queries) >= 1, "corpus_docs and pseudo_queries must be >= 1")
         check(
             bool(self.precisions) and set(self.precisions) <= {"float32", "int8", "binary"},
             f"precisions must be a non-empty list of float32|int8|binary, got {self.precisions}",

@@ -53,6 +53,18 @@ def beir_scores(
     return out
 
 
+def corpus_retention(cfg: EvalConfig, model: Embedder, documents: Embedder | None) -> dict[str, Any]:
+    """The label-free retention check of `model` (and its pair) against `cfg.teacher` on `cfg.corpus`."""
+    from rayembed.data.mix import corpus_texts
+    from rayembed.eval.retention import retention
+
+    url = cfg.s3_endpoint_url
+    docs = corpus_texts(str(cfg.corpus), cfg.corpus_docs, url)
+    real = corpus_texts(cfg.corpus_queries, 100_000, url) if cfg.corpus_queries else None
+    teacher = Embedder.load(resolve_model_path(str(cfg.teacher), url), device=str(model.device))
+    return retention(docs, teacher, model, documents, real, cfg.pseudo_queries, cfg.dims, cfg.batch_size)
+
+
 def variants(cfg: EvalConfig, full: int) -> list[tuple[str, int | None, str]]:
     """(report key, dim, precision) for each width x precision; float32 keys are the bare width."""
     out = []
@@ -87,6 +99,8 @@ def evaluate(
             if encoder is not None:
                 named = {"set": name} | ({"documents": encoder.name} if encoder is documents else {})
                 report[key] = named | beir_scores(cfg, model, q, encoder, corpus, queries, qrels)
+    if cfg.corpus:
+        report["retention"] = corpus_retention(cfg, model, documents)
     if cfg.sts_file:
         s1, s2, gold = load_sts(cfg.sts_file, url)
         a, b = (

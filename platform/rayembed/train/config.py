@@ -243,7 +243,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.eval is not None:
-            EvalConfig(**self.eval)  # unknown or bad eval settings fail here, not after training
+            EvalConfig(**{"teacher": self.teacher, **self.eval})  # bad settings fail now, not after training
         if self.tracking is not None:
             build(TrackingConfig, self.tracking)
         self._check_loss()

@@ -259,6 +259,7 @@ def run_evals(
     query = {"query_prompt_name": "query"} if cfg.query_instruction else {}
     settings = {
         "s3_endpoint_url": cfg.s3_endpoint_url,
+        "teacher": cfg.teacher,  # the retention check's bar (eval corpus=), unless the section names another
         **query,
         **cfg.eval,
         "model": cfg.model,

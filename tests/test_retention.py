@@ -1,0 +1,100 @@
+"""The label-free retention check (eval/retention.py): pseudo-queries cut from the corpus, the student's
+nDCG@10 on them over the teacher's, symmetric and through the pair, and real queries' agreement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA
+from rayembed.eval.metrics import retrieval_metrics
+from rayembed.eval.retention import MIN_WORDS, pseudo_queries, retention
+from rayembed.model import Embedder
+from rayembed.train.config import TrainConfig
+from rayembed.train.pair import teacher_in_frame
+
+
+def _docs(n: int = 300) -> list[str]:
+    lines = (DATA / "scifact" / "corpus.jsonl").read_text().splitlines()[:n]
+    return [json.loads(x)["text"] for x in lines]
+
+
+def test_pseudo_queries_are_spans_cut_out_of_their_documents() -> None:
+    docs = [*_docs(50), "too short", ""]
+    queries, corpus, qrels = pseudo_queries(docs, 20, seed=3)
+    assert len(queries) == 20 and len(corpus) == len(docs) and list(qrels) == [str(i) for i in range(20)]
+    for qid, query in enumerate(queries):
+        [(doc, rel)] = qrels[str(qid)].items()
+        original, left = docs[int(doc)].split(), corpus[int(doc)].split()
+        span = query.split()
+        assert rel == 1 and 3 <= len(span) <= 16 and len(left) == len(original) - len(span)
+        start = next(i for i in range(len(original)) if original[i : i + len(span)] == span)
+        assert left == original[:start] + original[start + len(span) :]  # cut out, the rest kept in order
+    assert corpus[-2:] == ["too short", ""] and all(
+        len(docs[int(d)].split()) >= MIN_WORDS for r in qrels.values() for d in r
+    )
+    assert pseudo_queries(docs, 20, seed=3) == (queries, corpus, qrels)  # seeded
+    untouched = set(range(len(docs))) - {int(d) for r in qrels.values() for d in r}
+    assert all(corpus[i] == docs[i] for i in untouched)
+
+
+def test_a_student_equal_to_its_teacher_keeps_all_and_a_weaker_one_is_measured(
+    tiny_model: Path, tiny_pair: tuple[Path, Path]
+) -> None:
+    docs = _docs()
+    teacher = Embedder.load(tiny_model, device="cpu")
+    rotation = np.linalg.qr(np.random.default_rng(2).normal(size=(32, 32)))[0]
+    same = Embedder.load(tiny_model, device="cpu").rotate(rotation)
+    cfg = TrainConfig(data="x", output_dir="y", loss="distill", teacher=str(tiny_model), teacher_column="e")
+    real = ["what causes inflammation", "gene expression in cancer cells", "vaccine efficacy trials"]
+    got = retention(docs, teacher, same, teacher_in_frame(cfg, same, rotation), real_queries=real, n=100)
+    assert got["pseudo_queries"] == 100 and got["docs"] == len(docs) and got["real_queries"] == 3
+    for mode in ("symmetric", "asymmetric"):
+        assert got["32"][mode]["estimate"] == pytest.approx(1.0, abs=1e-3)
+        assert got["32"][mode]["real_query_agreement"] == pytest.approx(1.0, abs=1e-3)
+
+    student, documents = (Embedder.load(p, device="cpu") for p in tiny_pair)  # the teacher's layer 1 alone
+    weak = retention(docs, teacher, student, documents, n=100, dims=[8])
+    queries, corpus, qrels = pseudo_queries(docs, 100)
+    ids = [str(i) for i in range(len(corpus))]
+    base = retrieval_metrics(teacher.encode(queries), teacher.encode(corpus), list(qrels), ids, qrels)[
+        "ndcg@10"
+    ]
+    sym = retrieval_metrics(student.encode(queries), student.encode(corpus), list(qrels), ids, qrels)[
+        "ndcg@10"
+    ]
+    asym = retrieval_metrics(student.encode(queries), documents.encode(corpus), list(qrels), ids, qrels)[
+        "ndcg@10"
+    ]
+    assert weak["teacher_ndcg@10"] == round(base, 4) and weak["32"]["symmetric"]["estimate"] == round(
+        sym / base, 4
+    )
+    assert weak["32"]["asymmetric"]["estimate"] == round(asym / base, 4) and sym != asym
+    assert (
+        set(weak) >= {"32", "8"} and weak["8"]["symmetric"]["ndcg@10"] != weak["32"]["symmetric"]["ndcg@10"]
+    )
+    with pytest.raises(ValueError, match="no pseudo-query to cut"):
+        retention(["a few words", "two"], teacher, student)
+
+
+def test_the_eval_job_runs_the_check_on_a_corpus(
+    tiny_model: Path, tiny_pair: tuple[Path, Path], scifact_docs: Path
+) -> None:
+    from rayembed.eval.config import EvalConfig
+    from rayembed.eval.job import evaluate
+
+    student_dir, documents_dir = tiny_pair
+    cfg = EvalConfig(model=str(student_dir), document_model=str(documents_dir), teacher=str(tiny_model), beir_dir=None,
+                     sts_file=None, corpus=str(scifact_docs), corpus_docs=200, pseudo_queries=60)  # fmt: skip
+    report = evaluate(cfg)
+    student, documents, teacher = (Embedder.load(p, device="cpu") for p in (*tiny_pair, tiny_model))
+    rows = [json.loads(x) for x in scifact_docs.read_text().splitlines()[:200]]
+    docs = [f"{r['title']} {r['text']}" if r.get("title") else r["text"] for r in rows]
+    assert report["retention"] == retention(docs, teacher, student, documents, n=60) and "beir" not in report
+    with pytest.raises(ValueError, match="corpus .* needs the teacher"):
+        EvalConfig(beir_dir=None, sts_file=None, corpus=str(scifact_docs))
+    with pytest.raises(ValueError, match="eval needs beir_dir, sts_file or corpus"):
+        EvalConfig(beir_dir=None, sts_file=None)
