@@ -80,7 +80,8 @@ def retention(
         enc(student, queries),
         enc(student, corpus),
     )
-    modes = {"symmetric": (s_q, s_d)} | ({"asymmetric": (s_q, enc(documents, corpus))} if documents else {})
+    d_d = None if documents is None else t_d if documents is teacher else enc(documents, corpus)
+    modes = {"symmetric": (s_q, s_d)} | ({"asymmetric": (s_q, d_d)} if d_d is not None else {})
     real = (enc(teacher, real_queries), enc(student, real_queries)) if real_queries else None
     base = retrieval_metrics(t_q, t_d, qids, dids, qrels)["ndcg@10"]
     out: dict[str, Any] = {"pseudo_queries": len(queries), "docs": len(corpus),
