@@ -35,7 +35,7 @@ def test_beir_prepare_uses_qrels(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (["train", "data=x", "output_dir=y", "bogus=1"], "unknown setting"),
         (["run", "jobs/does-not-exist.yaml"], "No such file"),
         (["prepare", "kind=csv", "source=x", "output=y"], "kind must be"),
-        (["eval", "beir_dir=null", "sts_file=null"], "needs beir_dir or sts_file"),
+        (["eval", "beir_dir=null", "sts_file=null"], "needs beir_dir, sts_file or corpus"),
     ],
 )
 def test_errors_exit_2_with_message(
