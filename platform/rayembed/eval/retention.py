@@ -45,12 +45,15 @@ def pseudo_queries(
     return queries, corpus, qrels
 
 
-def agreement(q: np.ndarray, d: np.ndarray, q_ref: np.ndarray, d_ref: np.ndarray, k: int = 10) -> float:
-    """nDCG@k of the ranking by (q, d) with the reference ranking's top k as the relevant documents."""
-    top = np.argsort(-(q_ref @ d_ref.T), axis=1)[:, :k]
-    qrels = {str(i): {str(j): 1 for j in row} for i, row in enumerate(top)}
-    ids = [str(j) for j in range(len(d))]
-    return retrieval_metrics(q, d, list(qrels), ids, qrels)["ndcg@10"]
+def top_k(q: np.ndarray, d: np.ndarray, k: int = 10) -> dict[str, dict[str, int]]:
+    """Each query's k best documents by (q, d), as qrels: the reference that `agreement` scores against."""
+    top = np.argsort(-(q @ d.T), axis=1)[:, :k]
+    return {str(i): {str(j): 1 for j in row} for i, row in enumerate(top)}
+
+
+def agreement(q: np.ndarray, d: np.ndarray, reference: dict[str, dict[str, int]]) -> float:
+    """nDCG@10 of the ranking by (q, d) with the reference ranking's top documents as the relevant ones."""
+    return retrieval_metrics(q, d, list(reference), [str(j) for j in range(len(d))], reference)["ndcg@10"]
 
 
 def retention(
@@ -82,7 +85,8 @@ def retention(
     )
     d_d = None if documents is None else t_d if documents is teacher else enc(documents, corpus)
     modes = {"symmetric": (s_q, s_d)} | ({"asymmetric": (s_q, d_d)} if d_d is not None else {})
-    real = (enc(teacher, real_queries), enc(student, real_queries)) if real_queries else None
+    # real queries: the teacher's top 10 (ranked once) and the student's query vectors
+    real = (top_k(enc(teacher, real_queries), t_d), enc(student, real_queries)) if real_queries else None
     base = retrieval_metrics(t_q, t_d, qids, dids, qrels)["ndcg@10"]
     out: dict[str, Any] = {"pseudo_queries": len(queries), "docs": len(corpus),
                            "real_queries": len(real_queries or []), "teacher_ndcg@10": round(base, 4)}  # fmt: skip
@@ -94,6 +98,6 @@ def retention(
             width[mode] = {"ndcg@10": round(got, 4), "estimate": round(got / base, 4) if base else None}
             if real is not None:
                 s_real = postprocess(real[1], dim, "float32", True)
-                width[mode]["real_query_agreement"] = round(agreement(s_real, d, real[0], t_d), 4)
+                width[mode]["real_query_agreement"] = round(agreement(s_real, d, real[0]), 4)
         out[str(dim or student.dim)] = width
     return out
