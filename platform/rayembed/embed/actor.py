@@ -125,10 +125,7 @@ class EmbedFragments:
             resolve_model_path(c.model, c.s3_endpoint_url), device=device, dtype=dtype
         )
         self.embedder.tokenize_threads = threads
-        if c.rope_scaling:
-            self.embedder.set_rope_scaling(c.rope_scaling)
-        if c.max_length:
-            self.embedder.set_max_length(c.max_length)
+        self.embedder.set_reach(c.max_length, c.rope_scaling)
         self.meta = meta
         self.in_fs, self.out_fs = fs_for(c.input, c.s3_endpoint_url), fs_for(c.output, c.s3_endpoint_url)
         self.root = strip_scheme(c.output)

@@ -76,11 +76,7 @@ def plan_for(
 def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
     """(manifest settings: what shapes the vectors, Parquet schema metadata)."""
     path = resolve_model_path(cfg.model, cfg.s3_endpoint_url)
-    model = Embedder.load(path, device="cpu")
-    if cfg.rope_scaling:
-        model.set_rope_scaling(cfg.rope_scaling)
-    if cfg.max_length:
-        model.set_max_length(cfg.max_length)
+    model = Embedder.load(path, device="cpu").set_reach(cfg.max_length, cfg.rope_scaling)
     dim = cfg.dim or model.dim
     if cfg.dim and cfg.dim > model.dim:
         raise ValueError(f"dim {cfg.dim} is larger than the model's {model.dim}")
@@ -99,9 +95,8 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
     }
     if cfg.rope_scaling:
         settings["rope_scaling"] = cfg.rope_scaling
-    if (
-        model.frame
-    ):  # the output axes (pca rotation, or a distilled pair's): queries must come from that frame
+    # the output axes (a pca rotation's, or a distilled pair's): queries must come from that frame
+    if model.frame:
         settings["frame"] = model.frame
     if cfg.chunking:  # the model decides what fits: refused here, before any work
         settings["chunking"] = chunk_settings(cfg, model)

@@ -164,6 +164,13 @@ class Embedder(nn.Module):
         self.rope_scaling = dict(scaling)
         return self
 
+    def set_reach(self, max_length: int | None, rope_scaling: dict[str, Any] | None) -> Embedder:
+        """A job's `rope_scaling` and `max_length` (either None: the model's own), in the one order that
+        works: the positions are stretched before the longer limit is checked against them."""
+        if rope_scaling:
+            self.set_rope_scaling(rope_scaling)
+        return self.set_max_length(max_length) if max_length else self
+
     def set_attention(self, attention: str) -> Embedder:
         """causal | bidirectional (decoders only; an encoder is refused with the reason)."""
         self._mask_4d = families.set_attention(self.backbone, attention)

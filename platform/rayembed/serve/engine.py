@@ -99,9 +99,7 @@ class ModelEngine:
             torch.set_num_threads(spec.torch_threads)
         device = "cuda" if spec.num_gpus else "cpu"
         model = Embedder.load(path, device=device, dtype=getattr(torch, str(spec.dtype)))
-        if spec.rope_scaling:
-            model.set_rope_scaling(spec.rope_scaling)
-        return model.set_max_length(spec.max_length) if spec.max_length else model
+        return model.set_reach(spec.max_length, spec.rope_scaling)
 
     def _encode(self, ids: list[list[int]], prompt_lengths: list[int] | None) -> np.ndarray:
         """Pooled vectors before normalising (each request normalises, or not, its own rows)."""
