@@ -1,8 +1,8 @@
 """Does the label-free retention check (eval/retention.py) track the true retention? On the labelled
-collections no training text came from (SciFact test: 300 queries over 5,183 abstracts; SNLI-test as
-retrieval: premises over every hypothesis), each student's true nDCG@10 retention (its nDCG@10 over the
+collections no training text came from (SciFact test: 300 queries over their judged abstracts and
+distractors to 2,000; SNLI-test as retrieval: 1,000 premises over every hypothesis), each student's true nDCG@10 retention (its nDCG@10 over the
 teacher's, from the qrels) is set beside the estimate the check makes from the collection's documents
-alone (500 pseudo-queries over its first 3,000 documents, no queries, no labels). One point per student x
+alone (500 pseudo-queries over its first 2,000 documents, no queries, no labels). One point per student x
 collection x mode (symmetric; asymmetric: its queries against the teacher-in-frame's documents) x width
 (full, 128): `correlation` (Pearson) and `max_error` over all points, written under `label_free` in
 docs/results/quality.json, and the distilled pair's figures under `unseen.<collection>.recipe_pair`.
@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import DATA  # noqa: E402
 
 OUT = ROOT / "docs" / "results" / "quality.json"
+ESTIMATE_DOCS = 2000  # the estimate's corpus: the collection's first documents, no queries, no labels
 SUBSETS = {
     "layers_0_5": [0, 5],
     "layers_0_2_5": [0, 2, 5],
@@ -40,12 +41,33 @@ SUBSETS = {
 }
 
 
-def ndcg(q: np.ndarray, d: np.ndarray, beir: tuple[dict, dict, dict], dim: int | None = None) -> float:
-    from rayembed.eval.metrics import retrieval_metrics
+class Cached:
+    """An Embedder whose vectors are kept per text: the estimate's pseudo-corpus differs from the collection
+    only in the documents a query was cut from, so only those (and the queries) are encoded again."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.seen = model, dict[str, np.ndarray]()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def encode(self, texts: list[str], **kwargs: Any) -> np.ndarray:
+        new = list(dict.fromkeys(t for t in texts if t not in self.seen))
+        if new:
+            self.seen.update(zip(new, self.model.encode(new, **kwargs), strict=True))
+        return np.stack([self.seen[t] for t in texts])
+
+
+def score(q: np.ndarray, d: np.ndarray, beir: tuple[dict, dict, dict], dim: int | None = None,
+          precision: str = "float32", scales: tuple[Any, Any] = (None, None)) -> float:  # fmt: skip
+    from rayembed.eval.metrics import comparable, retrieval_metrics
     from rayembed.model import postprocess
 
     corpus, queries, qrels = beir
-    q, d = (postprocess(x, dim, "float32", True) for x in (q, d))
+    q, d = (
+        comparable(postprocess(x, dim, precision, True, s), precision)
+        for x, s in zip((q, d), scales, strict=True)
+    )
     return retrieval_metrics(q, d, list(queries), list(corpus), qrels)["ndcg@10"]
 
 
@@ -53,68 +75,62 @@ def students(run: Path) -> dict[str, tuple[Any, Any]]:
     """name -> (student, its documents' encoder: the pair's teacher-in-frame, or None for the teacher)."""
     from rayembed.model import Embedder
 
-    out = {"distilled_3_layers": (Embedder.load(run / "model", device="cpu"),
-                                  Embedder.load(run / "teacher-in-frame", device="cpu"))}  # fmt: skip
+    out: dict[str, tuple[Any, Any]] = {"distilled_3_layers": (Cached(Embedder.load(run / "model", device="cpu")),
+                                  Cached(Embedder.load(run / "teacher-in-frame", device="cpu")))}  # fmt: skip
     for name, layers in SUBSETS.items():
-        out[f"untrained_{name}"] = (Embedder.load("default", device="cpu").keep_layers(layers), None)
+        out[f"untrained_{name}"] = (Cached(Embedder.load("default", device="cpu").keep_layers(layers)), None)
     return out
 
 
 def collection(name: str, work: Path) -> tuple[dict, dict, dict]:
+    """SciFact test: its 300 queries over their judged abstracts and distractors to 2,000 (a third of the
+    encoding of all 5,183); SNLI-test: its first 1,000 premises over every hypothesis (as bench_quality.py
+    and the eval job cut it)."""
     from rayembed.data.mix import nli_retrieval
     from rayembed.data.readers import load_beir
     from rayembed.eval.job import subset
 
     if name == "scifact":
-        return load_beir(str(DATA / "scifact"), "test")
-    nli_retrieval(DATA / "snli-esnli", work / "snli-test", "test")
-    corpus, queries, qrels = load_beir(str(work / "snli-test"), "test")
-    corpus, queries = subset(corpus, queries, qrels, 1000, None)  # as bench_quality.py and the eval job do
+        corpus, queries, qrels = load_beir(str(DATA / "scifact"), "test")
+        corpus, queries = subset(corpus, queries, qrels, None, 2000)
+    else:
+        nli_retrieval(DATA / "snli-esnli", work / "snli-test", "test")
+        corpus, queries, qrels = load_beir(str(work / "snli-test"), "test")
+        corpus, queries = subset(corpus, queries, qrels, 1000, None)
     return corpus, queries, {q: qrels[q] for q in queries}
 
 
 def points_for(
     coll: str, beir: tuple[dict, dict, dict], studs: dict[str, Any], teacher: Any
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The points of every student x mode x width, and the distilled pair's `unseen` figures."""
     from rayembed.eval.retention import retention
 
     corpus, queries, _ = beir
     docs = list(corpus.values())
     tq, td = teacher.encode(list(queries.values())), teacher.encode(docs)
-    bar = ndcg(tq, td, beir)
-    out = []
+    bar = score(tq, td, beir)
+    out, pair = [], {}
     for name, (student, documents) in studs.items():
         sq, sd = student.encode(list(queries.values())), student.encode(docs)
         dd = documents.encode(docs) if documents is not None else td
-        est = retention(docs[:3000], teacher, student, documents or teacher, n=500, dims=[128])
+        est = retention(docs[:ESTIMATE_DOCS], teacher, student, documents or teacher, n=500, dims=[128])
         for dim in (None, 128):
             width = str(dim or student.dim)
             for mode, d in (("symmetric", sd), ("asymmetric", dd)):
-                true = ndcg(sq, d, beir, dim) / bar
+                true = score(sq, d, beir, dim) / bar
                 out.append({"collection": coll, "student": name, "mode": mode, "width": width, "true": round(true, 4),
                             "estimate": est[width][mode]["estimate"], "teacher_ndcg@10": round(bar, 4)})  # fmt: skip
-    return out
-
-
-def pair_figures(beir_dir: str, run: Path, max_queries: int | None) -> dict[str, Any]:
-    """The distilled pair as docs/results/quality.json's `unseen` asks: full-width retention symmetric and
-    asymmetric, 128-d over full and int8 over float32 (of the pair's asymmetric scores)."""
-    from rayembed.eval.config import EvalConfig
-    from rayembed.eval.job import evaluate
-
-    settings: dict[str, Any] = {"beir_dir": beir_dir, "sts_file": None, "max_queries": max_queries, "dims": [128],
-                                "precisions": ["float32", "int8"]}  # fmt: skip
-    teacher = evaluate(EvalConfig(model="default", **settings))["beir"]
-    pair = evaluate(
-        EvalConfig(model=str(run / "model"), document_model=str(run / "teacher-in-frame"), **settings)
-    )
-    full = next(k for k in teacher if k.isdigit() and k != "128")
-    s, a, t = pair["beir"], pair["beir_pair"], teacher[full]["ndcg@10"]
-    return {"student_vs_teacher": round(s[full]["ndcg@10"] / t, 4), "asym_vs_teacher": round(a[full]["ndcg@10"] / t, 4),
-            "dim128_vs_full": round(a["128"]["ndcg@10"] / a[full]["ndcg@10"], 4),
-            "int8_vs_float32": round(a[f"{full}-int8"]["ndcg@10"] / a[full]["ndcg@10"], 4),
-            "teacher_ndcg@10": round(t, 4), "student_ndcg@10": round(s[full]["ndcg@10"], 4),
-            "pair_ndcg@10": round(a[full]["ndcg@10"], 4)}  # fmt: skip
+        if documents is not None:
+            scales = (student.int8_scales, documents.int8_scales)
+            full, sym = score(sq, dd, beir), score(sq, sd, beir)
+            pair = {"student_vs_teacher": round(sym / bar, 4), "asym_vs_teacher": round(full / bar, 4),
+                    "dim128_vs_full": round(score(sq, dd, beir, 128) / full, 4),
+                    "int8_vs_float32": round(score(sq, dd, beir, None, "int8", scales) / full, 4),
+                    "teacher_ndcg@10": round(bar, 4), "student_ndcg@10": round(sym, 4), "pair_ndcg@10": round(full, 4),
+                    "label_free_estimate": {m: est[str(student.dim)][m]["estimate"] for m in ("symmetric", "asymmetric")},
+                    "queries": len(queries), "docs": len(docs)}  # fmt: skip
+    return out, pair
 
 
 def main() -> None:
@@ -126,26 +142,20 @@ def main() -> None:
     run = Path(a.run).resolve()
     work = Path(tempfile.gettempdir()) / "bench-retention"
     work.mkdir(exist_ok=True)
-    teacher, studs = Embedder.load("default", device="cpu"), students(run)
+    teacher, studs = Cached(Embedder.load("default", device="cpu")), students(run)
     started, points, pairs = time.perf_counter(), [], {}
     for coll in ("scifact", "snli"):
-        beir = collection(coll, work)
-        points += points_for(coll, beir, studs, teacher)
-        beir_dir, most = (
-            (str(DATA / "scifact"), None) if coll == "scifact" else (str(work / "snli-test"), 1000)
-        )
-        pairs[coll] = pair_figures(beir_dir, run, most) | {
-            "label_free": {m: next(x["estimate"] for x in points if x["collection"] == coll and x["student"] == "distilled_3_layers"
-                                   and x["mode"] == m and x["width"] == "384") for m in ("symmetric", "asymmetric")}}  # fmt: skip
+        got, pairs[coll] = points_for(coll, collection(coll, work), studs, teacher)
+        points += got
+        print(coll, json.dumps(pairs[coll]), flush=True)
     true, est = np.array([x["true"] for x in points]), np.array([x["estimate"] for x in points])
     result = json.loads(OUT.read_text())
     for coll, figures in pairs.items():
         result["unseen"][coll]["recipe_pair"] = figures | {
-            "student": "jobs/distill.yaml as shipped (3 layers, 250 steps)"
+            "student": "jobs/distill.yaml as shipped (3 layers, 250 steps) and its teacher-in-frame"
         }
-        result["unseen"][coll]["asym_vs_teacher"] = figures["asym_vs_teacher"]
     result["label_free"] = {
-        "what": "estimate = student's nDCG@10 / teacher's on 500 pseudo-queries cut from the collection's first 3,000 "
+        "what": "estimate = student's nDCG@10 / teacher's on 500 pseudo-queries cut from the collection's first 2,000 "
         "documents (eval/retention.py), no queries or labels; true = the same ratio from the collection's qrels",
         "correlation": round(float(np.corrcoef(true, est)[0, 1]), 4), "max_error": round(float(np.abs(true - est).max()), 4),
         "mean_abs_error": round(float(np.abs(true - est).mean()), 4), "points": points,
