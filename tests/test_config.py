@@ -203,3 +203,20 @@ def test_overrides_reach_settings_inside_settings() -> None:
     assert load_spec(None, ["merge.eval.max_docs=9"]) == {"merge": {"eval": {"max_docs": 9}}}
     with pytest.raises(ValueError, match="train.lr holds no settings of its own"):
         load_spec(spec, ["train.lr.x=1"])
+
+
+def test_a_distillation_for_a_corpus_checks_its_retention_on_that_corpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`prepare.corpus=PATH` on jobs/distill.yaml (the corpus recipe) gives the train section's eval the same
+    corpus, so the run reports the label-free retention estimate on the documents it was distilled for;
+    an eval that names its own corpus (or null) keeps it, and a train section without a teacher gets none."""
+    monkeypatch.chdir(ROOT)
+    spec, docs = str(ROOT / "jobs" / "distill.yaml"), "${RAYEMBED_DATA}/scifact/corpus.jsonl"
+    monkeypatch.setenv("RAYEMBED_DATA", "/data")
+    got = dict(plan(parser().parse_args(["run", spec, f"prepare.corpus={docs}"])))
+    assert got["prepare"].corpus == got["train"].eval["corpus"] == "/data/scifact/corpus.jsonl"
+    assert "corpus" not in load_spec(spec)["train"]["eval"]  # no corpus given: no check
+    own = load_spec(spec, ["prepare.corpus=a.jsonl", "train.eval.corpus=null"])
+    assert own["train"]["eval"]["corpus"] is None
+    assert "corpus" not in load_spec(spec, ["prepare.corpus=a.jsonl", "train.teacher=null"])["train"]["eval"]

@@ -5,6 +5,9 @@ A spec maps job names (`prepare`, `train`, `mine`, `eval`, `embed`, `serve`, ...
 (`train.max_steps=3`), or not when the command runs one job (`rayembed train spec.yaml max_steps=3`).
 A setting that holds settings of its own is reached through it (`train.eval.max_queries=50`).
 `${VAR}` in any string is expanded from the environment (`${RAYEMBED_DATA}`: the public data sets).
+A spec whose prepare section names a `corpus` (the documents the student will embed) checks the trained
+model's retention on that corpus: a train section with a `teacher` and an eval gets the same `corpus` for
+its eval unless that names one.
 """
 
 from __future__ import annotations
@@ -50,6 +53,17 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), job: str | Non
         if len(names) < 2:
             raise ValueError(f"override {item!r}: name a setting of {names[0]}")
         _set(spec, names, _expand(yaml.safe_load(value)), item)
+    return link_corpus(spec)
+
+
+def link_corpus(spec: dict[str, Any]) -> dict[str, Any]:
+    """The prepare section's `corpus` becomes the train eval's (the label-free retention check on the
+    documents the student was distilled for, against the train section's `teacher`), unless that eval
+    names its own `corpus` (null: none)."""
+    corpus, train = (spec.get("prepare") or {}).get("corpus"), spec.get("train") or {}
+    evaluation = train.get("eval")
+    if corpus and train.get("teacher") and isinstance(evaluation, dict) and "corpus" not in evaluation:
+        evaluation["corpus"] = corpus
     return spec
 
 
