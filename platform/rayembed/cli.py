@@ -1,4 +1,4 @@
-"""`rayembed` command line: prepare | train | merge | mine | eval | embed | serve | run.
+"""`rayembed` command line: prepare | train | merge | mine | eval | embed | serve | run | compact.
 
 rayembed train jobs/train.yaml max_steps=10
 rayembed embed --model M --input PATH --output PATH [key=value ...]
@@ -8,6 +8,7 @@ rayembed mine jobs/mine.yaml                       # hard negatives for training
 rayembed prepare kind=snli source=../shared/data/snli-esnli output=runs/snli.jsonl
 rayembed run jobs/smoke.yaml train.max_steps=3     # every section of the spec, in its order
 rayembed run --only embed,train jobs/distill.yaml   # some sections
+rayembed compact runs/lake/night-07 runs/lake/full-07  # a chain of embed versions -> one full version
 """
 
 from __future__ import annotations
@@ -77,7 +78,24 @@ def parser() -> argparse.ArgumentParser:
         if job == "embed":
             s.add_argument("--input")
             s.add_argument("--output")
+    c = sub.add_parser("compact", help="fold an embed output's chain of versions into one full version")
+    c.add_argument("version", help="an embed output (the newest version of a chain), local or s3://")
+    c.add_argument("output", help="a new folder: the current view as plain Parquet + a manifest")
+    c.add_argument("--overwrite", action="store_true", help="replace an earlier compaction there")
+    c.add_argument("--s3-endpoint-url", help="an S3-compatible server (default: AWS)")
+    c.add_argument("--bucket-ids", type=int, default=20_000_000, help="ids held in memory at once")
+    c.add_argument("--rows-per-file", type=int, default=1_000_000)
     return p
+
+
+def compact_command(args: argparse.Namespace) -> dict[str, Any]:
+    from rayembed.embed.compact import compact
+
+    if args.bucket_ids < 1 or args.rows_per_file < 1:
+        raise ValueError("--bucket-ids and --rows-per-file must be >= 1")
+    return compact(
+        args.version, args.output, args.s3_endpoint_url, args.overwrite, args.bucket_ids, args.rows_per_file
+    )
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, Any]]:
@@ -123,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: the exit path runs (Python's default does not)
     try:
+        if args.command == "compact":
+            print(json.dumps({"compact": compact_command(args)}, indent=2), flush=True)
+            return 0
         planned = plan(args)
         if (cpus := cluster_cpus(planned)) is not None:
             from rayembed.io import ensure_ray
@@ -130,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_ray(cpus)
         for name, cfg in planned:
             print(json.dumps({name: run_job(name, cfg)}, indent=2, default=str), flush=True)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"rayembed {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -36,17 +36,21 @@ def _read(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> p
         return pq.read_table(f, columns=columns)
 
 
-def _rows(fs: pafs.FileSystem, root: str, columns: list[str] | None) -> pa.Table | None:
-    """This version's own output rows (Parquet files outside the `_` folders)."""
+def own_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    """This version's own output files (Parquet files outside the `_` folders), sorted."""
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    files = sorted(
+    return sorted(
         i.path
         for i in infos
         if i.type == pafs.FileType.File
         and i.path.endswith(".parquet")
         and not any(p.startswith(("_", ".")) for p in posixpath.relpath(i.path, root).split("/"))
     )
-    tables = [_read(fs, f, columns) for f in files]
+
+
+def _rows(fs: pafs.FileSystem, root: str, columns: list[str] | None) -> pa.Table | None:
+    """This version's own output rows."""
+    tables = [_read(fs, f, columns) for f in own_files(fs, root)]
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 

@@ -1,0 +1,111 @@
+"""Compaction (`rayembed compact`): a chain of incremental versions folds into one full version that is
+exactly the chain's current view, row for row, readable as plain Parquet, and a base for the next night;
+a compaction killed before its commit leaves no version, and its rerun gives the same result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DATA
+from rayembed.cli import main
+from rayembed.config import EmbedConfig
+from rayembed.embed import compact as compact_module
+from rayembed.embed import embed
+from rayembed.embed.versions import current
+from test_embed_incremental import _lake
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    table = table.select(sorted(table.column_names))
+    return table.sort_by("id").replace_schema_metadata(None)
+
+
+def _nights(tiny_model: Path, tmp_path: Path) -> tuple[dict[str, str], dict[str, object]]:
+    """Three nights: a full run, then changes, additions and deletions (one id deleted, then back)."""
+    from rayembed.data.readers import read_jsonl
+
+    docs = [d["text"] for _, d in zip(range(60), read_jsonl(DATA / "scifact" / "corpus.jsonl"), strict=False)]
+    rows = {str(i): docs[i] for i in range(30)}
+    common: dict[str, object] = {"model": str(tiny_model), "id_column": "id", "progress": False}
+    embed(EmbedConfig(input=str(_lake(tmp_path / "lake1", rows)), output=str(tmp_path / "n1"), **common))
+    rows |= {"3": docs[40], "31": docs[31], "32": docs[32]}
+    del rows["5"], rows["20"]
+    embed(EmbedConfig(input=str(_lake(tmp_path / "lake2", rows)), output=str(tmp_path / "n2"),
+                      incremental_from=str(tmp_path / "n1"), **common))  # fmt: skip
+    rows |= {"5": docs[45], "3": docs[43], "33": docs[33]}  # 5 comes back, 3 changes again
+    del rows["31"], rows["7"]
+    embed(EmbedConfig(input=str(_lake(tmp_path / "lake3", rows)), output=str(tmp_path / "n3"),
+                      incremental_from=str(tmp_path / "n2"), **common))  # fmt: skip
+    return rows, common
+
+
+def test_a_compacted_chain_is_its_current_view_and_the_next_nights_base(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows, common = _nights(tiny_model, tmp_path)
+    walked = current(pafs.LocalFileSystem(), str(tmp_path / "n3"))
+    assert sorted(walked.column("id").to_pylist()) == sorted(rows)
+    # several id buckets and several output files, so the bounded-memory path is the one tested
+    argv = [
+        "compact",
+        str(tmp_path / "n3"),
+        str(tmp_path / "full"),
+        "--bucket-ids",
+        "7",
+        "--rows-per-file",
+        "8",
+    ]
+    assert main(argv) == 0
+    assert '"versions": 3' in capsys.readouterr().out
+    assert len(list((tmp_path / "full").glob("part-*.parquet"))) == 4  # 30 rows, 8 a file
+    plain = pq.read_table(tmp_path / "full")  # any Parquet reader: the `_` files are not data
+    assert _sorted(plain).equals(_sorted(walked))
+    assert _sorted(current(pafs.LocalFileSystem(), str(tmp_path / "full"))).equals(_sorted(walked))
+
+    assert main(argv) == 2  # already a version: refused without --overwrite
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["compact", str(tmp_path / "n3"), str(tmp_path / "n1")]) == 2  # a link of the chain
+    assert main(["compact", str(tmp_path / "lake1"), str(tmp_path / "x")]) == 2  # not an embed output
+
+    # the next night starts from the compacted version: only what changed since is embedded
+    rows |= {"40": "a new document about the lake"}
+    night = embed(EmbedConfig(input=str(_lake(tmp_path / "lake4", rows)), output=str(tmp_path / "n4"),
+                              incremental_from=str(tmp_path / "full"), **common))  # fmt: skip
+    assert night["rows"] == 1 and night["unchanged"] == len(rows) - 1 and night["deleted"] == 0
+    assert sorted(current(pafs.LocalFileSystem(), str(tmp_path / "n4")).column("id").to_pylist()) == sorted(
+        rows
+    )
+
+
+def test_a_killed_compaction_leaves_no_version_and_its_rerun_finishes(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows, common = _nights(tiny_model, tmp_path)
+    real = compact_module._write
+
+    def killed(*args: object, **kwargs: object) -> dict[str, int]:
+        real(*args, **kwargs)  # the data files are written, the commit (the manifest) is not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compact_module, "_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compact_module.compact(str(tmp_path / "n3"), str(tmp_path / "full"), bucket_ids=5)
+    assert (
+        list((tmp_path / "full").glob("part-*.parquet"))
+        and not (tmp_path / "full" / "_manifest.json").exists()
+    )
+    with pytest.raises(FileNotFoundError, match="not an embed output"):
+        embed(EmbedConfig(input=str(tmp_path / "lake3"), output=str(tmp_path / "n4"),
+                          incremental_from=str(tmp_path / "full"), **common))  # fmt: skip
+    monkeypatch.setattr(compact_module, "_write", real)
+    done = compact_module.compact(str(tmp_path / "n3"), str(tmp_path / "full"), rows_per_file=100)
+    assert done["rows"] == len(rows) and done["files"] == 1  # the partial files are gone
+    walked = current(pafs.LocalFileSystem(), str(tmp_path / "n3"))
+    assert _sorted(pq.read_table(tmp_path / "full")).equals(_sorted(walked))
