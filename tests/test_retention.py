@@ -11,7 +11,7 @@ import pytest
 
 from conftest import DATA
 from rayembed.eval.metrics import retrieval_metrics
-from rayembed.eval.retention import MIN_WORDS, pseudo_queries, retention
+from rayembed.eval.retention import MIN_WORDS, RELIABLE_MEDIAN_WORDS, pseudo_queries, retention
 from rayembed.model import Embedder
 from rayembed.train.config import TrainConfig
 from rayembed.train.pair import teacher_in_frame
@@ -52,6 +52,7 @@ def test_a_student_equal_to_its_teacher_keeps_all_and_a_weaker_one_is_measured(
     real = ["what causes inflammation", "gene expression in cancer cells", "vaccine efficacy trials"]
     got = retention(docs, teacher, same, teacher_in_frame(cfg, same, rotation), real_queries=real, n=100)
     assert got["pseudo_queries"] == 100 and got["docs"] == len(docs) and got["real_queries"] == 3
+    assert got["reliable"] and got["median_doc_words"] >= RELIABLE_MEDIAN_WORDS  # SciFact's abstracts
     for mode in ("symmetric", "asymmetric"):
         assert got["32"][mode]["estimate"] == pytest.approx(1.0, abs=1e-3)
         assert got["32"][mode]["real_query_agreement"] == pytest.approx(1.0, abs=1e-3)
@@ -78,6 +79,8 @@ def test_a_student_equal_to_its_teacher_keeps_all_and_a_weaker_one_is_measured(
     )
     with pytest.raises(ValueError, match="no pseudo-query to cut"):
         retention(["a few words", "two"], teacher, student)
+    captions = retention([" ".join(d.split()[:12]) for d in docs], teacher, student, n=50)  # short documents
+    assert not captions["reliable"] and "median 12 words" in captions["why_unreliable"]
 
 
 def test_the_eval_job_runs_the_check_on_a_corpus(

@@ -133,6 +133,15 @@ def points_for(
     return out, pair
 
 
+def agreement(points: list[dict[str, Any]]) -> dict[str, float]:
+    """How the estimates follow the true retention: Pearson correlation, largest and mean absolute error,
+    and the mean signed error (the bias: estimate - true)."""
+    true, est = np.array([x["true"] for x in points]), np.array([x["estimate"] for x in points])
+    return {"correlation": round(float(np.corrcoef(true, est)[0, 1]), 4), "max_error": round(float(np.abs(true - est).max()), 4),
+            "mean_abs_error": round(float(np.abs(true - est).mean()), 4), "bias": round(float((est - true).mean()), 4),
+            "points": len(points)}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--run", default="runs/distill", help="a jobs/distill.yaml output_dir")
@@ -148,7 +157,6 @@ def main() -> None:
         got, pairs[coll] = points_for(coll, collection(coll, work), studs, teacher)
         points += got
         print(coll, json.dumps(pairs[coll]), flush=True)
-    true, est = np.array([x["true"] for x in points]), np.array([x["estimate"] for x in points])
     result = json.loads(OUT.read_text())
     for coll, figures in pairs.items():
         result["unseen"][coll]["recipe_pair"] = figures | {
@@ -157,12 +165,13 @@ def main() -> None:
     result["label_free"] = {
         "what": "estimate = student's nDCG@10 / teacher's on 500 pseudo-queries cut from the collection's first 2,000 "
         "documents (eval/retention.py), no queries or labels; true = the same ratio from the collection's qrels",
-        "correlation": round(float(np.corrcoef(true, est)[0, 1]), 4), "max_error": round(float(np.abs(true - est).max()), 4),
-        "mean_abs_error": round(float(np.abs(true - est).mean()), 4), "points": points,
-        "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "seconds": round(time.perf_counter() - started),
+        **agreement(points), "by": {f"{c} {m}": agreement([x for x in points if x["collection"] == c and x["mode"] == m])
+                                    for c in ("scifact", "snli") for m in ("symmetric", "asymmetric")},
+        "points": points, "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
+        "seconds": round(time.perf_counter() - started),
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's 2-core 24 GiB CPU VM (no GPU)",
     }  # fmt: skip
-    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(
         json.dumps(
             {k: v for k, v in result["label_free"].items() if k != "points"} | {"pairs": pairs}, indent=1
