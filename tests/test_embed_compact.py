@@ -109,3 +109,28 @@ def test_a_killed_compaction_leaves_no_version_and_its_rerun_finishes(
     assert done["rows"] == len(rows) and done["files"] == 1  # the partial files are gone
     walked = current(pafs.LocalFileSystem(), str(tmp_path / "n3"))
     assert _sorted(pq.read_table(tmp_path / "full")).equals(_sorted(walked))
+
+
+def test_compaction_on_s3(tiny_model: Path, tmp_path: Path, s3_endpoint: str) -> None:
+    """A chain written to S3 compacts into an S3 folder (each part's upload completed, the manifest last)."""
+    from rayembed.io import filesystem
+
+    docs = {str(i): f"document {i} about the lake, night one" for i in range(12)}
+    common: dict[str, object] = {"model": str(tiny_model), "id_column": "id", "progress": False,
+                                 "s3_endpoint_url": s3_endpoint}  # fmt: skip
+    root = "s3://rayembed/compact"
+    embed(EmbedConfig(input=str(_lake(tmp_path / "l1", docs)), output=f"{root}/n1", **common))
+    docs |= {"3": "changed on night two", "12": "new on night two"}
+    del docs["4"]
+    embed(EmbedConfig(input=str(_lake(tmp_path / "l2", docs)), output=f"{root}/n2",
+                      incremental_from=f"{root}/n1", **common))  # fmt: skip
+    argv = ["compact", f"{root}/n2", f"{root}/full", "--s3-endpoint-url", s3_endpoint, "--rows-per-file", "5"]
+    assert main(argv) == 0
+    fs = filesystem(root, s3_endpoint)
+    walked = current(fs, "rayembed/compact/n2", endpoint_url=s3_endpoint)
+    folded = current(fs, "rayembed/compact/full", endpoint_url=s3_endpoint)
+    assert sorted(folded.column("id").to_pylist()) == sorted(docs) and _sorted(folded).equals(_sorted(walked))
+    assert (
+        len([i for i in fs.get_file_info(pafs.FileSelector("rayembed/compact/full")) if "part-" in i.path])
+        == 3
+    )
