@@ -61,7 +61,8 @@ def test_iceberg_table_in_and_out(tiny_model: Path, tmp_path: Path, s3_endpoint:
                       iceberg_append="lake.embeddings", progress=False)  # fmt: skip
     first = embed(cfg)
     assert first["rows"] == 70 and first["fragments"] == 2
-    assert first["iceberg_append"] == {"table": "lake.embeddings", "rows": 70, "appended": True}
+    assert first["iceberg_append"] == {"table": "lake.embeddings", "mode": "append", "rows": 70, "deleted": 0,
+                                       "applied": True}  # fmt: skip
     out = cat.load_table("lake.embeddings").scan().to_arrow()
     assert sorted(out.column("id").to_pylist()) == sorted(_docs(0, 70).column("id").to_pylist())
     docs = _docs(0, 70)
@@ -75,7 +76,7 @@ def test_iceberg_table_in_and_out(tiny_model: Path, tmp_path: Path, s3_endpoint:
     got = dict(zip(out.column("id").to_pylist(), out.column("embedding").to_pylist(), strict=True))
     np.testing.assert_allclose([got[i] for i in docs.column("id").to_pylist()], expect, atol=1e-5)
     again = embed(cfg)  # everything committed, already appended: nothing twice
-    assert again["fragments_skipped"] == 2 and again["iceberg_append"]["appended"] is False
+    assert again["fragments_skipped"] == 2 and again["iceberg_append"]["applied"] is False
     assert cat.load_table("lake.embeddings").scan().to_arrow().num_rows == 70
     table.append(_docs(70, 5))  # the table moves on: resuming into the same output is refused
     with pytest.raises(ValueError, match="snapshot"):
@@ -129,3 +130,79 @@ def test_bad_schemas_are_refused_before_any_work(
         embed(EmbedConfig(input=str(tmp_path / "bad.parquet"), output=str(tmp_path / "out"), model=str(tiny_model),
                           id_column="id", progress=False))  # fmt: skip
     assert not (tmp_path / "out").exists()  # nothing was started or written
+
+
+def test_an_iceberg_table_follows_the_nightly_versions(
+    tiny_model: Path, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """`iceberg_append` with `incremental_from` (SQL catalog, warehouse on the loopback S3 server): after
+    each night the table equals `versions.current()` of that night's version, brought there in one commit
+    (changed rows replaced, deleted ids removed); a rerun applies nothing twice; a version built on another
+    base than the table's replaces the table by its whole view."""
+    import pyarrow.fs as pafs
+
+    from rayembed.embed.tables import TAG, catalog
+    from rayembed.embed.versions import current
+    from test_embed_incremental import _lake
+
+    props = _catalog(tmp_path, f"s3://rayembed/wh-nightly-{tmp_path.name}", s3_endpoint)
+    docs = {str(i): f"document {i}: a paragraph of the lake, as written on night one" for i in range(20)}
+    nights: list[dict[str, str]] = [dict(docs)]
+    docs |= {"2": "changed on night two", "9": "changed on night two too", "20": "new on night two"}
+    del docs["4"], docs["13"]
+    nights += [dict(docs), dict(docs)]  # night three: nothing changed
+    docs |= {"4": "back on night four", "0": "changed on night four"}
+    nights.append(dict(docs))
+
+    def night(k: int, base: int | None) -> dict[str, Any]:
+        cfg = EmbedConfig(input=str(_lake(tmp_path / f"lake{k}", nights[k - 1])), output=str(tmp_path / f"v{k}"),
+                          model=str(tiny_model), id_column="id", progress=False, iceberg_catalog=props,
+                          iceberg_append="lake.vectors", incremental_from=str(tmp_path / f"v{base}") if base else None)  # fmt: skip
+        return embed(cfg)["iceberg_append"]
+
+    def table_equals_view(k: int) -> pa.Table:
+        table = catalog(props).load_table("lake.vectors")
+        got, view = (
+            table.scan().to_arrow().sort_by("id"),
+            current(pafs.LocalFileSystem(), str(tmp_path / f"v{k}")),
+        )
+        view = view.sort_by("id")
+        assert got.column("id").to_pylist() == view.column("id").to_pylist() == sorted(nights[k - 1])
+        np.testing.assert_array_equal(np.stack(got.column("embedding").to_pylist()),
+                                      np.stack(view.column("embedding").to_pylist()))  # fmt: skip
+        assert table.properties[TAG] == str(tmp_path / f"v{k}")
+        return got
+
+    assert night(1, None) | {"rows": 20} == {
+        "table": "lake.vectors",
+        "mode": "append",
+        "rows": 20,
+        "deleted": 0,
+        "applied": True,
+    }
+    table_equals_view(1)
+    snapshots = len(catalog(props).load_table("lake.vectors").snapshots())
+    two = night(2, 1)
+    assert (
+        two["mode"] == "upsert" and two["rows"] == 3 and two["deleted"] == 5
+    )  # 2, 9, 20 re-embedded; 4, 13 gone
+    table_equals_view(2)
+    assert night(2, 1)["applied"] is False  # a rerun of night two: nothing twice
+    assert night(3, 2) == {
+        "table": "lake.vectors",
+        "mode": "upsert",
+        "rows": 0,
+        "deleted": 0,
+        "applied": True,
+    }
+    table_equals_view(3)
+    assert night(4, 3)["mode"] == "upsert"
+    table_equals_view(4)
+    assert len(catalog(props).load_table("lake.vectors").snapshots()) > snapshots
+    # a version on another base than the table's (night four redone from night two): the whole view
+    redo = EmbedConfig(input=str(tmp_path / "lake4"), output=str(tmp_path / "v5"), model=str(tiny_model),
+                       id_column="id", progress=False, iceberg_catalog=props, iceberg_append="lake.vectors",
+                       incremental_from=str(tmp_path / "v2"))  # fmt: skip
+    assert embed(redo)["iceberg_append"]["mode"] == "replace"
+    nights.append(nights[3])
+    table_equals_view(5)

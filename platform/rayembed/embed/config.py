@@ -102,8 +102,10 @@ class EmbedConfig:
     """pyiceberg catalog properties, e.g. {type: sql, uri: sqlite:////data/catalog.db, warehouse:
     s3://bucket/wh, s3.endpoint: ...}; or {type: rest, uri: ...} / {type: glue}."""
     iceberg_append: str | None = None
-    """Also append the run's rows to this Iceberg table (namespace.table, created if missing) of
-    `iceberg_catalog`, in one commit tagged with the output, so a rerun does not append twice."""
+    """Also keep this Iceberg table (namespace.table, created if missing) of `iceberg_catalog` at the
+    output's view, in one commit tagged with the output (a rerun does not apply twice): a full run appends
+    its rows; with `incremental_from`, the changed rows replace theirs and deleted ids leave the table (a
+    table at another version than the base is replaced by the whole view)."""
     incremental_from: str | None = None
     """A previous output of this job (full or incremental): embed only rows whose id is new or whose text
     changed (content hash), and record the ids that are gone (`_deleted.parquet`). The previous output and
@@ -127,10 +129,6 @@ class EmbedConfig:
         if self.input_format != "iceberg":  # a path; an Iceberg identifier stays as it is
             self.input = local_abspath(self.input).rstrip("/")
         self.output = local_abspath(self.output).rstrip("/")
-        check(
-            not (self.iceberg_append and self.incremental_from),
-            "iceberg_append takes full runs: an incremental version also changes and deletes rows",
-        )
         if self.incremental_from:
             self.incremental_from = local_abspath(self.incremental_from).rstrip("/")
             check(self.incremental_from != self.output, "incremental_from must be another folder than output")

@@ -32,8 +32,8 @@ from rayembed.embed.manifest import (
     read_json,
     write_json,
 )
-from rayembed.embed.tables import append_to_iceberg, check_text_type, file_infos, table_files
-from rayembed.embed.versions import current, known_index, settings_check, write_deleted
+from rayembed.embed.tables import check_text_type, file_infos, table_files, write_iceberg
+from rayembed.embed.versions import changes, current, known_index, settings_check, write_deleted
 from rayembed.io import ensure_ray, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.layout import model_revision, trained_in
@@ -231,10 +231,11 @@ def finish(cfg: EmbedConfig, root: str, out_fs: Any, summary: dict[str, Any], kn
     if known is not None:  # an incremental version: what it re-embedded, kept and found gone
         summary["incremental_from"] = cfg.incremental_from
         summary["deleted"] = write_deleted(out_fs, root, known)
-    if cfg.iceberg_append:  # this version's rows, in one commit tagged with the output
-        rows = current(out_fs, root)  # a full run (incremental versions are refused in the config)
-        done_now = append_to_iceberg(cfg.iceberg_append, cfg.iceberg_catalog, rows, cfg.output)
-        summary["iceberg_append"] = {"table": cfg.iceberg_append, "rows": rows.num_rows, "appended": done_now}
+    if cfg.iceberg_append:  # the table brought to this version's view, in one commit tagged with the output
+        summary["iceberg_append"] = write_iceberg(
+            cfg.iceberg_append, cfg.iceberg_catalog, cfg.output, cfg.incremental_from,
+            view=lambda: current(out_fs, root, endpoint_url=cfg.s3_endpoint_url), delta=lambda: changes(out_fs, root),
+        )  # fmt: skip
     if cfg.tracking:
         made_by = trained_in(resolve_model_path(cfg.model, cfg.s3_endpoint_url))  # a folder's training run
         summary["tracking"] = log_job(

@@ -7,8 +7,10 @@ the same output after the table moved on is refused (run an incremental version 
 snapshot needs delete files (Iceberg merge-on-read) or deletion vectors (Delta) are refused: their data
 files hold rows that are no longer in the table.
 
-Output: besides the Parquet folder, `iceberg_append` appends the run's rows to an Iceberg table of the
-same catalog in one commit, tagged with the output's location, so a rerun never appends twice.
+Output: besides the Parquet folder, `iceberg_append` keeps an Iceberg table of the same catalog at the
+output's current view, in one commit per run recorded with the output's location (`write_iceberg`), so a
+rerun never applies twice: a full run appends its rows, an incremental one replaces the rows it re-embedded
+and deletes the ids that are gone.
 """
 
 from __future__ import annotations
@@ -92,22 +94,45 @@ def check_text_type(schema: pa.Schema, column: str, where: str) -> None:
         )
 
 
-def append_to_iceberg(identifier: str, props: dict[str, Any], rows: pa.Table, output: str) -> bool:
-    """Append `rows` to the Iceberg table `identifier` (created from their schema if missing) in one
-    commit tagged with `output`; False if a commit with that tag is already there (a rerun)."""
+TAG = "rayembed.output"  # the output whose view the Iceberg table holds: a table property, and each commit's tag
+
+
+def write_iceberg(
+    identifier: str, props: dict[str, Any], output: str, base: str | None, view: Any, delta: Any
+) -> dict[str, Any]:
+    """Bring the Iceberg table `identifier` (created if missing) to the view of the version at `output`,
+    in one commit that also records `output` in the table's properties; nothing if it is there already.
+
+    A full run appends its rows (`view()`). An incremental one on top of the version the table holds
+    (`base`) deletes the ids it re-embedded or found gone and adds its own rows (`delta()`: rows, ids); a
+    table that holds another version (a night skipped, or never synced) is replaced by the whole view."""
     from pyiceberg.exceptions import NoSuchTableError
+    from pyiceberg.expressions import In
 
     cat = catalog(props)
     try:
         table = cat.load_table(identifier)
     except NoSuchTableError:
-        namespace = identifier.rsplit(".", 1)[0]
-        cat.create_namespace_if_not_exists(namespace)
+        table = None
+    at = table.properties.get(TAG) if table is not None else None
+    tagged = table is not None and any(s.summary and s.summary.get(TAG) == output for s in table.snapshots())
+    if at == output or tagged:
+        return {"table": identifier, "mode": "none", "rows": 0, "deleted": 0, "applied": False}
+    mode = "append" if base is None else "upsert" if table is not None and at == base else "replace"
+    rows, gone = delta() if mode == "upsert" else (view(), [])
+    if table is None:
+        cat.create_namespace_if_not_exists(identifier.rsplit(".", 1)[0])
         table = cat.create_table(identifier, schema=iceberg_schema(rows.schema))
-    if any(s.summary and s.summary.get("rayembed.output") == output for s in table.snapshots()):
-        return False
-    table.append(rows.cast(iceberg_schema(rows.schema)), snapshot_properties={"rayembed.output": output})
-    return True
+    rows, tag = rows.cast(iceberg_schema(rows.schema)), {TAG: output}
+    with table.transaction() as tx:  # one catalog commit: readers see the old view or the new one
+        if mode == "replace":
+            tx.overwrite(rows, snapshot_properties=tag)
+        elif gone:
+            tx.overwrite(rows, overwrite_filter=In("id", gone), snapshot_properties=tag)  # type: ignore[call-arg, arg-type]
+        elif rows.num_rows:
+            tx.append(rows, snapshot_properties=tag)
+        tx.set_properties({TAG: output})
+    return {"table": identifier, "mode": mode, "rows": rows.num_rows, "deleted": len(gone), "applied": True}
 
 
 def iceberg_schema(schema: pa.Schema) -> pa.Schema:

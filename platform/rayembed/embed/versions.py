@@ -85,6 +85,18 @@ def current(
     return pa.concat_tables(parts, promote_options="default") if parts else older
 
 
+def changes(fs: pafs.FileSystem, root: str) -> tuple[pa.Table, list[Any]]:
+    """What the version at `root` changes in its base's view: its own rows, and the ids whose rows in the
+    base view leave it (re-embedded here, or deleted), as values of the rows' id type."""
+    own = _rows(fs, root, None)
+    ids = [own.column("id")] if own is not None else []
+    if fs.get_file_info(f"{root}/{DELETED}").type == pafs.FileType.File:
+        gone = _read(fs, f"{root}/{DELETED}").column("id")
+        ids.append(gone.cast(own.schema.field("id").type) if own is not None else gone)
+    values = sorted({v for c in ids for v in c.to_pylist()})
+    return (own if own is not None else pa.table({"id": pa.array([], pa.string())})), values
+
+
 def known_index(fs: pafs.FileSystem, root: str, endpoint_url: str | None = None) -> dict[str, str]:
     """id -> content hash of the current view at `root` (what an incremental run compares against)."""
     view = current(fs, root, ["id", "content_hash"], endpoint_url)
