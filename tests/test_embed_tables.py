@@ -4,6 +4,8 @@ refused before any work."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +208,63 @@ def test_an_iceberg_table_follows_the_nightly_versions(
     assert embed(redo)["iceberg_append"]["mode"] == "replace"
     nights.append(nights[3])
     table_equals_view(5)
+
+
+def test_a_killed_nightly_run_recovers_after_its_table_moved_on(tiny_model: Path, tmp_path: Path) -> None:
+    """A nightly incremental run over an Iceberg table is killed (SIGKILL, its whole process group) after
+    its first fragment committed; the table then moves on. Rerun as it was: refused, naming the snapshot
+    it pinned. Resumed with `snapshot=<pinned>`: the same view as an uninterrupted run against that
+    snapshot, row for row. Or discarded (`overwrite=true`): a version of the table as it is now."""
+    import os
+    import signal
+    import subprocess
+
+    import pyarrow.fs as pafs
+
+    from rayembed.embed.tables import catalog
+    from rayembed.embed.versions import current
+    from recipes import RAYEMBED
+
+    props = _catalog(tmp_path, f"file://{tmp_path}/wh", None)
+    cat = catalog(props)
+    cat.create_namespace("lake")
+    table = cat.create_table("lake.docs", schema=_docs(0, 1).schema)
+    for k in range(3):
+        table.append(_docs(400 * k, 400))
+    common = {"input": "lake.docs", "input_format": "iceberg", "iceberg_catalog": props, "model": str(tiny_model),
+              "id_column": "id", "title_column": "title", "num_actors": 1, "progress": False}  # fmt: skip
+    embed(EmbedConfig(output=str(tmp_path / "night1"), **common))
+    for k in range(3, 7):  # the night's new documents: four files
+        table.append(_docs(400 * k, 400))
+    pinned = cat.load_table("lake.docs").current_snapshot().snapshot_id
+    night2 = {**common, "output": str(tmp_path / "night2"), "incremental_from": str(tmp_path / "night1")}
+    argv = [f"{k}={json.dumps(v)}" for k, v in night2.items()]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([RAYEMBED, "embed", *argv], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    committed = tmp_path / "night2" / "_committed"
+    while proc.poll() is None and not (committed.is_dir() and any(committed.glob("*.json"))):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(committed.glob("*.json")))
+    assert 1 <= done < 7 and not (tmp_path / "night2" / "_summary.json").exists(), done  # killed mid-run
+    table.append(_docs(2800, 100))  # the table moves on
+
+    with pytest.raises(ValueError, match=f"snapshot {pinned}.*snapshot={pinned}.*overwrite=true"):
+        embed(EmbedConfig(**night2))
+    resumed = embed(EmbedConfig(**night2, snapshot=pinned))
+    assert resumed["fragments_skipped"] == done
+    clean = embed(EmbedConfig(**{**night2, "output": str(tmp_path / "clean")}, snapshot=pinned))
+    assert clean["rows"] == 1600  # the four new files
+    view = {k: current(pafs.LocalFileSystem(), str(tmp_path / k)).sort_by("id") for k in ("night2", "clean")}
+    assert view["night2"].column("id").to_pylist() == sorted(_docs(0, 2800).column("id").to_pylist())
+    assert view["night2"].select(["id", "embedding"]).equals(view["clean"].select(["id", "embedding"]))
+
+    discarded = embed(EmbedConfig(**night2, overwrite=True))  # the other way: start the night again, from now
+    assert discarded["rows"] == 1700 and discarded["fragments_skipped"] == 0
+    now = current(pafs.LocalFileSystem(), str(tmp_path / "night2"))
+    assert sorted(now.column("id").to_pylist()) == sorted(_docs(0, 2900).column("id").to_pylist())
+    with pytest.raises(ValueError, match="is a version .* is built on"):
+        embed(EmbedConfig(**{**night2, "output": str(tmp_path / "night1"), "incremental_from": str(tmp_path / "night2")},
+                          overwrite=True))  # fmt: skip

@@ -23,18 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayembed.embed.manifest import MANIFEST, read_json, write_json
-from rayembed.embed.versions import DELETED, base_of, own_files
-
-
-def chain(fs: pafs.FileSystem, root: str, endpoint_url: str | None) -> list[tuple[pafs.FileSystem, str]]:
-    """The versions a view is made of, newest first: `root`, its base, the base's base, ..."""
-    links, seen = [(fs, root)], {root}
-    while (base := base_of(*links[-1], endpoint_url)) is not None:
-        if base[1] in seen:
-            raise ValueError(f"{root}: its chain of versions loops back to {base[1]}")
-        seen.add(base[1])
-        links.append(base)
-    return links
+from rayembed.embed.versions import DELETED, chain, own_files
 
 
 def _bucket(ids: pa.Array, buckets: int) -> np.ndarray:

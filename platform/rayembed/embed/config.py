@@ -101,6 +101,10 @@ class EmbedConfig:
     iceberg_catalog: dict[str, Any] = field(default_factory=dict)
     """pyiceberg catalog properties, e.g. {type: sql, uri: sqlite:////data/catalog.db, warehouse:
     s3://bucket/wh, s3.endpoint: ...}; or {type: rest, uri: ...} / {type: glue}."""
+    snapshot: int | None = None
+    """input_format iceberg or delta: read this snapshot id (Iceberg) or version (Delta) instead of the
+    current one. How a killed run resumes after its table moved on: the refusal names the snapshot the
+    run pinned (docs/deploy.md "Recovering a nightly run")."""
     iceberg_append: str | None = None
     """Also keep this Iceberg table (namespace.table, created if missing) of `iceberg_catalog` at the
     output's view, in one commit tagged with the output (a rerun does not apply twice): a full run appends
@@ -132,9 +136,6 @@ class EmbedConfig:
         if self.incremental_from:
             self.incremental_from = local_abspath(self.incremental_from).rstrip("/")
             check(self.incremental_from != self.output, "incremental_from must be another folder than output")
-            check(
-                not self.overwrite, "incremental_from writes a new version: give a new output, not overwrite"
-            )
         check(
             self.precision in ("float32", "int8", "binary"),
             f"precision must be float32|int8|binary, got {self.precision!r}",
@@ -161,6 +162,10 @@ class EmbedConfig:
             "batch_size, chunk_rows, fragment_rows, fragment_bytes must be >= 1",
         )
         check(bool(self.output) and self.input != self.output, "output must be a folder other than the input")
+        check(
+            self.snapshot is None or self.input_format != "files",
+            "snapshot pins a table's snapshot (Iceberg) or version (Delta): input_format must be iceberg or delta",
+        )
         check(self.store_retries >= 0, "store_retries must be >= 0")
 
     def _check_chunking(self) -> None:

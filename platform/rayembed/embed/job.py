@@ -33,7 +33,7 @@ from rayembed.embed.manifest import (
     write_json,
 )
 from rayembed.embed.tables import check_text_type, file_infos, table_files, write_iceberg
-from rayembed.embed.versions import changes, current, known_index, settings_check, write_deleted
+from rayembed.embed.versions import chain, changes, current, known_index, settings_check, write_deleted
 from rayembed.io import ensure_ray, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.layout import model_revision, trained_in
@@ -141,7 +141,9 @@ def input_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fr
         fs, source = fs_for(cfg.input, cfg.s3_endpoint_url), cfg.input
         fragments = list_fragments(strip_scheme(cfg.input), fs, cfg.fragment_rows, cfg.fragment_bytes)
     else:
-        found = table_files(cfg.input_format, cfg.input, cfg.iceberg_catalog, cfg.s3_endpoint_url)
+        found = table_files(
+            cfg.input_format, cfg.input, cfg.iceberg_catalog, cfg.s3_endpoint_url, cfg.snapshot
+        )
         if not found.files:
             raise FileNotFoundError(f"{cfg.input_format} table {cfg.input} has no data files")
         source = found.location.removeprefix("file://")
@@ -169,6 +171,10 @@ def previous_view(cfg: EmbedConfig, settings: dict[str, Any]) -> dict[str, str] 
             f"incremental_from {cfg.incremental_from}: no {MANIFEST}, not an embed output"
         )
     settings_check(read_json(fs, f"{root}/{MANIFEST}")["settings"], settings)
+    if strip_scheme(cfg.output) in {r for _, r in chain(fs, root, cfg.s3_endpoint_url)}:
+        raise ValueError(
+            f"output {cfg.output} is a version {cfg.incremental_from} is built on: give a new folder"
+        )
     return known_index(fs, root, cfg.s3_endpoint_url)
 
 

@@ -134,6 +134,13 @@ def open_output(root: str, fs: pafs.FileSystem, settings: dict[str, Any], overwr
     if any(i.path.endswith(MANIFEST) for i in existing):
         old = read_json(fs, manifest)["settings"]
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if set(diff) == {"snapshot"}:
+            pinned, now = (str(v).split(":", 1)[-1] for v in diff["snapshot"])
+            raise ValueError(
+                f"output {root} was started on the input table's snapshot {pinned}; the table is at {now} now. "
+                f"Resume it against that snapshot (snapshot={pinned}), or discard it and start again from the "
+                "current one (overwrite=true)"
+            )
         if diff:
             raise ValueError(
                 f"output {root} was written with other settings {diff} (old, new); "

@@ -43,10 +43,14 @@ def catalog(props: dict[str, Any]) -> Any:
     return load_catalog(props.pop("name", "rayembed"), **props)
 
 
-def iceberg_files(identifier: str, props: dict[str, Any]) -> TableFiles:
+def iceberg_files(identifier: str, props: dict[str, Any], pinned: int | None = None) -> TableFiles:
+    """The data files of the current snapshot, or of snapshot `pinned`."""
     table = catalog(props).load_table(identifier)
-    snapshot = table.current_snapshot()
-    tasks = list(table.scan().plan_files()) if snapshot else []
+    snapshot = table.current_snapshot() if pinned is None else table.snapshot_by_id(pinned)
+    if pinned is not None and snapshot is None:
+        known = [s.snapshot_id for s in table.snapshots()][-5:]
+        raise ValueError(f"iceberg table {identifier} has no snapshot {pinned} (its last ones: {known})")
+    tasks = list(table.scan(snapshot_id=snapshot.snapshot_id).plan_files()) if snapshot else []
     if any(t.delete_files for t in tasks):
         raise ValueError(
             f"iceberg table {identifier}: its snapshot has delete files (merge-on-read); rewrite its data "
@@ -56,10 +60,11 @@ def iceberg_files(identifier: str, props: dict[str, Any]) -> TableFiles:
                       table.schema().as_arrow())  # fmt: skip
 
 
-def delta_files(uri: str, storage: dict[str, str]) -> TableFiles:
+def delta_files(uri: str, storage: dict[str, str], pinned: int | None = None) -> TableFiles:
+    """The data files of the current version, or of version `pinned`."""
     from deltalake import DeltaTable
 
-    table = DeltaTable(uri, storage_options=storage or None)
+    table = DeltaTable(uri, version=pinned, storage_options=storage or None)
     actions = pa.table(table.get_add_actions(flatten=True))
     if (
         "deletionVector.storageType" in actions.column_names
@@ -70,13 +75,15 @@ def delta_files(uri: str, storage: dict[str, str]) -> TableFiles:
     return TableFiles(list(table.file_uris()), uri, str(table.version()), schema)
 
 
-def table_files(fmt: str, source: str, props: dict[str, Any], endpoint_url: str | None) -> TableFiles:
+def table_files(
+    fmt: str, source: str, props: dict[str, Any], endpoint_url: str | None, pinned: int | None = None
+) -> TableFiles:
     if fmt == "iceberg":
-        return iceberg_files(source, props)
+        return iceberg_files(source, props, pinned)
     storage = (
         {"AWS_ENDPOINT_URL": endpoint_url, "AWS_ALLOW_HTTP": "true"} if endpoint_url and is_s3(source) else {}
     )
-    return delta_files(source, storage)
+    return delta_files(source, storage, pinned)
 
 
 def file_infos(files: list[str], fs: pafs.FileSystem) -> list[pafs.FileInfo]:

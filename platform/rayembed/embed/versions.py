@@ -66,6 +66,17 @@ def base_of(
     return filesystem(base, endpoint_url) or pafs.LocalFileSystem(), strip_scheme(base)
 
 
+def chain(fs: pafs.FileSystem, root: str, endpoint_url: str | None) -> list[tuple[pafs.FileSystem, str]]:
+    """The versions a view is made of, newest first: `root`, its base, the base's base, ..."""
+    links, seen = [(fs, root)], {root}
+    while (base := base_of(*links[-1], endpoint_url)) is not None:
+        if base[1] in seen:
+            raise ValueError(f"{root}: its chain of versions loops back to {base[1]}")
+        seen.add(base[1])
+        links.append(base)
+    return links
+
+
 def current(
     fs: pafs.FileSystem, root: str, columns: list[str] | None = None, endpoint_url: str | None = None
 ) -> pa.Table:
