@@ -134,3 +134,39 @@ def test_compaction_on_s3(tiny_model: Path, tmp_path: Path, s3_endpoint: str) ->
         len([i for i in fs.get_file_info(pafs.FileSelector("rayembed/compact/full")) if "part-" in i.path])
         == 3
     )
+
+
+def test_nights_named_by_date_build_on_the_latest_finished_one(tiny_model: Path, tmp_path: Path) -> None:
+    """`incremental_from: latest` (jobs/embed-nightly.yaml): the first night is a full run; each next one
+    builds on the newest *finished* version beside its output (a night killed before its end is passed
+    over), a weekly compaction included (`rayembed compact <folder>/latest <folder>/{date}-full`)."""
+    import time
+
+    lake = tmp_path / "lake-vectors"
+    docs = {str(i): f"paragraph {i} of the lake" for i in range(10)}
+    common: dict[str, object] = {"model": str(tiny_model), "id_column": "id", "progress": False,
+                                 "incremental_from": "latest"}  # fmt: skip
+
+    def night(name: str) -> dict[str, object]:
+        return embed(
+            EmbedConfig(input=str(_lake(tmp_path / f"in-{name}", docs)), output=str(lake / name), **common)
+        )
+
+    first = night("2026-12-01")
+    assert first["rows"] == 10 and "incremental_from" not in first  # nothing before it: a full run
+    docs["3"] = "changed on the second night"
+    second = night("2026-12-02")
+    assert second["incremental_from"] == str(lake / "2026-12-01") and second["rows"] == 1
+    (lake / "2026-12-03").mkdir()  # a night killed before its end: a manifest, no summary
+    (lake / "2026-12-03" / "_manifest.json").write_text((lake / "2026-12-02" / "_manifest.json").read_text())
+    docs["11"] = "new on the fourth night"
+    fourth = night("2026-12-04")
+    assert fourth["incremental_from"] == str(lake / "2026-12-02") and fourth["rows"] == 1
+    assert main(["compact", str(lake / "latest"), str(lake / "2026-12-04-full")]) == 0
+    del docs["0"]
+    fifth = night("2026-12-05")
+    assert fifth["incremental_from"] == str(lake / "2026-12-04-full") and fifth["deleted"] == 1
+    view = current(pafs.LocalFileSystem(), str(lake / "2026-12-05"))
+    assert sorted(view.column("id").to_pylist()) == sorted(docs)
+    today = EmbedConfig(input=str(tmp_path / "in-2026-12-05"), output=str(lake / "{date}"), **common)
+    assert today.output == str(lake / time.strftime("%Y-%m-%d", time.gmtime()))

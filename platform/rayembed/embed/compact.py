@@ -13,6 +13,7 @@ killed compaction leaves a folder that is not a version (an incremental run refu
 from __future__ import annotations
 
 import math
+import posixpath
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayembed.embed.manifest import MANIFEST, read_json, write_json
-from rayembed.embed.versions import DELETED, chain, own_files
+from rayembed.embed.versions import DELETED, LATEST, chain, latest, own_files
 
 
 def _bucket(ids: pa.Array, buckets: int) -> np.ndarray:
@@ -76,11 +77,21 @@ def compact(
     bucket_ids: int = 20_000_000,
     rows_per_file: int = 1_000_000,
 ) -> dict[str, Any]:
-    """Write the current view of the version at `version` to `output` as one full version."""
-    from rayembed.io import filesystem, strip_scheme
+    """Write the current view of the version at `version` to `output` as one full version. `version`
+    may be `<folder>/latest` (its newest finished version); `{date}` in `output` becomes today's UTC date."""
+    from rayembed.io import filesystem, local_abspath, strip_scheme
 
     started = time.time()
+    version, output = (
+        local_abspath(version),
+        local_abspath(output.replace("{date}", time.strftime("%Y-%m-%d", time.gmtime()))),
+    )
     src_fs, src = filesystem(version, endpoint_url) or pafs.LocalFileSystem(), strip_scheme(version)
+    if posixpath.basename(src) == LATEST:
+        found = latest(src_fs, posixpath.dirname(src), other_than=strip_scheme(output))
+        if found is None:
+            raise FileNotFoundError(f"{version}: no finished version in {posixpath.dirname(version)}")
+        src, version = found, version[: -len(LATEST)] + posixpath.basename(found)
     if src_fs.get_file_info(f"{src}/{MANIFEST}").type != pafs.FileType.File:
         raise FileNotFoundError(
             f"{version}: no {MANIFEST}, not an embed output (or a compaction that did not finish)"

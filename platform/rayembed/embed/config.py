@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,8 @@ class EmbedConfig:
     """Input JSONL/Parquet file or folder, local or s3:// (input_format files); an Iceberg table's
     identifier, namespace.table (iceberg); a Delta table's folder, local or s3:// (delta)."""
     output: str
-    """Output folder (Parquet + _manifest.json, _committed/, _rejects/, _summary.json), local or s3://."""
+    """Output folder (Parquet + _manifest.json, _committed/, _rejects/, _summary.json), local or s3://;
+    `{date}` in it becomes today's UTC date (YYYY-MM-DD): a folder per night, a rerun the same day resumes."""
     model: str = "default"
     """Model folder or 'default'."""
     text_column: str = "text"
@@ -113,7 +115,9 @@ class EmbedConfig:
     incremental_from: str | None = None
     """A previous output of this job (full or incremental): embed only rows whose id is new or whose text
     changed (content hash), and record the ids that are gone (`_deleted.parquet`). The previous output and
-    this one together hold every current id exactly once: `rayembed.embed.versions.current` reads them."""
+    this one together hold every current id exactly once: `rayembed.embed.versions.current` reads them.
+    `latest`: the newest finished version in the output's parent folder (a full run if there is none):
+    with `output: .../{date}`, the nightly recipe (jobs/embed-nightly.yaml)."""
     progress: bool = True
     """Show a progress bar."""
     tracking: dict[str, Any] | None = None
@@ -132,8 +136,9 @@ class EmbedConfig:
         )
         if self.input_format != "iceberg":  # a path; an Iceberg identifier stays as it is
             self.input = local_abspath(self.input).rstrip("/")
-        self.output = local_abspath(self.output).rstrip("/")
-        if self.incremental_from:
+        self.output = local_abspath(self.output.replace("{date}", time.strftime("%Y-%m-%d", time.gmtime())))
+        self.output = self.output.rstrip("/")
+        if self.incremental_from and self.incremental_from != "latest":
             self.incremental_from = local_abspath(self.incremental_from).rstrip("/")
             check(self.incremental_from != self.output, "incremental_from must be another folder than output")
         check(

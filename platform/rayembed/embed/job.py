@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import posixpath
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -33,7 +34,16 @@ from rayembed.embed.manifest import (
     write_json,
 )
 from rayembed.embed.tables import check_text_type, file_infos, table_files, write_iceberg
-from rayembed.embed.versions import chain, changes, current, known_index, settings_check, write_deleted
+from rayembed.embed.versions import (
+    LATEST,
+    chain,
+    changes,
+    current,
+    known_index,
+    latest,
+    settings_check,
+    write_deleted,
+)
 from rayembed.io import ensure_ray, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.layout import model_revision, trained_in
@@ -178,11 +188,23 @@ def previous_view(cfg: EmbedConfig, settings: dict[str, Any]) -> dict[str, str] 
     return known_index(fs, root, cfg.s3_endpoint_url)
 
 
+def resolve_latest(cfg: EmbedConfig) -> EmbedConfig:
+    """`incremental_from: latest`: the newest finished version in the output's parent folder, or a full
+    run when there is none yet (the first night)."""
+    if cfg.incremental_from != LATEST:
+        return cfg
+    fs, root = fs_for(cfg.output, cfg.s3_endpoint_url), strip_scheme(cfg.output)
+    found = latest(fs, posixpath.dirname(root), other_than=root)
+    scheme = cfg.output[: cfg.output.index("://") + 3] if "://" in cfg.output else ""
+    return dataclasses.replace(cfg, incremental_from=f"{scheme}{found}" if found else None)
+
+
 def embed(cfg: EmbedConfig) -> dict[str, Any]:
     """Run (or resume) the job on the current Ray cluster, starting a local one if none; returns the summary."""
     import ray.data
 
     start = time.time()
+    cfg = resolve_latest(cfg)
     settings, meta = settings_of(cfg)
     out_fs = fs_for(cfg.output, cfg.s3_endpoint_url)
     root = strip_scheme(cfg.output)

@@ -77,6 +77,27 @@ def chain(fs: pafs.FileSystem, root: str, endpoint_url: str | None) -> list[tupl
     return links
 
 
+LATEST = "latest"  # incremental_from: the newest finished version beside the output
+
+
+def latest(fs: pafs.FileSystem, parent: str, other_than: str | None = None) -> str | None:
+    """The newest finished version among the folders of `parent`, by name (night folders named by date
+    sort in time; a compaction `<date>-full` after its night): a folder with a manifest and either the
+    embed job's `_summary.json` (written at its end) or a compaction's record. None if there is none."""
+    names = sorted(
+        i.path
+        for i in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+        if i.type == pafs.FileType.Directory and i.path.rstrip("/") != (other_than or "").rstrip("/")
+    )
+    for path in reversed(names):
+        if fs.get_file_info(f"{path}/{MANIFEST}").type != pafs.FileType.File:
+            continue
+        done = fs.get_file_info(f"{path}/_summary.json").type == pafs.FileType.File
+        if done or "compacted_from" in read_json(fs, f"{path}/{MANIFEST}"):
+            return path
+    return None
+
+
 def current(
     fs: pafs.FileSystem, root: str, columns: list[str] | None = None, endpoint_url: str | None = None
 ) -> pa.Table:
