@@ -118,6 +118,11 @@ class EmbedConfig:
     this one together hold every current id exactly once: `rayembed.embed.versions.current` reads them.
     `latest`: the newest finished version in the output's parent folder (a full run if there is none):
     with `output: .../{date}`, the nightly recipe (jobs/embed-nightly.yaml)."""
+    snapshot_diff: bool = True
+    """Incremental runs over an Iceberg table: read only the data files added since the base's snapshot
+    (ids can only have gone from the files removed since), while that snapshot is in the table's history;
+    otherwise (false, Delta, files, an expired snapshot) every row is read and its content hash compared.
+    The summary's `change_detection` says which ran."""
     progress: bool = True
     """Show a progress bar."""
     tracking: dict[str, Any] | None = None

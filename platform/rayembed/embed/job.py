@@ -33,7 +33,7 @@ from rayembed.embed.manifest import (
     read_json,
     write_json,
 )
-from rayembed.embed.tables import check_text_type, file_infos, table_files, write_iceberg
+from rayembed.embed.tables import check_text_type, file_infos, iceberg_diff, table_files, write_iceberg
 from rayembed.embed.versions import (
     LATEST,
     chain,
@@ -41,6 +41,7 @@ from rayembed.embed.versions import (
     current,
     known_index,
     latest,
+    removed_ids,
     settings_check,
     write_deleted,
 )
@@ -143,10 +144,12 @@ def chunk_size(settings: dict[str, Any]) -> dict[str, Any]:
     return {"chunk_tokens": settings["chunking"]["tokens"]} if "chunking" in settings else {}
 
 
-def input_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fragment], str]:
-    """(the input's fragments, the URI whose filesystem reads them), after checking the first one's
-    columns and, where the input has a schema, that the text column holds strings. A table's snapshot
-    (Iceberg) or version (Delta) joins the output's settings."""
+def input_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fragment], str, dict[str, Any]]:
+    """(the input's fragments, the URI whose filesystem reads them, how changes are found), after checking
+    the first one's columns and, where the input has a schema, that the text column holds strings. A
+    table's snapshot (Iceberg) or version (Delta) joins the output's settings. An incremental run over an
+    Iceberg table whose base snapshot is still in its history reads only the data files added since."""
+    detection: dict[str, Any] = {"path": "content hash"} if cfg.incremental_from else {}
     if cfg.input_format == "files":
         fs, source = fs_for(cfg.input, cfg.s3_endpoint_url), cfg.input
         fragments = list_fragments(strip_scheme(cfg.input), fs, cfg.fragment_rows, cfg.fragment_bytes)
@@ -158,16 +161,36 @@ def input_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fr
             raise FileNotFoundError(f"{cfg.input_format} table {cfg.input} has no data files")
         source = found.location.removeprefix("file://")
         fs = fs_for(source, cfg.s3_endpoint_url)
-        fragments = fragments_of(file_infos(found.files, fs), strip_scheme(source), fs, cfg.fragment_rows)
+        files, since = found.files, base_snapshot(cfg)
+        diff = iceberg_diff(cfg.input, cfg.iceberg_catalog, since, int(found.version)) if since else None
+        if diff is not None:
+            files = diff[0]
+            detection = {"path": "iceberg snapshot diff", "since": since, "files_added": len(diff[0]),
+                         "files_removed": len(diff[1]), "files_skipped": len(found.files) - len(diff[0]),
+                         "removed": removed_ids(fs, [strip_scheme(f.removeprefix("file://")) for f in diff[1]],
+                                               cfg.id_column)}  # fmt: skip
+        fragments = fragments_of(file_infos(files, fs), strip_scheme(source), fs, cfg.fragment_rows)
         settings["snapshot"] = f"{cfg.input_format}:{found.version}"
-    first = fragments[0]
-    check_columns(peek_columns(first, fs), needed_columns(cfg), first.path)
-    if first.fmt == "parquet":
-        schema = pq.read_schema(fs.open_input_file(first.path))
-        for column in (cfg.text_column, cfg.title_column):
-            if column:
-                check_text_type(schema, column, first.path)
-    return fragments, source
+    if fragments or "removed" not in detection:  # a diff may add no file at all
+        first = fragments[0]
+        check_columns(peek_columns(first, fs), needed_columns(cfg), first.path)
+        if first.fmt == "parquet":
+            schema = pq.read_schema(fs.open_input_file(first.path))
+            for column in (cfg.text_column, cfg.title_column):
+                if column:
+                    check_text_type(schema, column, first.path)
+    return fragments, source, detection
+
+
+def base_snapshot(cfg: EmbedConfig) -> int | None:
+    """The Iceberg snapshot the incremental run's base read, when snapshot diffs may find the changes."""
+    if not (cfg.incremental_from and cfg.snapshot_diff and cfg.input_format == "iceberg"):
+        return None
+    fs, root = fs_for(cfg.incremental_from, cfg.s3_endpoint_url), strip_scheme(cfg.incremental_from)
+    if fs.get_file_info(f"{root}/{MANIFEST}").type != pafs.FileType.File:
+        return None  # previous_view says why
+    snapshot = str(read_json(fs, f"{root}/{MANIFEST}")["settings"].get("snapshot", ""))
+    return int(snapshot.split(":", 1)[1]) if snapshot.startswith("iceberg:") else None
 
 
 def previous_view(cfg: EmbedConfig, settings: dict[str, Any]) -> dict[str, str] | None:
@@ -208,7 +231,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     settings, meta = settings_of(cfg)
     out_fs = fs_for(cfg.output, cfg.s3_endpoint_url)
     root = strip_scheme(cfg.output)
-    fragments, source = input_fragments(cfg, settings)  # bad input: refused here, before any work
+    fragments, source, detection = input_fragments(cfg, settings)  # bad input: refused before any work
     known = previous_view(cfg, settings)
     done = open_output(root, out_fs, settings, cfg.overwrite)
     pending = [f for f in fragments if f.name not in done]
@@ -250,15 +273,19 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         out_fs.delete_dir(f"{root}/{TMP}")
     summary = summarize(cfg, root, out_fs, run, fragments, len(fragments) - len(pending), time.time() - start)
     summary["plan"] = plan
-    return finish(cfg, root, out_fs, summary, known)
+    return finish(cfg, root, out_fs, summary, known, detection)
 
 
-def finish(cfg: EmbedConfig, root: str, out_fs: Any, summary: dict[str, Any], known: Any) -> dict[str, Any]:
+def finish(
+    cfg: EmbedConfig, root: str, out_fs: Any, summary: dict[str, Any], known: Any, detection: dict[str, Any]
+) -> dict[str, Any]:
     """After the fragments: an incremental version's deletions, the Iceberg commit, the tracked run, and
     `_summary.json`."""
     if known is not None:  # an incremental version: what it re-embedded, kept and found gone
         summary["incremental_from"] = cfg.incremental_from
-        summary["deleted"] = write_deleted(out_fs, root, known)
+        removed = detection.pop("removed", None)  # a snapshot diff: only ids of removed files may be gone
+        summary["deleted"] = write_deleted(out_fs, root, known, removed)
+        summary["change_detection"] = detection
     if cfg.iceberg_append:  # the table brought to this version's view, in one commit tagged with the output
         summary["iceberg_append"] = write_iceberg(
             cfg.iceberg_append, cfg.iceberg_catalog, cfg.output, cfg.incremental_from,

@@ -60,6 +60,23 @@ def iceberg_files(identifier: str, props: dict[str, Any], pinned: int | None = N
                       table.schema().as_arrow())  # fmt: skip
 
 
+def iceberg_diff(
+    identifier: str, props: dict[str, Any], since: int, now: int
+) -> tuple[list[str], list[str]] | None:
+    """(data files added, data files removed) from snapshot `since` to `now`; None when `since` has left
+    the table's history (expired), so only hashing can tell what changed. A row of a copy-on-write table
+    is in one data file of a snapshot: a file neither added nor removed holds the same rows in both."""
+    table = catalog(props).load_table(identifier)
+    if table.snapshot_by_id(since) is None:
+        return None
+
+    def files(snapshot: int) -> set[str]:
+        return {t.file.file_path for t in table.scan(snapshot_id=snapshot).plan_files()}
+
+    old, new = files(since), files(now)
+    return sorted(new - old), sorted(old - new)
+
+
 def delta_files(uri: str, storage: dict[str, str], pinned: int | None = None) -> TableFiles:
     """The data files of the current version, or of version `pinned`."""
     from deltalake import DeltaTable

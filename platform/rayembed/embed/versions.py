@@ -143,12 +143,21 @@ def known_index(fs: pafs.FileSystem, root: str, endpoint_url: str | None = None)
     )
 
 
-def write_deleted(fs: pafs.FileSystem, root: str, known: dict[str, str]) -> int:
-    """`_deleted.parquet`: ids of the previous view that no input row of this run has; returns how many."""
+def removed_ids(fs: pafs.FileSystem, files: list[str], column: str) -> set[str]:
+    """The ids (`column`) in these removed data files of a table."""
+    return {i for f in files for i in _read(fs, f, [column]).column(column).cast(pa.string()).to_pylist()}
+
+
+def write_deleted(
+    fs: pafs.FileSystem, root: str, known: dict[str, str], candidates: set[str] | None = None
+) -> int:
+    """`_deleted.parquet`: ids of the previous view that no input row of this run has (of `candidates`
+    only, when a snapshot diff says which ids may have gone); returns how many."""
     seen: set[str] = set()
     for info in list_dir(fs, f"{root}/{SEEN}", ".parquet"):
         seen.update(_read(fs, info.path).column("id").cast(pa.string()).to_pylist())
-    deleted = sorted(set(known) - seen)
+    pool = set(known) if candidates is None else candidates & set(known)
+    deleted = sorted(pool - seen)
     with fs.open_output_stream(f"{root}/{DELETED}") as f:
         pq.write_table(pa.table({"id": pa.array(deleted, pa.string())}), f)
     return len(deleted)
