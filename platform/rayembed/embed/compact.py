@@ -3,10 +3,10 @@ view (every current id once, deletions applied), so the next night's run starts 
 chain is one link long. The output is plain Parquet (files outside the `_` folders) plus the manifest of
 the newest version without its `base`: any engine reads the view from it, and `incremental_from` accepts it.
 
-Memory is bounded whatever the number of ids: ids are split into hash buckets of at most `bucket_ids`;
+Memory for ids is bounded whatever their number: ids are split into hash buckets of at most `bucket_ids`;
 for each bucket the versions' id columns are read newest first and a row is kept when no newer version
-re-embedded or deleted its id (an exact string comparison). What is kept is one bit per row, then the
-rows stream through once, file by file, into the output. Atomic: the manifest is written last, so a
+re-embedded or deleted its id (an exact string comparison). What is kept is one byte per row (1 GB at
+1B rows), then the rows stream through once, file by file, into the output. Atomic: the manifest is written last, so a
 killed compaction leaves a folder that is not a version (an incremental run refuses it; rerun it).
 """
 
