@@ -27,35 +27,45 @@ def _sorted(table: pa.Table) -> pa.Table:
     return table.sort_by("id").replace_schema_metadata(None)
 
 
-def _nights(tiny_model: Path, tmp_path: Path) -> tuple[dict[str, str], dict[str, object]]:
-    """Three nights: a full run, then changes, additions and deletions (one id deleted, then back)."""
+@pytest.fixture(scope="module")
+def nights(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, str], dict[str, object]]:
+    """Three nights, built once for the module's compactions (which only read them): a full run, then
+    changes, additions and deletions (one id deleted, then back). (folder, current rows, embed settings)."""
+    import ray
+
     from rayembed.data.readers import read_jsonl
 
+    if not ray.is_initialized():  # ray_local's cluster (a module fixture cannot ask for that one)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    root = tmp_path_factory.mktemp("nights")
     docs = [d["text"] for _, d in zip(range(60), read_jsonl(DATA / "scifact" / "corpus.jsonl"), strict=False)]
     rows = {str(i): docs[i] for i in range(30)}
     common: dict[str, object] = {"model": str(tiny_model), "id_column": "id", "progress": False}
-    embed(EmbedConfig(input=str(_lake(tmp_path / "lake1", rows)), output=str(tmp_path / "n1"), **common))
+    embed(EmbedConfig(input=str(_lake(root / "lake1", rows)), output=str(root / "n1"), **common))
     rows |= {"3": docs[40], "31": docs[31], "32": docs[32]}
     del rows["5"], rows["20"]
-    embed(EmbedConfig(input=str(_lake(tmp_path / "lake2", rows)), output=str(tmp_path / "n2"),
-                      incremental_from=str(tmp_path / "n1"), **common))  # fmt: skip
+    embed(EmbedConfig(input=str(_lake(root / "lake2", rows)), output=str(root / "n2"),
+                      incremental_from=str(root / "n1"), **common))  # fmt: skip
     rows |= {"5": docs[45], "3": docs[43], "33": docs[33]}  # 5 comes back, 3 changes again
     del rows["31"], rows["7"]
-    embed(EmbedConfig(input=str(_lake(tmp_path / "lake3", rows)), output=str(tmp_path / "n3"),
-                      incremental_from=str(tmp_path / "n2"), **common))  # fmt: skip
-    return rows, common
+    embed(EmbedConfig(input=str(_lake(root / "lake3", rows)), output=str(root / "n3"),
+                      incremental_from=str(root / "n2"), **common))  # fmt: skip
+    return root, rows, common
 
 
 def test_a_compacted_chain_is_its_current_view_and_the_next_nights_base(
-    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    nights: tuple[Path, dict[str, str], dict[str, object]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rows, common = _nights(tiny_model, tmp_path)
-    walked = current(pafs.LocalFileSystem(), str(tmp_path / "n3"))
+    chain, rows, common = nights
+    rows = dict(rows)
+    walked = current(pafs.LocalFileSystem(), str(chain / "n3"))
     assert sorted(walked.column("id").to_pylist()) == sorted(rows)
     # several id buckets and several output files, so the bounded-memory path is the one tested
     argv = [
         "compact",
-        str(tmp_path / "n3"),
+        str(chain / "n3"),
         str(tmp_path / "full"),
         "--bucket-ids",
         "7",
@@ -71,8 +81,8 @@ def test_a_compacted_chain_is_its_current_view_and_the_next_nights_base(
 
     assert main(argv) == 2  # already a version: refused without --overwrite
     assert "overwrite" in capsys.readouterr().err
-    assert main(["compact", str(tmp_path / "n3"), str(tmp_path / "n1")]) == 2  # a link of the chain
-    assert main(["compact", str(tmp_path / "lake1"), str(tmp_path / "x")]) == 2  # not an embed output
+    assert main(["compact", str(chain / "n3"), str(chain / "n1")]) == 2  # a link of the chain
+    assert main(["compact", str(chain / "lake1"), str(tmp_path / "x")]) == 2  # not an embed output
 
     # the next night starts from the compacted version: only what changed since is embedded
     rows |= {"40": "a new document about the lake"}
@@ -85,9 +95,9 @@ def test_a_compacted_chain_is_its_current_view_and_the_next_nights_base(
 
 
 def test_a_killed_compaction_leaves_no_version_and_its_rerun_finishes(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nights: tuple[Path, dict[str, str], dict[str, object]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rows, common = _nights(tiny_model, tmp_path)
+    chain, rows, common = nights
     real = compact_module._write
 
     def killed(*args: object, **kwargs: object) -> dict[str, int]:
@@ -96,18 +106,18 @@ def test_a_killed_compaction_leaves_no_version_and_its_rerun_finishes(
 
     monkeypatch.setattr(compact_module, "_write", killed)
     with pytest.raises(KeyboardInterrupt):
-        compact_module.compact(str(tmp_path / "n3"), str(tmp_path / "full"), bucket_ids=5)
+        compact_module.compact(str(chain / "n3"), str(tmp_path / "full"), bucket_ids=5)
     assert (
         list((tmp_path / "full").glob("part-*.parquet"))
         and not (tmp_path / "full" / "_manifest.json").exists()
     )
     with pytest.raises(FileNotFoundError, match="not an embed output"):
-        embed(EmbedConfig(input=str(tmp_path / "lake3"), output=str(tmp_path / "n4"),
+        embed(EmbedConfig(input=str(chain / "lake3"), output=str(tmp_path / "n4"),
                           incremental_from=str(tmp_path / "full"), **common))  # fmt: skip
     monkeypatch.setattr(compact_module, "_write", real)
-    done = compact_module.compact(str(tmp_path / "n3"), str(tmp_path / "full"), rows_per_file=100)
+    done = compact_module.compact(str(chain / "n3"), str(tmp_path / "full"), rows_per_file=100)
     assert done["rows"] == len(rows) and done["files"] == 1  # the partial files are gone
-    walked = current(pafs.LocalFileSystem(), str(tmp_path / "n3"))
+    walked = current(pafs.LocalFileSystem(), str(chain / "n3"))
     assert _sorted(pq.read_table(tmp_path / "full")).equals(_sorted(walked))
 
 

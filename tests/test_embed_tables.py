@@ -243,12 +243,12 @@ def test_a_killed_nightly_run_recovers_after_its_table_moved_on(tiny_model: Path
     cat.create_namespace("lake")
     table = cat.create_table("lake.docs", schema=_docs(0, 1).schema)
     for k in range(3):
-        table.append(_docs(400 * k, 400))
+        table.append(_docs(200 * k, 200))
     common = {"input": "lake.docs", "input_format": "iceberg", "iceberg_catalog": props, "model": str(tiny_model),
               "id_column": "id", "title_column": "title", "num_actors": 1, "progress": False}  # fmt: skip
     embed(EmbedConfig(output=str(tmp_path / "night1"), **common))
     for k in range(3, 7):  # the night's new documents: four files
-        table.append(_docs(400 * k, 400))
+        table.append(_docs(200 * k, 200))
     pinned = cat.load_table("lake.docs").current_snapshot().snapshot_id
     night2 = {**common, "output": str(tmp_path / "night2"), "incremental_from": str(tmp_path / "night1")}
     argv = [f"{k}={json.dumps(v)}" for k, v in night2.items()]
@@ -263,22 +263,22 @@ def test_a_killed_nightly_run_recovers_after_its_table_moved_on(tiny_model: Path
     assert wait_for(lambda: not _in_session(proc.pid), 60)  # its Ray processes too: nothing commits later
     done = len(list(committed.glob("*.json")))
     assert 1 <= done < 4 and not (tmp_path / "night2" / "_summary.json").exists(), done  # killed mid-run
-    table.append(_docs(2800, 100))  # the table moves on
+    table.append(_docs(1400, 100))  # the table moves on
 
     with pytest.raises(ValueError, match=f"snapshot {pinned}.*snapshot={pinned}.*overwrite=true"):
         embed(EmbedConfig(**night2))
     resumed = embed(EmbedConfig(**night2, snapshot=pinned))
     assert resumed["fragments_skipped"] == done
     clean = embed(EmbedConfig(**{**night2, "output": str(tmp_path / "clean")}, snapshot=pinned))
-    assert clean["rows"] == 1600  # the four new files
+    assert clean["rows"] == 800  # the four new files
     view = {k: current(pafs.LocalFileSystem(), str(tmp_path / k)).sort_by("id") for k in ("night2", "clean")}
-    assert view["night2"].column("id").to_pylist() == sorted(_docs(0, 2800).column("id").to_pylist())
+    assert view["night2"].column("id").to_pylist() == sorted(_docs(0, 1400).column("id").to_pylist())
     assert view["night2"].select(["id", "embedding"]).equals(view["clean"].select(["id", "embedding"]))
 
     discarded = embed(EmbedConfig(**night2, overwrite=True))  # the other way: start the night again, from now
-    assert discarded["rows"] == 1700 and discarded["fragments_skipped"] == 0
+    assert discarded["rows"] == 900 and discarded["fragments_skipped"] == 0
     now = current(pafs.LocalFileSystem(), str(tmp_path / "night2"))
-    assert sorted(now.column("id").to_pylist()) == sorted(_docs(0, 2900).column("id").to_pylist())
+    assert sorted(now.column("id").to_pylist()) == sorted(_docs(0, 1500).column("id").to_pylist())
     with pytest.raises(ValueError, match="is a version .* is built on"):
         embed(EmbedConfig(**{**night2, "output": str(tmp_path / "night1"), "incremental_from": str(tmp_path / "night2")},
                           overwrite=True))  # fmt: skip
@@ -327,3 +327,12 @@ def test_a_night_over_an_iceberg_table_reads_only_the_files_added_since(
     views = [current(pafs.LocalFileSystem(), str(tmp_path / v)).sort_by("id") for v in ("v2", "v2h")]
     assert views[0].select(["id", "embedding"]).equals(views[1].select(["id", "embedding"]))
     assert views[0].column("id").to_pylist() == sorted(table.scan().to_arrow().column("id").to_pylist())
+    quiet = embed(EmbedConfig(output=str(tmp_path / "v3"), incremental_from=str(tmp_path / "v2"), **common))
+    assert (
+        quiet["fragments"] == quiet["rows"] == quiet["deleted"] == 0
+    )  # the table did not move: nothing read
+    files = len(list(table.scan().plan_files()))
+    assert (
+        quiet["change_detection"]["files_skipped"] == files and quiet["change_detection"]["files_added"] == 0
+    )
+    assert current(pafs.LocalFileSystem(), str(tmp_path / "v3")).sort_by("id").equals(views[0])
