@@ -9,6 +9,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -63,6 +64,11 @@ def stop_local_ray() -> None:
 def local_abspath(path: str) -> str:
     """Absolute form of a local path; URIs (s3://...) unchanged. Ray workers run in their own folders."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def dated(path: str) -> str:
+    """`path` with `{date}` as today's UTC date (YYYY-MM-DD): the nightly embed's folder per night."""
+    return path.replace("{date}", time.strftime("%Y-%m-%d", time.gmtime()))
 
 
 def is_s3(path: str) -> bool:

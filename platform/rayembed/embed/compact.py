@@ -6,8 +6,9 @@ the newest version without its `base`: any engine reads the view from it, and `i
 Memory for ids is bounded whatever their number: ids are split into hash buckets of at most `bucket_ids`;
 for each bucket the versions' id columns are read newest first and a row is kept when no newer version
 re-embedded or deleted its id (an exact string comparison). What is kept is one byte per row (1 GB at
-1B rows), then the rows stream through once, file by file, into the output. Atomic: the manifest is written last, so a
-killed compaction leaves a folder that is not a version (an incremental run refuses it; rerun it).
+1B rows), then the rows stream through once, file by file, into the output. Atomic: the manifest is
+written last, so a killed compaction leaves a folder that is not a version (an incremental run refuses
+it; rerun it).
 """
 
 from __future__ import annotations
@@ -79,12 +80,12 @@ def compact(
 ) -> dict[str, Any]:
     """Write the current view of the version at `version` to `output` as one full version. `version`
     may be `<folder>/latest` (its newest finished version); `{date}` in `output` becomes today's UTC date."""
-    from rayembed.io import filesystem, local_abspath, strip_scheme
+    from rayembed.io import dated, filesystem, local_abspath, strip_scheme
 
     started = time.time()
     version, output = (
         local_abspath(version),
-        local_abspath(output.replace("{date}", time.strftime("%Y-%m-%d", time.gmtime()))),
+        local_abspath(dated(output)),
     )
     src_fs, src = filesystem(version, endpoint_url) or pafs.LocalFileSystem(), strip_scheme(version)
     if posixpath.basename(src) == LATEST:

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayembed.io import local_abspath
+from rayembed.io import dated, local_abspath
 from rayembed.model.layout import model_ref
 from rayembed.model.rope import check_rope_scaling
 from rayembed.settings import build, check
@@ -141,7 +140,7 @@ class EmbedConfig:
         )
         if self.input_format != "iceberg":  # a path; an Iceberg identifier stays as it is
             self.input = local_abspath(self.input).rstrip("/")
-        self.output = local_abspath(self.output.replace("{date}", time.strftime("%Y-%m-%d", time.gmtime())))
+        self.output = local_abspath(dated(self.output))
         self.output = self.output.rstrip("/")
         if self.incremental_from and self.incremental_from != "latest":
             self.incremental_from = local_abspath(self.incremental_from).rstrip("/")
