@@ -4,10 +4,12 @@ new and changed rows, and the versions together hold every current id exactly on
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import DATA
@@ -54,8 +56,10 @@ def test_only_new_and_changed_rows_are_embedded_and_the_union_is_exact(
         "8": "  ",
     }  # 2 changed, 2 new, 1 emptied
     del rows["5"], rows["20"]  # 2 deleted
+    # compared in ranges of ~8 ids (4 tasks), against a scan of v1's own files (a full run has no _keys)
     v2 = embed(EmbedConfig(input=str(_lake(tmp_path / "lake2", rows)), output=str(tmp_path / "v2"),
-                           incremental_from=str(tmp_path / "v1"), **common))  # fmt: skip
+                           incremental_from=str(tmp_path / "v1"), bucket_ids=8, **common))  # fmt: skip
+    assert v2["change_detection"]["ranges"] == 4 and v2["change_detection"]["base_ids"] == 30
     assert v2["rows"] == 4 and v2["unchanged"] == 25 and v2["rejected"] == 1
     assert v2["deleted"] == 3  # 5 and 20, and 8 whose text is now empty (its old vector is stale)
     view = _view(tmp_path / "v2")
@@ -67,10 +71,46 @@ def test_only_new_and_changed_rows_are_embedded_and_the_union_is_exact(
         np.stack([view[i] for i in ids]), model.encode([valid[i] for i in ids]), atol=1e-5
     )
 
+    _key_index_is_the_view(tmp_path / "v2", 2)
+
+    # 8 ranges now, each reading its part of v2's 4 key files
     v3 = embed(EmbedConfig(input=str(tmp_path / "lake2"), output=str(tmp_path / "v3"),
-                           incremental_from=str(tmp_path / "v2"), **common))  # fmt: skip
+                           incremental_from=str(tmp_path / "v2"), bucket_ids=4, **common))  # fmt: skip
     assert v3["rows"] == 0 and v3["unchanged"] == len(valid) and v3["deleted"] == 0  # nothing to do
+    assert v3["change_detection"]["ranges"] == 8
     assert set(_view(tmp_path / "v3")) == set(valid)
+    _key_index_is_the_view(tmp_path / "v3", 3)
+
+    # a version written before the key index: its chain is walked once instead
+    shutil.rmtree(tmp_path / "v3" / "_keys")
+    rows["0"] = docs[39]
+    v4 = embed(EmbedConfig(input=str(_lake(tmp_path / "lake4", rows)), output=str(tmp_path / "v4"),
+                           incremental_from=str(tmp_path / "v3"), **common))  # fmt: skip
+    assert (
+        v4["rows"] == 1
+        and v4["unchanged"] == len(valid) - 1
+        and v4["change_detection"]["base_ids"] == len(valid)
+    )
+    assert set(_view(tmp_path / "v4")) == set(valid)
+
+
+def _key_index_is_the_view(version: Path, bits: int) -> None:
+    """_keys: every current id once, with its row's content hash, in the file of its range of h."""
+    from rayembed.embed.keys import span
+
+    fs = pafs.LocalFileSystem()
+    assert json.loads((version / "_keys" / "_index.json").read_text())["bits"] == bits
+    view = current(fs, str(version), ["id", "content_hash"])
+    expect = dict(zip(view.column("id").to_pylist(), view.column("content_hash").to_pylist(), strict=True))
+    found: dict[str, str] = {}
+    for path in sorted((version / "_keys").glob("*.parquet")):
+        part = pq.read_table(path)
+        lo, hi = span(int(path.stem.split("-")[1]), bits)
+        assert all(lo <= h <= hi for h in part.column("h").to_pylist()), path
+        found |= dict(
+            zip(part.column("id").to_pylist(), part.column("content_hash").to_pylist(), strict=True)
+        )
+    assert found == expect and len(list((version / "_keys").glob("*.parquet"))) == 1 << bits
 
 
 def test_an_incremental_run_must_embed_as_its_base_did(tiny_model: Path, tmp_path: Path) -> None:

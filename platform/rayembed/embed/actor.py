@@ -26,8 +26,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayembed.embed.config import EmbedConfig
+from rayembed.embed.keys import todo_of
 from rayembed.embed.manifest import REJECTS, TMP, Fragment, commit, read_lines, staging_path
-from rayembed.embed.versions import SEEN, content_hash
+from rayembed.embed.versions import content_hash
 from rayembed.io import filesystem, strip_scheme
 from rayembed.model import Embedder, Tokens, chunking, resolve_model_path
 
@@ -109,13 +110,11 @@ class EmbedFragments:
     """Ray Data UDF on an actor: one model per actor; each fragment is embedded, written and committed."""
 
     def __init__(
-        self, cfg: dict[str, Any], meta: dict[str, str], device: str, threads: int, known: Any = None
+        self, cfg: dict[str, Any], meta: dict[str, str], device: str, threads: int, planned: bool = False
     ) -> None:
-        import ray
         import torch
 
-        # incremental runs: id -> content hash of the previous view (an object ref, fetched once per actor)
-        self.known: dict[str, str] | None = ray.get(known) if known is not None else None
+        self.planned = planned  # an incremental run: each fragment embeds the ids its plan lists
 
         self.threads = threads = cores_for(threads)
         torch.set_num_threads(threads)
@@ -155,38 +154,11 @@ class EmbedFragments:
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
-    def read(self, frag: Fragment) -> Iterator[pa.Table]:
-        c = self.cfg
-        cols = needed_columns(c)
-        if frag.fmt == "parquet":
-            pf = pq.ParquetFile(self.in_fs.open_input_file(frag.path))
-            check_columns(pf.schema_arrow.names, cols, frag.path)
-            assert frag.row_groups is not None
-            groups = list(range(*frag.row_groups))
-            for b in pf.iter_batches(batch_size=c.chunk_rows, row_groups=groups, columns=cols):
-                yield pa.Table.from_batches([b])
-            return
-        import pyarrow.json as pajson
-
-        data = read_lines(self.in_fs, frag)
-        if not data.strip():  # a range holding no line start (one line longer than the range)
-            return
-        table = pajson.read_json(pa.BufferReader(data))
-        check_columns(table.column_names, cols, frag.path)
-        for b in table.select(cols).to_batches(max_chunksize=c.chunk_rows):
-            yield pa.Table.from_batches([b])
-
     def prepare(self, table: pa.Table) -> tuple[pa.Table, pa.Table, Any, pa.Array, int]:
         """(rows to embed, rejected rows with reasons, their tokens, their content hashes, rows unchanged
         since the previous version): the CPU work, done ahead in a thread."""
         c = self.cfg
-        texts = table.column(c.text_column).to_pylist()
-        if c.title_column:
-            titles = table.column(c.title_column).to_pylist()
-            texts = [
-                f"{h} {t}" if isinstance(h, str) and h.strip() and isinstance(t, str) else t
-                for h, t in zip(titles, texts, strict=True)
-            ]
+        texts = texts_of(c, table)
         reasons = [reject_reason(t) for t in texts]
         good = [i for i, r in enumerate(reasons) if r is None]
         bad = [i for i, r in enumerate(reasons) if r is not None]
@@ -198,20 +170,13 @@ class EmbedFragments:
                 "reason": pa.array([reasons[i] for i in bad], pa.string()),
             }
         )
-        hashes = content_hash([texts[i] for i in good])
         keep, unchanged = table.take(good_idx), 0
-        if self.known is not None:  # only new ids and changed texts
+        if self.todo is not None:  # only the ids the plan lists (new ids and changed texts)
             ids_kept = keep.column(c.id_column).cast(pa.string()).to_pylist()
-            fresh = [
-                i
-                for i, (k, h) in enumerate(zip(ids_kept, hashes.to_pylist(), strict=True))
-                if self.known.get(k) != h
-            ]
+            fresh = [i for i, k in enumerate(ids_kept) if k in self.todo]
             unchanged = keep.num_rows - len(fresh)
-            fresh_idx = pa.array(fresh, pa.int64())
-            self.seen.extend(ids_kept)
-            keep, hashes = keep.take(fresh_idx), hashes.take(fresh_idx)
-            good = [good[i] for i in fresh]
+            keep, good = keep.take(pa.array(fresh, pa.int64())), [good[i] for i in fresh]
+        hashes = content_hash([texts[i] for i in good])
         todo = [texts[i] for i in good]
         tokens: Tokens | chunking.Plan
         if c.chunking:  # the chunk plan (and a plain chunk's tokens): CPU work, ahead of the model
@@ -229,8 +194,10 @@ class EmbedFragments:
             str, tuple[str, Any, pq.ParquetWriter]
         ] = {}  # final relative path -> (temp, stream, writer)
         reject_tables = []
-        self.seen: list[str] = []
-        for keep, rejects, tokens, hashes, unchanged in background(self.prepare(t) for t in self.read(frag)):
+        # an incremental run: the ids its plan has this fragment embed (embed/keys.py)
+        self.todo = todo_of(self.out_fs, self.root, frag.name) if self.planned else None
+        batches = read_fragment(self.cfg, self.in_fs, frag)
+        for keep, rejects, tokens, hashes, unchanged in background(self.prepare(t) for t in batches):
             stats["rows_in"] += keep.num_rows + rejects.num_rows + unchanged
             stats["unchanged"] += unchanged
             for reason in rejects.column("reason").to_pylist():
@@ -255,11 +222,6 @@ class EmbedFragments:
                     rejected.append_column("fragment", pa.array([frag.key] * rejected.num_rows)), f
                 )
             staged[tmp] = f"{REJECTS}/{frag.name}"
-        if self.known is not None:  # the ids this fragment still has: the others were deleted
-            tmp = staging_path(self.root, frag.name)
-            with self.out_fs.open_output_stream(tmp) as f:
-                pq.write_table(pa.table({"id": pa.array(self.seen, pa.string())}), f)
-            staged[tmp] = f"{SEEN}/{frag.name}"
         stats["seconds_x1000"] = int(1000 * (time.time() - start))
         commit(self.out_fs, self.root, frag, staged, dict(stats))
         return dict(stats)
@@ -355,3 +317,37 @@ def check_columns(names: list[str], needed: list[str], where: str) -> None:
     missing = [c for c in needed if c not in names]
     if missing:
         raise ValueError(f"input {where} lacks column(s) {missing}; it has {names}")
+
+
+def read_fragment(c: EmbedConfig, fs: pafs.FileSystem, frag: Fragment) -> Iterator[pa.Table]:
+    """A fragment's rows (the columns the job needs), `chunk_rows` at a time."""
+    cols = needed_columns(c)
+    if frag.fmt == "parquet":
+        pf = pq.ParquetFile(fs.open_input_file(frag.path))
+        check_columns(pf.schema_arrow.names, cols, frag.path)
+        assert frag.row_groups is not None
+        groups = list(range(*frag.row_groups))
+        for b in pf.iter_batches(batch_size=c.chunk_rows, row_groups=groups, columns=cols):
+            yield pa.Table.from_batches([b])
+        return
+    import pyarrow.json as pajson
+
+    data = read_lines(fs, frag)
+    if not data.strip():  # a range holding no line start (one line longer than the range)
+        return
+    table = pajson.read_json(pa.BufferReader(data))
+    check_columns(table.column_names, cols, frag.path)
+    for b in table.select(cols).to_batches(max_chunksize=c.chunk_rows):
+        yield pa.Table.from_batches([b])
+
+
+def texts_of(c: EmbedConfig, table: pa.Table) -> list[Any]:
+    """What is embedded per row (and hashed): the title and the text, or the text."""
+    texts = table.column(c.text_column).to_pylist()
+    if c.title_column:
+        titles = table.column(c.title_column).to_pylist()
+        texts = [
+            f"{h} {t}" if isinstance(h, str) and h.strip() and isinstance(t, str) else t
+            for h, t in zip(titles, texts, strict=True)
+        ]
+    return texts

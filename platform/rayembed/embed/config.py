@@ -117,6 +117,9 @@ class EmbedConfig:
     this one together hold every current id exactly once: `rayembed.embed.versions.current` reads them.
     `latest`: the newest finished version in the output's parent folder (a full run if there is none):
     with `output: .../{date}`, the nightly recipe (jobs/embed-nightly.yaml)."""
+    bucket_ids: int = 4_000_000
+    """Incremental runs: at most this many ids (on average) per range of the comparison with the previous
+    view (embed/keys.py); a task holds one range, ~100 B an id a side (~0.8 GB at the default)."""
     snapshot_diff: bool = True
     """Incremental runs over an Iceberg table: read only the data files added since the base's snapshot
     (ids can only have gone from the files removed since), while that snapshot is in the table's history;
@@ -133,6 +136,7 @@ class EmbedConfig:
             build(TrackingConfig, self.tracking)
         self.model = model_ref(self.model)  # actors run in their own folders
         formats = ("files", "iceberg", "delta")
+        check(self.bucket_ids >= 1, f"bucket_ids must be >= 1, got {self.bucket_ids}")
         check(self.input_format in formats, f"input_format must be one of {formats}")
         check(
             bool(self.iceberg_catalog) or (self.input_format != "iceberg" and not self.iceberg_append),

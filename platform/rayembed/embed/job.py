@@ -33,18 +33,9 @@ from rayembed.embed.manifest import (
     read_json,
     write_json,
 )
+from rayembed.embed.plan import make_plan
 from rayembed.embed.tables import check_text_type, file_infos, iceberg_diff, table_files, write_iceberg
-from rayembed.embed.versions import (
-    LATEST,
-    chain,
-    changes,
-    current,
-    known_index,
-    latest,
-    removed_ids,
-    settings_check,
-    write_deleted,
-)
+from rayembed.embed.versions import LATEST, chain, changes, current, latest, settings_check
 from rayembed.io import ensure_ray, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
 from rayembed.model.layout import model_revision, trained_in
@@ -167,8 +158,7 @@ def input_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fr
             files = diff[0]
             detection = {"path": "iceberg snapshot diff", "since": since, "files_added": len(diff[0]),
                          "files_removed": len(diff[1]), "files_skipped": len(found.files) - len(diff[0]),
-                         "removed": removed_ids(fs, [strip_scheme(f.removeprefix("file://")) for f in diff[1]],
-                                               cfg.id_column)}  # fmt: skip
+                         "removed": [strip_scheme(f.removeprefix("file://")) for f in diff[1]]}  # fmt: skip
         fragments = fragments_of(file_infos(files, fs), strip_scheme(source), fs, cfg.fragment_rows)
         settings["snapshot"] = f"{cfg.input_format}:{found.version}"
     if fragments or "removed" not in detection:  # a diff may add no file at all
@@ -193,11 +183,11 @@ def base_snapshot(cfg: EmbedConfig) -> int | None:
     return int(snapshot.split(":", 1)[1]) if snapshot.startswith("iceberg:") else None
 
 
-def previous_view(cfg: EmbedConfig, settings: dict[str, Any]) -> dict[str, str] | None:
-    """An incremental run's base: id -> content hash of its current view (None for a full run), after
-    checking it was embedded with the same settings."""
+def check_base(cfg: EmbedConfig, settings: dict[str, Any]) -> None:
+    """An incremental run's base must be an embed output made with the same settings, and not a version
+    the output itself is (or its chain holds)."""
     if not cfg.incremental_from:
-        return None
+        return
     fs, root = fs_for(cfg.incremental_from, cfg.s3_endpoint_url), strip_scheme(cfg.incremental_from)
     if fs.get_file_info(f"{root}/{MANIFEST}").type != pafs.FileType.File:
         raise FileNotFoundError(
@@ -208,7 +198,6 @@ def previous_view(cfg: EmbedConfig, settings: dict[str, Any]) -> dict[str, str] 
         raise ValueError(
             f"output {cfg.output} is a version {cfg.incremental_from} is built on: give a new folder"
         )
-    return known_index(fs, root, cfg.s3_endpoint_url)
 
 
 def resolve_latest(cfg: EmbedConfig) -> EmbedConfig:
@@ -232,8 +221,11 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     out_fs = fs_for(cfg.output, cfg.s3_endpoint_url)
     root = strip_scheme(cfg.output)
     fragments, source, detection = input_fragments(cfg, settings)  # bad input: refused before any work
-    known = previous_view(cfg, settings)
+    check_base(cfg, settings)
     done = open_output(root, out_fs, settings, cfg.overwrite)
+    planned = None  # an incremental run: what changed, found by tasks that hold a range of ids each
+    if cfg.incremental_from:
+        planned = make_plan(cfg, fragments, source, detection.get("removed"))
     pending = [f for f in fragments if f.name not in done]
     run: Counter[str] = Counter()
     plan: dict[str, float] = {}  # this run's actors (none when everything was committed before)
@@ -251,7 +243,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
                 "meta": meta,
                 "device": "cuda" if gpus else "cpu",
                 "threads": threads,
-                "known": None if known is None else ray.put(known),
+                "planned": planned is not None,
             },
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus,
@@ -273,19 +265,22 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         out_fs.delete_dir(f"{root}/{TMP}")
     summary = summarize(cfg, root, out_fs, run, fragments, len(fragments) - len(pending), time.time() - start)
     summary["plan"] = plan
-    return finish(cfg, root, out_fs, summary, known, detection)
+    return finish(cfg, root, out_fs, summary, planned, detection)
 
 
 def finish(
-    cfg: EmbedConfig, root: str, out_fs: Any, summary: dict[str, Any], known: Any, detection: dict[str, Any]
+    cfg: EmbedConfig, root: str, out_fs: Any, summary: dict[str, Any], planned: Any, detection: dict[str, Any]
 ) -> dict[str, Any]:
-    """After the fragments: an incremental version's deletions, the Iceberg commit, the tracked run, and
+    """After the fragments: an incremental version's counts, the Iceberg commit, the tracked run, and
     `_summary.json`."""
-    if known is not None:  # an incremental version: what it re-embedded, kept and found gone
+    if planned is not None:  # an incremental version: what it re-embedded, kept and found gone
         summary["incremental_from"] = cfg.incremental_from
-        removed = detection.pop("removed", None)  # a snapshot diff: only ids of removed files may be gone
-        summary["deleted"] = write_deleted(out_fs, root, known, removed)
-        summary["change_detection"] = detection
+        summary["deleted"] = planned["deleted"]
+        detection.pop("removed", None)
+        summary["change_detection"] = detection | {
+            "ranges": 1 << planned["bits"],
+            "base_ids": planned["base_ids"],
+        }
     if cfg.iceberg_append:  # the table brought to this version's view, in one commit tagged with the output
         summary["iceberg_append"] = write_iceberg(
             cfg.iceberg_append, cfg.iceberg_catalog, cfg.output, cfg.incremental_from,

@@ -1,10 +1,10 @@
 """Incremental re-embedding: output versions that together hold every current id exactly once.
 
 Every output row carries `content_hash`, a hash of the text as it was embedded (title and text). A run
-with `incremental_from: <previous output>` reads the previous version's current view (id -> hash),
-embeds only rows whose id is new or whose hash changed, and writes, besides its Parquet files:
-- `_seen/<fragment>.parquet`: the ids of every input row it read (committed with the fragment), and
-- `_deleted.parquet`: the ids of the previous view that no input row has any more.
+with `incremental_from: <previous output>` compares its input with the previous version's view (id ->
+hash) range by range (embed/keys.py), embeds only rows whose id is new or whose hash changed, and
+writes, besides its Parquet files, `_deleted.parquet`: the ids of the previous view that no input row has
+any more, and `_keys/`: its own view's ids and hashes, for the next night.
 The current view of a version is its own rows plus its base's current view minus the ids this version
 re-embedded or deleted (`current`); its manifest names its base, so versions form a chain.
 """
@@ -20,9 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rayembed.embed.manifest import MANIFEST, list_dir, read_json
+from rayembed.embed.manifest import MANIFEST, read_json
 
-SEEN = "_seen"
 DELETED = "_deleted.parquet"
 
 
@@ -127,40 +126,6 @@ def changes(fs: pafs.FileSystem, root: str) -> tuple[pa.Table, list[Any]]:
         ids.append(gone.cast(own.schema.field("id").type) if own is not None else gone)
     values = sorted({v for c in ids for v in c.to_pylist()})
     return (own if own is not None else pa.table({"id": pa.array([], pa.string())})), values
-
-
-def known_index(fs: pafs.FileSystem, root: str, endpoint_url: str | None = None) -> dict[str, str]:
-    """id -> content hash of the current view at `root` (what an incremental run compares against)."""
-    view = current(fs, root, ["id", "content_hash"], endpoint_url)
-    if "content_hash" not in view.column_names:
-        raise ValueError(f"{root} has no content_hash column: it was written before incremental runs existed")
-    return dict(
-        zip(
-            view.column("id").cast(pa.string()).to_pylist(),
-            view.column("content_hash").to_pylist(),
-            strict=True,
-        )
-    )
-
-
-def removed_ids(fs: pafs.FileSystem, files: list[str], column: str) -> set[str]:
-    """The ids (`column`) in these removed data files of a table."""
-    return {i for f in files for i in _read(fs, f, [column]).column(column).cast(pa.string()).to_pylist()}
-
-
-def write_deleted(
-    fs: pafs.FileSystem, root: str, known: dict[str, str], candidates: set[str] | None = None
-) -> int:
-    """`_deleted.parquet`: ids of the previous view that no input row of this run has (of `candidates`
-    only, when a snapshot diff says which ids may have gone); returns how many."""
-    seen: set[str] = set()
-    for info in list_dir(fs, f"{root}/{SEEN}", ".parquet"):
-        seen.update(_read(fs, info.path).column("id").cast(pa.string()).to_pylist())
-    pool = set(known) if candidates is None else candidates & set(known)
-    deleted = sorted(pool - seen)
-    with fs.open_output_stream(f"{root}/{DELETED}") as f:
-        pq.write_table(pa.table({"id": pa.array(deleted, pa.string())}), f)
-    return len(deleted)
 
 
 def settings_check(previous: dict[str, Any], settings: dict[str, Any]) -> None:
