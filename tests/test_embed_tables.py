@@ -105,17 +105,46 @@ def test_iceberg_append_carries_chunk_rows(tiny_model: Path, tmp_path: Path) -> 
         assert len(texts[r["id"]][r["start"] : r["end"]]) > 0 and 0 < r["tokens"] <= 62
 
 
-def test_delta_table_in(tiny_model: Path, tmp_path: Path) -> None:
-    from deltalake import write_deltalake
+def test_delta_table_in_and_a_night_that_reads_only_the_files_added_since(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A Delta table embedded whole; then, after an append, a delete and an update (delta-rs rewrites the
+    files it touches), a night reads only the data files the table's log added since the base's version,
+    and its view equals, row for row, that of the same night found by hashing every row."""
+    import pyarrow.fs as pafs
+    from deltalake import DeltaTable, write_deltalake
+
+    from rayembed.embed.versions import current
 
     path = tmp_path / "delta"
-    write_deltalake(str(path), _docs(0, 25))
-    write_deltalake(str(path), _docs(25, 15), mode="append")
-    result = embed(EmbedConfig(input=str(path), input_format="delta", output=str(tmp_path / "out"),
-                               model=str(tiny_model), id_column="id", progress=False))  # fmt: skip
-    assert result["rows"] == 40 and result["fragments"] == 2
+    for k in range(3):
+        write_deltalake(str(path), _docs(15 * k, 15), mode="append")
+    common = {"input": str(path), "input_format": "delta", "model": str(tiny_model), "id_column": "id",
+              "progress": False}  # fmt: skip
+    result = embed(EmbedConfig(output=str(tmp_path / "out"), **common))
+    assert result["rows"] == 45 and result["fragments"] == 3
     ids = pq.read_table(tmp_path / "out", columns=["id"]).column("id").to_pylist()
-    assert sorted(ids) == sorted(_docs(0, 40).column("id").to_pylist())
+    assert sorted(ids) == sorted(_docs(0, 45).column("id").to_pylist())
+
+    write_deltalake(str(path), _docs(45, 5), mode="append")  # a fourth file
+    table = DeltaTable(str(path))
+    table.delete(f"id = '{ids[0]}' OR id = '{ids[1]}'")  # the file of ids[0:2] rewritten without them
+    table.update(
+        {"text": "'a new text for this document'"}, predicate=f"id = '{ids[20]}'"
+    )  # its file rewritten
+    diff = embed(EmbedConfig(output=str(tmp_path / "v2"), incremental_from=str(tmp_path / "out"), **common))
+    hashed = embed(EmbedConfig(output=str(tmp_path / "v2h"), incremental_from=str(tmp_path / "out"),
+                               snapshot_diff=False, **common))  # fmt: skip
+    detected = diff["change_detection"]
+    assert detected["path"] == "delta log diff" and hashed["change_detection"]["path"] == "content hash"
+    assert detected["files_skipped"] == 1 and detected["files_removed"] == 2  # the third file: not read
+    assert diff["fragments"] == detected["files_added"] == 3 < hashed["fragments"]
+    assert diff["rows"] == hashed["rows"] == 6 and diff["deleted"] == hashed["deleted"] == 2
+    views = [current(pafs.LocalFileSystem(), str(tmp_path / v)).sort_by("id") for v in ("v2", "v2h")]
+    assert views[0].select(["id", "embedding"]).equals(views[1].select(["id", "embedding"]))
+    assert views[0].column("id").to_pylist() == sorted(
+        DeltaTable(str(path)).to_pyarrow_table().column("id").to_pylist()
+    )
 
 
 @pytest.mark.parametrize(

@@ -169,7 +169,8 @@ def size_run(tmp: Path, model: Path, size: int, args: argparse.Namespace, full: 
     from rayembed.config import EmbedConfig
 
     d = tmp / str(size)
-    common = {"model": str(model), "id_column": "id", "progress": False, "max_length": 32}
+    common = {"model": str(model), "id_column": "id", "progress": False, "max_length": 32,
+              "bucket_ids": args.bucket_ids}  # fmt: skip
     ids0, v0 = night(size, 0, args.changed, args.deleted, args.new)
     write_lake(d / "lake0", ids0, v0)
     result: dict[str, Any] = {}
@@ -204,6 +205,7 @@ def main() -> None:
     ap.add_argument("--changed", type=float, default=0.10)
     ap.add_argument("--deleted", type=float, default=0.01)
     ap.add_argument("--new", type=float, default=0.01)
+    ap.add_argument("--bucket-ids", type=int, default=1_000_000, help="ids per range of the comparison")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "embed-incremental.json"))
     args = ap.parse_args()
@@ -230,7 +232,7 @@ def main() -> None:
         "model": "random BERT, 2 layers, hidden 32, MiniLM's tokenizer, max_length 32",
         "lake": f"Parquet, {FILE_ROWS} rows a file, ~12-word synthetic documents; night 1: {args.changed:.0%} changed, "
                 f"{args.deleted:.0%} deleted, {args.new:.0%} new",
-        "sizes": args.sizes, "results": results,
+        "sizes": args.sizes, "bucket_ids": args.bucket_ids, "results": results,
         "driver_rss_30m_vs_1m": ratio("driver_peak_rss_mb"), "actor_rss_30m_vs_1m": ratio("actor_peak_rss_mb"),
         "worker_rss_30m_vs_1m": ratio("worker_peak_rss_mb"),
         "unchanged_vs_full_speed": {

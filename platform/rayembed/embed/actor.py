@@ -26,8 +26,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayembed.embed.config import EmbedConfig
-from rayembed.embed.keys import todo_of
-from rayembed.embed.manifest import REJECTS, TMP, Fragment, commit, read_lines, staging_path
+from rayembed.embed.keys import PLAN, todo_of
+from rayembed.embed.manifest import REJECTS, TMP, Fragment, commit, read_json, read_lines, staging_path
 from rayembed.embed.versions import content_hash
 from rayembed.io import filesystem, strip_scheme
 from rayembed.model import Embedder, Tokens, chunking, resolve_model_path
@@ -196,6 +196,8 @@ class EmbedFragments:
         reject_tables = []
         # an incremental run: the ids its plan has this fragment embed (embed/keys.py)
         self.todo = todo_of(self.out_fs, self.root, frag.name) if self.planned else None
+        if self.todo is not None and not self.todo:
+            return self.unchanged(frag, start)
         batches = read_fragment(self.cfg, self.in_fs, frag)
         for keep, rejects, tokens, hashes, unchanged in background(self.prepare(t) for t in batches):
             stats["rows_in"] += keep.num_rows + rejects.num_rows + unchanged
@@ -224,6 +226,20 @@ class EmbedFragments:
             staged[tmp] = f"{REJECTS}/{frag.name}"
         stats["seconds_x1000"] = int(1000 * (time.time() - start))
         commit(self.out_fs, self.root, frag, staged, dict(stats))
+        return dict(stats)
+
+    def unchanged(self, frag: Fragment, start: float) -> dict[str, Any]:
+        """A fragment with nothing to embed: committed with its scan's counts and rejected rows (plan.py),
+        without reading its input again."""
+        plan = f"{self.root}/{PLAN}"
+        stats = read_json(self.out_fs, f"{plan}/stats/{frag.name}.json")
+        staged = {}
+        if self.out_fs.get_file_info(f"{plan}/rejects/{frag.name}").type == pafs.FileType.File:
+            tmp = staging_path(self.root, frag.name)
+            self.out_fs.copy_file(f"{plan}/rejects/{frag.name}", tmp)
+            staged[tmp] = f"{REJECTS}/{frag.name}"
+        stats["seconds_x1000"] = int(1000 * (time.time() - start))
+        commit(self.out_fs, self.root, frag, staged, stats)
         return dict(stats)
 
     def embed_rows(
@@ -328,7 +344,7 @@ def read_fragment(c: EmbedConfig, fs: pafs.FileSystem, frag: Fragment) -> Iterat
         assert frag.row_groups is not None
         groups = list(range(*frag.row_groups))
         for b in pf.iter_batches(batch_size=c.chunk_rows, row_groups=groups, columns=cols):
-            yield pa.Table.from_batches([b])
+            yield plain_strings(pa.Table.from_batches([b]))
         return
     import pyarrow.json as pajson
 
@@ -339,6 +355,15 @@ def read_fragment(c: EmbedConfig, fs: pafs.FileSystem, frag: Fragment) -> Iterat
     check_columns(table.column_names, cols, frag.path)
     for b in table.select(cols).to_batches(max_chunksize=c.chunk_rows):
         yield pa.Table.from_batches([b])
+
+
+def plain_strings(table: pa.Table) -> pa.Table:
+    """string_view columns (files delta-rs rewrites hold them) as plain strings: Arrow's take and filter
+    kernels lack string_view."""
+    if not any(f.type == pa.string_view() for f in table.schema):
+        return table
+    fields = [pa.field(f.name, pa.string()) if f.type == pa.string_view() else f for f in table.schema]
+    return table.cast(pa.schema(fields))
 
 
 def texts_of(c: EmbedConfig, table: pa.Table) -> list[Any]:

@@ -121,10 +121,10 @@ class EmbedConfig:
     """Incremental runs: at most this many ids (on average) per range of the comparison with the previous
     view (embed/keys.py); a task holds one range, ~100 B an id a side (~0.8 GB at the default)."""
     snapshot_diff: bool = True
-    """Incremental runs over an Iceberg table: read only the data files added since the base's snapshot
-    (ids can only have gone from the files removed since), while that snapshot is in the table's history;
-    otherwise (false, Delta, files, an expired snapshot) every row is read and its content hash compared.
-    The summary's `change_detection` says which ran."""
+    """Incremental runs over a table: read only the data files added since the base's Iceberg snapshot or
+    Delta version (ids can only have gone from the files removed since), while that snapshot is in the
+    table's history (Delta: its log); otherwise (false, files, an expired snapshot) every row is read and
+    its content hash compared. The summary's `change_detection` says which ran."""
     progress: bool = True
     """Show a progress bar."""
     tracking: dict[str, Any] | None = None

@@ -34,7 +34,7 @@ from rayembed.embed.manifest import (
     write_json,
 )
 from rayembed.embed.plan import make_plan
-from rayembed.embed.tables import check_text_type, file_infos, iceberg_diff, table_files, write_iceberg
+from rayembed.embed.tables import check_text_type, file_infos, table_diff, table_files, write_iceberg
 from rayembed.embed.versions import LATEST, chain, changes, current, latest, settings_check
 from rayembed.io import ensure_ray, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
@@ -153,10 +153,14 @@ def input_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fr
         source = found.location.removeprefix("file://")
         fs = fs_for(source, cfg.s3_endpoint_url)
         files, since = found.files, base_snapshot(cfg)
-        diff = iceberg_diff(cfg.input, cfg.iceberg_catalog, since, int(found.version)) if since else None
+        diff = None
+        if since is not None:
+            diff = table_diff(cfg.input_format, cfg.input, cfg.iceberg_catalog, cfg.s3_endpoint_url, since,
+                              int(found.version))  # fmt: skip
         if diff is not None:
             files = diff[0]
-            detection = {"path": "iceberg snapshot diff", "since": since, "files_added": len(diff[0]),
+            path = "iceberg snapshot diff" if cfg.input_format == "iceberg" else "delta log diff"
+            detection = {"path": path, "since": since, "files_added": len(diff[0]),
                          "files_removed": len(diff[1]), "files_skipped": len(found.files) - len(diff[0]),
                          "removed": [strip_scheme(f.removeprefix("file://")) for f in diff[1]]}  # fmt: skip
         fragments = fragments_of(file_infos(files, fs), strip_scheme(source), fs, cfg.fragment_rows)
@@ -173,14 +177,15 @@ def input_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fr
 
 
 def base_snapshot(cfg: EmbedConfig) -> int | None:
-    """The Iceberg snapshot the incremental run's base read, when snapshot diffs may find the changes."""
-    if not (cfg.incremental_from and cfg.snapshot_diff and cfg.input_format == "iceberg"):
+    """The Iceberg snapshot or Delta version the incremental run's base read, when diffs of the table's
+    data files may find the changes."""
+    if not (cfg.incremental_from and cfg.snapshot_diff and cfg.input_format in ("iceberg", "delta")):
         return None
     fs, root = fs_for(cfg.incremental_from, cfg.s3_endpoint_url), strip_scheme(cfg.incremental_from)
     if fs.get_file_info(f"{root}/{MANIFEST}").type != pafs.FileType.File:
         return None  # previous_view says why
     snapshot = str(read_json(fs, f"{root}/{MANIFEST}")["settings"].get("snapshot", ""))
-    return int(snapshot.split(":", 1)[1]) if snapshot.startswith("iceberg:") else None
+    return int(snapshot.split(":", 1)[1]) if snapshot.startswith(f"{cfg.input_format}:") else None
 
 
 def check_base(cfg: EmbedConfig, settings: dict[str, Any]) -> None:

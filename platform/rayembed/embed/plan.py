@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from typing import Any
 
 import pyarrow as pa
@@ -33,26 +34,40 @@ from rayembed.embed.keys import (
     span,
     write,
 )
-from rayembed.embed.manifest import Fragment, list_dir, read_json
+from rayembed.embed.manifest import Fragment, list_dir, read_json, write_json
 from rayembed.embed.versions import DELETED, base_of, content_hash, current, own_files
 from rayembed.io import ensure_ray, strip_scheme
 
 
 def scan_fragment(cfg: dict[str, Any], fragment: str) -> int:
-    """Task: one input fragment's keys (its rows with a text: rejected rows leave the view) -> `_plan/scan/`."""
+    """Task: one input fragment's keys -> `_plan/scan/` (its rows with a text; rejected rows leave the view),
+    its counts -> `_plan/stats/` and its rejected rows -> `_plan/rejects/`: a fragment with nothing to
+    embed is then committed from these, its input not read again."""
     c, frag = EmbedConfig(**cfg), Fragment(**json.loads(fragment))
-    parts = []
+    fs, root = fs_for(c.output, c.s3_endpoint_url), f"{strip_scheme(c.output)}/{PLAN}"
+    parts, bad, stats = [], [], Counter[str]()
     for table in read_fragment(c, fs_for(c.input, c.s3_endpoint_url), frag):
         texts = texts_of(c, table)
-        good = [i for i, t in enumerate(texts) if reject_reason(t) is None]
-        ids = table.column(c.id_column).take(pa.array(good, pa.int64()))
-        parts.append(keys_of(ids, content_hash([texts[i] for i in good]), frag.name))
-    keys = (
-        pa.concat_tables(parts).sort_by("h")
-        if parts
-        else keys_of(pa.array([], pa.string()), pa.array([], pa.string()), "")
-    )
-    write(fs_for(c.output, c.s3_endpoint_url), f"{strip_scheme(c.output)}/{PLAN}/scan/{frag.name}", keys)
+        reasons = [reject_reason(t) for t in texts]
+        good = [i for i, r in enumerate(reasons) if r is None]
+        ids = table.column(c.id_column).cast(pa.string())  # Delta's strings come as string_view
+        parts.append(
+            keys_of(ids.take(pa.array(good, pa.int64())), content_hash([texts[i] for i in good]), frag.name)
+        )
+        for i, r in enumerate(reasons):
+            if r is not None:
+                bad.append((ids[i].as_py(), r))
+                stats[f"rejected:{r}"] += 1
+        stats["rows_in"] += table.num_rows
+    empty = keys_of(pa.array([], pa.string()), pa.array([], pa.string()), "")
+    keys = pa.concat_tables(parts).sort_by("h") if parts else empty
+    write(fs, f"{root}/scan/{frag.name}", keys)
+    if bad:
+        ids, why = zip(*bad, strict=True)
+        rejects = {"id": pa.array(ids, pa.string()),
+                   "reason": pa.array(why, pa.string()), "fragment": pa.array([frag.key] * len(bad))}  # fmt: skip
+        write(fs, f"{root}/rejects/{frag.name}", pa.table(rejects))
+    write_json(fs, f"{root}/stats/{frag.name}.json", dict(stats) | {"unchanged": keys.num_rows})
     return keys.num_rows
 
 
@@ -100,7 +115,7 @@ def make_plan(
     for folder in (PLAN, KEYS):  # an unfinished plan is made again
         if fs.get_file_info(f"{root}/{folder}").type == pafs.FileType.Directory:
             fs.delete_dir(f"{root}/{folder}")
-    for folder in ("scan", "removed", "base", "todo", "deleted"):
+    for folder in ("scan", "stats", "rejects", "removed", "base", "todo", "deleted"):
         fs.create_dir(f"{root}/{PLAN}/{folder}", recursive=True)
     fs.create_dir(f"{root}/{KEYS}", recursive=True)
     opts = {"num_cpus": 1, "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}}}

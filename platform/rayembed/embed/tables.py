@@ -77,6 +77,35 @@ def iceberg_diff(
     return sorted(new - old), sorted(old - new)
 
 
+def delta_diff(uri: str, storage: dict[str, str], since: int, now: int) -> tuple[list[str], list[str]] | None:
+    """(data files added, data files removed) from version `since` to `now`, from the table's log; None
+    when `since` can no longer be loaded (its log entries cleaned up). A Delta data file is immutable and,
+    without deletion vectors (refused), holds the same rows in every version that lists it."""
+    from deltalake import DeltaTable
+
+    try:
+        old = set(DeltaTable(uri, version=since, storage_options=storage or None).file_uris())
+    except Exception:  # noqa: BLE001 - deltalake raises its own errors for a version out of the log
+        return None
+    new = set(DeltaTable(uri, version=now, storage_options=storage or None).file_uris())
+    return sorted(new - old), sorted(old - new)
+
+
+def table_diff(
+    fmt: str, source: str, props: dict[str, Any], endpoint_url: str | None, since: int, now: int
+) -> tuple[list[str], list[str]] | None:
+    """What changed in a table's data files between two snapshots (Iceberg) or versions (Delta)."""
+    if fmt == "iceberg":
+        return iceberg_diff(source, props, since, now)
+    return delta_diff(source, delta_storage(source, endpoint_url), since, now)
+
+
+def delta_storage(source: str, endpoint_url: str | None) -> dict[str, str]:
+    return (
+        {"AWS_ENDPOINT_URL": endpoint_url, "AWS_ALLOW_HTTP": "true"} if endpoint_url and is_s3(source) else {}
+    )
+
+
 def delta_files(uri: str, storage: dict[str, str], pinned: int | None = None) -> TableFiles:
     """The data files of the current version, or of version `pinned`."""
     from deltalake import DeltaTable
@@ -97,10 +126,7 @@ def table_files(
 ) -> TableFiles:
     if fmt == "iceberg":
         return iceberg_files(source, props, pinned)
-    storage = (
-        {"AWS_ENDPOINT_URL": endpoint_url, "AWS_ALLOW_HTTP": "true"} if endpoint_url and is_s3(source) else {}
-    )
-    return delta_files(source, storage, pinned)
+    return delta_files(source, delta_storage(source, endpoint_url), pinned)
 
 
 def file_infos(files: list[str], fs: pafs.FileSystem) -> list[pafs.FileInfo]:
@@ -110,8 +136,9 @@ def file_infos(files: list[str], fs: pafs.FileSystem) -> list[pafs.FileInfo]:
 
 def check_text_type(schema: pa.Schema, column: str, where: str) -> None:
     """A text column must hold strings; refused before any work otherwise."""
-    if column in schema.names and not (
-        pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)
+    kind = schema.field(column).type if column in schema.names else None
+    if kind is not None and not (
+        pa.types.is_string(kind) or pa.types.is_large_string(kind) or kind == pa.string_view()
     ):
         raise ValueError(
             f"input {where}: text column {column!r} is {schema.field(column).type}, not a string"
