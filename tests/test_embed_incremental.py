@@ -72,6 +72,9 @@ def test_only_new_and_changed_rows_are_embedded_and_the_union_is_exact(
     )
 
     _key_index_is_the_view(tmp_path / "v2", 2)
+    assert [p.name for p in (tmp_path / "v2" / "_plan").iterdir()] == [
+        "_done.json"
+    ]  # its files served their run
 
     # 8 ranges now, each reading its part of v2's 4 key files
     v3 = embed(EmbedConfig(input=str(tmp_path / "lake2"), output=str(tmp_path / "v3"),

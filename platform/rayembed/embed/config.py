@@ -119,7 +119,8 @@ class EmbedConfig:
     with `output: .../{date}`, the nightly recipe (jobs/embed-nightly.yaml)."""
     bucket_ids: int = 4_000_000
     """Incremental runs: at most this many ids (on average) per range of the comparison with the previous
-    view (embed/keys.py); a task holds one range, ~100 B an id a side (~0.8 GB at the default)."""
+    view (embed/keys.py); a task holds one range: ~250 MB a million ids measured (~1 GB at the default)
+    beside the worker's own ~600 MB."""
     snapshot_diff: bool = True
     """Incremental runs over a table: read only the data files added since the base's Iceberg snapshot or
     Delta version (ids can only have gone from the files removed since), while that snapshot is in the

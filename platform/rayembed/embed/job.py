@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from rayembed.embed.actor import EmbedFragments, check_columns, fs_for, needed_columns, peek_columns
 from rayembed.embed.config import EmbedConfig
+from rayembed.embed.keys import drop_plan_files
 from rayembed.embed.manifest import (
     COMMITTED,
     MANIFEST,
@@ -297,6 +298,8 @@ def finish(
             cfg.tracking, "embed", dataclasses.asdict(cfg), summary, cfg.model, made_by
         )
     write_json(out_fs, f"{root}/_summary.json", summary)
+    if planned is not None:  # the plan's files served their run (the next night reads `_keys`)
+        drop_plan_files(out_fs, root)
     return summary
 
 
