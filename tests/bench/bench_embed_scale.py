@@ -76,8 +76,8 @@ def steady_docs_s(out: str, endpoint: str | None) -> float | None:
     """Rows committed after the first marker / seconds from the first marker to the last (markers'
     mtimes): the pipeline's rate once its fixed start-up costs are paid. None where the listing has no
     mtimes (pyarrow's S3 listing)."""
-    from rayembed.embed.actor import fs_for
     from rayembed.embed.manifest import COMMITTED, list_dir, read_json
+    from rayembed.embed.rows import fs_for
     from rayembed.io import strip_scheme
 
     fs = fs_for(out, endpoint)
@@ -141,7 +141,7 @@ def bookkeeping(out: str, endpoint: str | None) -> dict[str, int]:
     """Count and bytes of the exactly-once files: the manifest and the commit markers."""
     import pyarrow.fs as pafs
 
-    from rayembed.embed.actor import fs_for
+    from rayembed.embed.rows import fs_for
     from rayembed.io import strip_scheme
 
     fs = fs_for(out, endpoint)

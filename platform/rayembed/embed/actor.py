@@ -27,16 +27,13 @@ import pyarrow.parquet as pq
 
 from rayembed.embed.config import EmbedConfig
 from rayembed.embed.keys import PLAN, todo_of
-from rayembed.embed.manifest import REJECTS, TMP, Fragment, commit, read_json, read_lines, staging_path
+from rayembed.embed.manifest import REJECTS, TMP, Fragment, commit, read_json, staging_path
+from rayembed.embed.rows import fs_for, read_fragment, reject_reason, texts_of
 from rayembed.embed.versions import content_hash
-from rayembed.io import filesystem, strip_scheme
+from rayembed.io import strip_scheme
 from rayembed.model import Embedder, Tokens, chunking, resolve_model_path
 
 ARROW_TYPES = {"float32": pa.float32(), "int8": pa.int8(), "binary": pa.uint8()}
-
-
-def fs_for(path: str, endpoint_url: str | None) -> pafs.FileSystem:
-    return filesystem(path, endpoint_url) or pafs.LocalFileSystem()
 
 
 CHUNK_FIELDS = [pa.field("chunk", pa.int32()), pa.field("start", pa.int64()), pa.field("end", pa.int64()),
@@ -68,14 +65,6 @@ def store_error(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
     return False
-
-
-def reject_reason(text: Any) -> str | None:
-    if text is None:
-        return "null"
-    if not isinstance(text, str):
-        return f"non-string ({type(text).__name__})"
-    return None if text.strip() else "empty"
 
 
 def background(gen: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -308,11 +297,6 @@ class EmbedFragments:
             writers[final][2].write_table(part)
 
 
-def needed_columns(c: EmbedConfig) -> list[str]:
-    named = [c.id_column, c.text_column, c.title_column, *c.passthrough_columns, c.partition_by]
-    return list(dict.fromkeys(x for x in named if x))
-
-
 def peek_columns(frag: Fragment, fs: pafs.FileSystem) -> list[str]:
     """Column names of a fragment's file (Parquet schema, or the keys of the first JSON lines)."""
     if frag.fmt == "parquet":
@@ -327,52 +311,3 @@ def peek_columns(frag: Fragment, fs: pafs.FileSystem) -> list[str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"input {frag.path} is not JSON lines: {e.msg}") from None
     return list(keys)
-
-
-def check_columns(names: list[str], needed: list[str], where: str) -> None:
-    missing = [c for c in needed if c not in names]
-    if missing:
-        raise ValueError(f"input {where} lacks column(s) {missing}; it has {names}")
-
-
-def read_fragment(c: EmbedConfig, fs: pafs.FileSystem, frag: Fragment) -> Iterator[pa.Table]:
-    """A fragment's rows (the columns the job needs), `chunk_rows` at a time."""
-    cols = needed_columns(c)
-    if frag.fmt == "parquet":
-        pf = pq.ParquetFile(fs.open_input_file(frag.path))
-        check_columns(pf.schema_arrow.names, cols, frag.path)
-        assert frag.row_groups is not None
-        groups = list(range(*frag.row_groups))
-        for b in pf.iter_batches(batch_size=c.chunk_rows, row_groups=groups, columns=cols):
-            yield plain_strings(pa.Table.from_batches([b]))
-        return
-    import pyarrow.json as pajson
-
-    data = read_lines(fs, frag)
-    if not data.strip():  # a range holding no line start (one line longer than the range)
-        return
-    table = pajson.read_json(pa.BufferReader(data))
-    check_columns(table.column_names, cols, frag.path)
-    for b in table.select(cols).to_batches(max_chunksize=c.chunk_rows):
-        yield pa.Table.from_batches([b])
-
-
-def plain_strings(table: pa.Table) -> pa.Table:
-    """string_view columns (files delta-rs rewrites hold them) as plain strings: Arrow's take and filter
-    kernels lack string_view."""
-    if not any(f.type == pa.string_view() for f in table.schema):
-        return table
-    fields = [pa.field(f.name, pa.string()) if f.type == pa.string_view() else f for f in table.schema]
-    return table.cast(pa.schema(fields))
-
-
-def texts_of(c: EmbedConfig, table: pa.Table) -> list[Any]:
-    """What is embedded per row (and hashed): the title and the text, or the text."""
-    texts = table.column(c.text_column).to_pylist()
-    if c.title_column:
-        titles = table.column(c.title_column).to_pylist()
-        texts = [
-            f"{h} {t}" if isinstance(h, str) and h.strip() and isinstance(t, str) else t
-            for h, t in zip(titles, texts, strict=True)
-        ]
-    return texts

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rayembed.embed.actor import EmbedFragments, check_columns, fs_for, needed_columns, peek_columns
+from rayembed.embed.actor import EmbedFragments, peek_columns
 from rayembed.embed.config import EmbedConfig
 from rayembed.embed.keys import drop_plan_files
 from rayembed.embed.manifest import (
@@ -35,6 +35,7 @@ from rayembed.embed.manifest import (
     write_json,
 )
 from rayembed.embed.plan import make_plan
+from rayembed.embed.rows import check_columns, fs_for, needed_columns
 from rayembed.embed.tables import check_text_type, file_infos, table_diff, table_files, write_iceberg
 from rayembed.embed.versions import LATEST, chain, changes, current, latest, settings_check
 from rayembed.io import ensure_ray, strip_scheme

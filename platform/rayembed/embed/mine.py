@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from rayembed.embed.actor import fs_for
 from rayembed.embed.config import EmbedConfig, MineConfig
 from rayembed.embed.job import embed
 from rayembed.embed.manifest import REJECTS
+from rayembed.embed.rows import fs_for
 from rayembed.io import strip_scheme
 
 

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rayembed.embed.actor import fs_for, read_fragment, reject_reason, texts_of
 from rayembed.embed.config import EmbedConfig
 from rayembed.embed.keys import (
     INDEX,
@@ -35,6 +34,7 @@ from rayembed.embed.keys import (
     write,
 )
 from rayembed.embed.manifest import Fragment, list_dir, read_json, write_json
+from rayembed.embed.rows import fs_for, read_fragment, reject_reason, texts_of
 from rayembed.embed.versions import DELETED, base_of, content_hash, current, own_files
 from rayembed.io import ensure_ray, strip_scheme
 
