@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from rayembed.embed.config import EmbedConfig
 from rayembed.embed.keys import PLAN, todo_of
 from rayembed.embed.manifest import REJECTS, TMP, Fragment, commit, read_json, staging_path
-from rayembed.embed.rows import fs_for, read_fragment, reject_reason, texts_of
+from rayembed.embed.rows import fs_for, read_fragment, screen
 from rayembed.embed.versions import content_hash
 from rayembed.io import strip_scheme
 from rayembed.model import Embedder, Tokens, chunking, resolve_model_path
@@ -147,19 +147,8 @@ class EmbedFragments:
         """(rows to embed, rejected rows with reasons, their tokens, their content hashes, rows unchanged
         since the previous version): the CPU work, done ahead in a thread."""
         c = self.cfg
-        texts = texts_of(c, table)
-        reasons = [reject_reason(t) for t in texts]
-        good = [i for i, r in enumerate(reasons) if r is None]
-        bad = [i for i, r in enumerate(reasons) if r is not None]
-        ids = table.column(c.id_column)
-        bad_idx, good_idx = pa.array(bad, pa.int64()), pa.array(good, pa.int64())
-        rejects = pa.table(
-            {
-                "id": ids.take(bad_idx).cast(pa.string()),
-                "reason": pa.array([reasons[i] for i in bad], pa.string()),
-            }
-        )
-        keep, unchanged = table.take(good_idx), 0
+        texts, good, rejects = screen(c, table)
+        keep, unchanged = table.take(pa.array(good, pa.int64())), 0
         if self.todo is not None:  # only the ids the plan lists (new ids and changed texts)
             ids_kept = keep.column(c.id_column).cast(pa.string()).to_pylist()
             fresh = [i for i, k in enumerate(ids_kept) if k in self.todo]

@@ -24,15 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from rayembed.embed.keys import id_hash
 from rayembed.embed.manifest import MANIFEST, read_json, write_json
 from rayembed.embed.versions import DELETED, LATEST, chain, latest, own_files
 
 
 def _bucket(ids: pa.Array, buckets: int) -> np.ndarray:
-    import pandas as pd
-
-    hashed = pd.util.hash_array(np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object))
-    return (hashed % np.uint64(buckets)).astype(np.int64)
+    return (id_hash(ids).to_numpy() % np.uint64(buckets)).astype(np.int64)
 
 
 def _ids(fs: pafs.FileSystem, path: str) -> pa.Array:

@@ -154,16 +154,13 @@ def todo_of(fs: pafs.FileSystem, root: str, fragment: str) -> set[str]:
     return ids
 
 
-def gather_deleted(fs: pafs.FileSystem, root: str, path: str) -> int:
-    """The plan's deleted ids, range by range, into one file (`_deleted.parquet`); how many."""
-    n = 0
+def gather_deleted(fs: pafs.FileSystem, root: str, path: str) -> None:
+    """The plan's deleted ids, range by range, into one file (`_deleted.parquet`)."""
     with fs.open_output_stream(path) as out, pq.ParquetWriter(out, pa.schema([("id", pa.string())])) as w:
         for info in list_dir(fs, f"{root}/{PLAN}/deleted", ".parquet"):
             with fs.open_input_file(info.path) as f:
                 part = pq.read_table(f)
             w.write_table(part)
-            n += part.num_rows
-    return n
 
 
 def run_bounded(fn: Any, calls: list[tuple[Any, ...]], window: int) -> list[Any]:

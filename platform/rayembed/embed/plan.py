@@ -34,7 +34,7 @@ from rayembed.embed.keys import (
     write,
 )
 from rayembed.embed.manifest import Fragment, list_dir, read_json, write_json
-from rayembed.embed.rows import fs_for, read_fragment, reject_reason, texts_of
+from rayembed.embed.rows import fs_for, read_fragment, screen
 from rayembed.embed.versions import DELETED, base_of, content_hash, current, own_files
 from rayembed.io import ensure_ray, strip_scheme
 
@@ -47,26 +47,22 @@ def scan_fragment(cfg: dict[str, Any], fragment: str) -> int:
     fs, root = fs_for(c.output, c.s3_endpoint_url), f"{strip_scheme(c.output)}/{PLAN}"
     parts, bad, stats = [], [], Counter[str]()
     for table in read_fragment(c, fs_for(c.input, c.s3_endpoint_url), frag):
-        texts = texts_of(c, table)
-        reasons = [reject_reason(t) for t in texts]
-        good = [i for i, r in enumerate(reasons) if r is None]
-        ids = table.column(c.id_column).cast(pa.string())  # Delta's strings come as string_view
-        parts.append(
-            keys_of(ids.take(pa.array(good, pa.int64())), content_hash([texts[i] for i in good]), frag.name)
-        )
-        for i, r in enumerate(reasons):
-            if r is not None:
-                bad.append((ids[i].as_py(), r))
-                stats[f"rejected:{r}"] += 1
+        texts, good, rejects = screen(c, table)
+        ids = table.column(c.id_column).take(pa.array(good, pa.int64()))
+        parts.append(keys_of(ids, content_hash([texts[i] for i in good]), frag.name))
+        bad.append(rejects)
+        stats.update(f"rejected:{r}" for r in rejects.column("reason").to_pylist())
         stats["rows_in"] += table.num_rows
     empty = keys_of(pa.array([], pa.string()), pa.array([], pa.string()), "")
     keys = pa.concat_tables(parts).sort_by("h") if parts else empty
     write(fs, f"{root}/scan/{frag.name}", keys)
-    if bad:
-        ids, why = zip(*bad, strict=True)
-        rejects = {"id": pa.array(ids, pa.string()),
-                   "reason": pa.array(why, pa.string()), "fragment": pa.array([frag.key] * len(bad))}  # fmt: skip
-        write(fs, f"{root}/rejects/{frag.name}", pa.table(rejects))
+    rejected = pa.concat_tables(bad) if bad else None
+    if rejected is not None and rejected.num_rows:  # as the actor writes them: with the fragment's key
+        write(
+            fs,
+            f"{root}/rejects/{frag.name}",
+            rejected.append_column("fragment", pa.array([frag.key] * rejected.num_rows)),
+        )
     write_json(fs, f"{root}/stats/{frag.name}.json", dict(stats) | {"unchanged": keys.num_rows})
     return keys.num_rows
 
@@ -133,8 +129,8 @@ def make_plan(
     counts = run_bounded(
         task, [(cfg_dict, k, bits, removed is not None, base) for k in range(1 << bits)], window
     )
-    deleted = gather_deleted(fs, root, f"{root}/{DELETED}")
-    return finish_plan(fs, root, bits, counts, {"scanned": new, "base_ids": old, "deleted_file": deleted})
+    gather_deleted(fs, root, f"{root}/{DELETED}")
+    return finish_plan(fs, root, bits, counts, {"scanned": new, "base_ids": old})
 
 
 def base_keys(

@@ -27,6 +27,18 @@ def reject_reason(text: Any) -> str | None:
     return None if text.strip() else "empty"
 
 
+def screen(c: EmbedConfig, table: pa.Table) -> tuple[list[Any], list[int], pa.Table]:
+    """(what each row embeds, the rows with a text, the others with their reason as a table (id, reason)):
+    the one rule the actors and the incremental plan's scan both apply."""
+    texts = texts_of(c, table)
+    reasons = [reject_reason(t) for t in texts]
+    good = [i for i, r in enumerate(reasons) if r is None]
+    bad = [i for i, r in enumerate(reasons) if r is not None]
+    rejects = {"id": table.column(c.id_column).take(pa.array(bad, pa.int64())).cast(pa.string()),
+               "reason": pa.array([reasons[i] for i in bad], pa.string())}  # fmt: skip
+    return texts, good, pa.table(rejects)
+
+
 def needed_columns(c: EmbedConfig) -> list[str]:
     named = [c.id_column, c.text_column, c.title_column, *c.passthrough_columns, c.partition_by]
     return list(dict.fromkeys(x for x in named if x))

@@ -140,9 +140,7 @@ def check_text_type(schema: pa.Schema, column: str, where: str) -> None:
     if kind is not None and not (
         pa.types.is_string(kind) or pa.types.is_large_string(kind) or kind == pa.string_view()
     ):
-        raise ValueError(
-            f"input {where}: text column {column!r} is {schema.field(column).type}, not a string"
-        )
+        raise ValueError(f"input {where}: text column {column!r} is {kind}, not a string")
 
 
 TAG = "rayembed.output"  # the output whose view the Iceberg table holds: a table property, and each commit's tag
