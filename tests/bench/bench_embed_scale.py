@@ -51,11 +51,13 @@ def write_lake(lake: Path, size: int, files: int) -> None:
 
 
 class PeakRSS:
-    """Peak RSS of the embed actors (Ray names them ray::MapWorker(...EmbedFragments...)) and of this
-    process (the driver), sampled every 0.5 s while the jobs run."""
+    """Peak RSS of the embed actors (Ray names them ray::MapWorker(...EmbedFragments...)), of every Ray
+    worker process (`ray::...`: actors and tasks) and of this process (the driver), sampled every 0.5 s
+    while the jobs run."""
 
     def __init__(self) -> None:
         self.peak: dict[int, int] = {}
+        self.workers: dict[int, int] = {}
         self.driver = 0
         self.stop = threading.Event()
         threading.Thread(target=self.run, daemon=True).start()
@@ -67,8 +69,11 @@ class PeakRSS:
         while not self.stop.is_set():
             self.driver = max(self.driver, me.memory_info().rss)
             for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-                if "EmbedFragments" in " ".join(p.info["cmdline"] or []) and p.info["memory_info"]:
-                    self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.info["memory_info"].rss)
+                cmd, mem = " ".join(p.info["cmdline"] or []), p.info["memory_info"]
+                if mem and cmd.startswith("ray::"):
+                    self.workers[p.pid] = max(self.workers.get(p.pid, 0), mem.rss)
+                if mem and "EmbedFragments" in cmd:
+                    self.peak[p.pid] = max(self.peak.get(p.pid, 0), mem.rss)
             time.sleep(0.5)
 
 

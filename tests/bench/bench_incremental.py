@@ -24,7 +24,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -108,33 +107,10 @@ def write_base(out: Path, lake: Path, cfg: Any) -> None:
     write_json(fs, str(out / "_summary.json"), {"rows": "written by bench_incremental.py"})
 
 
-class PeakRSS:
-    """Peak RSS of this process (the driver) and of each Ray worker process (cmdline `ray::...`)."""
-
-    def __init__(self) -> None:
-        self.driver, self.workers, self.actors = 0, 0, 0
-        self.stop = threading.Event()
-        threading.Thread(target=self.run, daemon=True).start()
-
-    def run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self.stop.is_set():
-            self.driver = max(self.driver, me.memory_info().rss)
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if cmd.startswith("ray::") and p.info["memory_info"]:
-                    rss = p.info["memory_info"].rss
-                    self.workers = max(self.workers, rss)
-                    if "EmbedFragments" in cmd:
-                        self.actors = max(self.actors, rss)
-            time.sleep(0.5)
-
-
 def one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One run of the job in this process, sampled."""
+    """One run of the job in this process, sampled (bench_embed_scale's sampler)."""
     import ray
+    from bench_embed_scale import PeakRSS  # type: ignore[import-not-found]
 
     from rayembed.config import EmbedConfig
     from rayembed.embed import embed
@@ -150,8 +126,9 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
         "wall_s": round(wall, 1), "rows_in": summary["rows_in"], "embedded": summary["rows"],
         "unchanged": summary["unchanged"], "deleted": summary.get("deleted"),
         "rows_in_per_s": round(summary["rows_in"] / wall, 1),
-        "driver_peak_rss_mb": round(sampler.driver / 2**20, 1), "worker_peak_rss_mb": round(sampler.workers / 2**20, 1),
-        "actor_peak_rss_mb": round(sampler.actors / 2**20, 1), "change_detection": summary.get("change_detection"),
+        "driver_peak_rss_mb": round(sampler.driver / 2**20, 1),
+        "worker_peak_rss_mb": round(max(sampler.workers.values(), default=0) / 2**20, 1),
+        "actor_peak_rss_mb": round(max(sampler.peak.values(), default=0) / 2**20, 1), "change_detection": summary.get("change_detection"),
     }  # fmt: skip
 
 
