@@ -105,12 +105,15 @@ def test_iceberg_append_carries_chunk_rows(tiny_model: Path, tmp_path: Path) -> 
         assert len(texts[r["id"]][r["start"] : r["end"]]) > 0 and 0 < r["tokens"] <= 62
 
 
-def test_delta_table_in_and_a_night_that_reads_only_the_files_added_since(
+def test_delta_table_in_and_nights_by_its_change_feed_and_by_its_log(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    """A Delta table embedded whole; then, after an append, a delete and an update (delta-rs rewrites the
-    files it touches), a night reads only the data files the table's log added since the base's version,
-    and its view equals, row for row, that of the same night found by hashing every row."""
+    """A Delta table with a change data feed embedded whole; then, after an append, a delete and an update
+    (delta-rs rewrites the files it touches), a night reads only the rows the feed lists (5 inserted, 1
+    updated: not the 13 other rows of the file the delete rewrote, nor the 14 of the update's), netted
+    over 2 ranges; the same night by the log's file diff (`change_feed=false`) reads only the files added
+    since. Both views equal the table as it is now, each vector a fresh embedding of its row. A night
+    with no commit since reads nothing; a rerun of a finished feed night redoes nothing."""
     import pyarrow.fs as pafs
     from deltalake import DeltaTable, write_deltalake
 
@@ -118,7 +121,8 @@ def test_delta_table_in_and_a_night_that_reads_only_the_files_added_since(
 
     path = tmp_path / "delta"
     for k in range(3):
-        write_deltalake(str(path), _docs(15 * k, 15), mode="append")
+        write_deltalake(str(path), _docs(15 * k, 15), mode="append",
+                        configuration={"delta.enableChangeDataFeed": "true"})  # fmt: skip
     common = {"input": str(path), "input_format": "delta", "model": str(tiny_model), "id_column": "id",
               "progress": False}  # fmt: skip
     result = embed(EmbedConfig(output=str(tmp_path / "out"), **common))
@@ -132,20 +136,56 @@ def test_delta_table_in_and_a_night_that_reads_only_the_files_added_since(
     table.update(
         {"text": "'a new text for this document'"}, predicate=f"id = '{ids[20]}'"
     )  # its file rewritten
-    diff = embed(EmbedConfig(output=str(tmp_path / "v2"), incremental_from=str(tmp_path / "out"), **common))
-    detected = diff["change_detection"]
+    base = str(tmp_path / "out")
+    night = EmbedConfig(output=str(tmp_path / "v2"), incremental_from=base, bucket_ids=8, **common)
+    fed = embed(night)
+    assert fed["change_detection"] | {"base_ids": 0} == {
+        "path": "delta change data feed", "since": 2, "feed_rows": 9, "changed_rows": 6, "gone_rows": 2,
+        "ranges": 8, "base_ids": 0,
+    }  # fmt: skip
+    assert fed["rows_in"] == fed["rows"] == 6 and fed["deleted"] == 2 and fed["unchanged"] == 0
+    logged = embed(
+        EmbedConfig(output=str(tmp_path / "v2-log"), incremental_from=base, change_feed=False, **common)
+    )
+    detected = logged["change_detection"]
     assert detected["path"] == "delta log diff"
     assert detected["files_skipped"] == 1 and detected["files_removed"] == 2  # the third file: not read
-    assert diff["fragments"] == detected["files_added"] == 3
-    assert diff["rows"] == 6 and diff["deleted"] == 2  # 5 new, 1 changed (its file's other rows: unchanged)
-    # the view: the table as it is now, each row's vector a fresh embedding of its text
-    view = current(pafs.LocalFileSystem(), str(tmp_path / "v2")).sort_by("id")
+    assert logged["fragments"] == detected["files_added"] == 3
+    assert logged["rows"] == 6 and logged["deleted"] == 2 and logged["rows_in"] == 5 + 13 + 15
+    # the views: the table as it is now, each row's vector a fresh embedding of its text
     now = DeltaTable(str(path)).to_pyarrow_table().sort_by("id")
-    assert view.column("id").to_pylist() == now.column("id").cast(pa.string()).to_pylist()
     fresh = Embedder.load(tiny_model, device="cpu").encode(now.column("text").cast(pa.string()).to_pylist())
-    np.testing.assert_allclose(
-        np.stack(view.column("embedding").to_numpy(zero_copy_only=False)), fresh, atol=1e-5
-    )
+    for version in ("v2", "v2-log"):
+        view = current(pafs.LocalFileSystem(), str(tmp_path / version)).sort_by("id")
+        assert view.column("id").to_pylist() == now.column("id").cast(pa.string()).to_pylist()
+        np.testing.assert_allclose(
+            np.stack(view.column("embedding").to_numpy(zero_copy_only=False)), fresh, atol=1e-5
+        )
+    assert not (tmp_path / "v2" / "_feed" / "rows").exists()  # dropped with the plan's files
+    again = embed(night)
+    assert again["fragments_skipped"] == again["fragments"] == fed["fragments"] and again["rows"] == 6
+    quiet = embed(EmbedConfig(output=str(tmp_path / "v3"), incremental_from=str(tmp_path / "v2"), **common))
+    assert quiet["change_detection"]["feed_rows"] == 0 and quiet["rows_in"] == 0 and quiet["deleted"] == 0
+
+
+def test_a_change_feed_whose_files_are_gone_is_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
+    """A VACUUM that removed `_change_data/` files the night needs: the error names the way out."""
+    import shutil
+
+    import pyarrow.fs as pafs
+    from deltalake import DeltaTable, write_deltalake
+
+    from rayembed.embed.feed import stream_feed
+
+    path = tmp_path / "delta"
+    write_deltalake(str(path), _docs(0, 5), configuration={"delta.enableChangeDataFeed": "true"})
+    DeltaTable(str(path)).delete("id = '" + _docs(0, 1).column("id")[0].as_py() + "'")
+    shutil.rmtree(path / "_change_data")
+    cfg = EmbedConfig(input=str(path), output=str(tmp_path / "out"), input_format="delta",
+                      model=str(tiny_model), id_column="id")  # fmt: skip
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(RuntimeError, match=r"feed of versions 1\.\.1 cannot be read .*change_feed=false"):
+        stream_feed(cfg, {}, 0, 1, pafs.LocalFileSystem(), str(tmp_path / "raw"))
 
 
 @pytest.mark.parametrize(

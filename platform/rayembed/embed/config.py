@@ -126,6 +126,10 @@ class EmbedConfig:
     Delta version (ids can only have gone from the files removed since), while that snapshot is in the
     table's history (Delta: its log); otherwise (false, files, an expired snapshot) every row is read and
     its content hash compared. The summary's `change_detection` says which ran."""
+    change_feed: bool = True
+    """With `snapshot_diff`, a Delta table whose `delta.enableChangeDataFeed` is true: read only the rows its
+    change data feed lists since the base's version (inserted, updated, deleted; embed/feed.py), not the
+    whole files a one-row update rewrote; false: the log's file diff."""
     progress: bool = True
     """Show a progress bar."""
     tracking: dict[str, Any] | None = None

@@ -195,8 +195,9 @@ def finish_plan(
 
 
 def drop_plan_files(fs: pafs.FileSystem, root: str) -> None:
-    """The plan's files once the run is done (a lake's worth of scanned keys); its marker stays, so a
-    rerun of the finished run does not plan again."""
-    for info in fs.get_file_info(pafs.FileSelector(f"{root}/{PLAN}", allow_not_found=True)):
-        if info.type == pafs.FileType.Directory:
-            fs.delete_dir(info.path)
+    """The plan's files once the run is done (a lake's worth of scanned keys; a change feed's rows); the
+    markers stay, so a rerun of the finished run does not plan again."""
+    for folder in (PLAN, "_feed"):
+        for info in fs.get_file_info(pafs.FileSelector(f"{root}/{folder}", allow_not_found=True)):
+            if info.type == pafs.FileType.Directory:
+                fs.delete_dir(info.path)
