@@ -29,6 +29,23 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAYEMBED_MODEL_CACHE", tempfile.mkdtemp(prefix="rayembed-models-"))  # s3:// models
 
 DATA = Path(SHARED_DATA)
+ROOT = Path(__file__).resolve().parents[1]
+MYPY = pytest.StashKey[tuple[Any, Path]]()
+
+
+def start_mypy(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """mypy (tests/test_lint.py) needs one core for ~25 s and nothing from the other tests: it starts when
+    the session knows it will run, at the lowest CPU priority (it takes what the Ray tests leave idle),
+    and test_mypy waits for its verdict."""
+    import subprocess
+    import sys
+
+    if any(item.nodeid == "tests/test_lint.py::test_mypy" for item in items):
+        log = Path(tempfile.mkdtemp(prefix="rayembed-mypy-")) / "mypy.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(["nice", "-n", "19", str(Path(sys.executable).parent / "mypy")], cwd=ROOT,
+                                    stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        config.stash[MYPY] = (proc, log)
 
 
 def build_tiny(path: Path, seed: int = 0, name: str = "tiny-bert") -> Path:
@@ -155,9 +172,10 @@ def module_cluster() -> Iterator[Any]:
 OWN_CLUSTER = {"cluster", "module_cluster", "ray_started", "recipe_dir"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules with a test that starts its own Ray cluster run last (in their order), so the shared local
-    cluster of `ray_local` starts once rather than again after each of them."""
+    cluster of `ray_local` starts once rather than again after each of them; mypy starts (start_mypy)."""
+    start_mypy(config, items)
 
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]

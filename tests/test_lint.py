@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -18,5 +20,13 @@ def test_ruff() -> None:
     _run("ruff", "format", "--check", "platform", "tests")
 
 
-def test_mypy() -> None:
-    _run("mypy")
+def test_mypy(request: pytest.FixtureRequest) -> None:
+    """mypy over `packages` as pyproject.toml sets them: started with the session (conftest.py), else here."""
+    from conftest import MYPY
+
+    started = request.config.stash.get(MYPY, None)
+    if started is None:
+        _run("mypy")
+        return
+    proc, log = started
+    assert proc.wait(timeout=1800) == 0, log.read_text()
