@@ -81,7 +81,9 @@ def test_only_new_and_changed_rows_are_embedded_and_the_union_is_exact(
                            incremental_from=str(tmp_path / "v2"), bucket_ids=4, **common))  # fmt: skip
     assert v3["rows"] == 0 and v3["unchanged"] == len(valid) and v3["deleted"] == 0  # nothing to do
     assert v3["change_detection"]["ranges"] == 8
-    # both fragments committed from the plan's scan, not read again: its rejected row is still reported
+    # both fragments committed from the plan's scan by the driver, not read again and no actor started (no
+    # model loaded); the rejected row is still reported
+    assert v3["fragments_unchanged"] == v3["fragments"] == 2 and v3["plan"] == {}
     rejects = pq.read_table(tmp_path / "v3" / "_rejects")
     assert v3["rejected"] == 1 and rejects.column("id").to_pylist() == ["8"] and v3["run_rows"] == 0
     assert set(_view(tmp_path / "v3")) == set(valid)
@@ -98,6 +100,7 @@ def test_only_new_and_changed_rows_are_embedded_and_the_union_is_exact(
         and v4["change_detection"]["base_ids"] == len(valid)
     )
     assert set(_view(tmp_path / "v4")) == set(valid)
+    assert v4["fragments_unchanged"] == 1 and v4["plan"]["actors"] >= 1  # part-1 has nothing new
 
 
 def _key_index_is_the_view(version: Path, bits: int) -> None:

@@ -26,8 +26,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayembed.embed.config import EmbedConfig
-from rayembed.embed.keys import PLAN, todo_of
-from rayembed.embed.manifest import REJECTS, TMP, Fragment, commit, read_json, staging_path
+from rayembed.embed.keys import todo_of
+from rayembed.embed.manifest import REJECTS, TMP, Fragment, commit, staging_path
+from rayembed.embed.plan import commit_unchanged
 from rayembed.embed.rows import fs_for, read_fragment, screen
 from rayembed.embed.versions import content_hash
 from rayembed.io import strip_scheme
@@ -207,18 +208,9 @@ class EmbedFragments:
         return dict(stats)
 
     def unchanged(self, frag: Fragment, start: float) -> dict[str, Any]:
-        """A fragment with nothing to embed: committed with its scan's counts and rejected rows (plan.py),
-        without reading its input again."""
-        plan = f"{self.root}/{PLAN}"
-        stats = read_json(self.out_fs, f"{plan}/stats/{frag.name}.json")
-        staged = {}
-        if self.out_fs.get_file_info(f"{plan}/rejects/{frag.name}").type == pafs.FileType.File:
-            tmp = staging_path(self.root, frag.name)
-            self.out_fs.copy_file(f"{plan}/rejects/{frag.name}", tmp)
-            staged[tmp] = f"{REJECTS}/{frag.name}"
-        stats["seconds_x1000"] = int(1000 * (time.time() - start))
-        commit(self.out_fs, self.root, frag, staged, stats)
-        return dict(stats)
+        """A fragment with nothing to embed (a plan made before the driver committed those itself)."""
+        stats = commit_unchanged(self.out_fs, self.root, frag)
+        return stats | {"seconds_x1000": int(1000 * (time.time() - start))}
 
     def embed_rows(
         self, keep: pa.Table, tokens: Any, hashes: pa.Array, stats: Counter[str]

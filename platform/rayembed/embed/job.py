@@ -36,7 +36,7 @@ from rayembed.embed.manifest import (
     read_json,
     write_json,
 )
-from rayembed.embed.plan import make_plan
+from rayembed.embed.plan import commit_quiet, make_plan
 from rayembed.embed.rows import check_columns, fs_for, needed_columns
 from rayembed.embed.tables import (
     check_text_type,
@@ -263,6 +263,12 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     if cfg.incremental_from:
         planned = make_plan(cfg, fragments, source, detection.get("removed"))
     pending = [f for f in fragments if f.name not in done]
+    resumed, quiet = len(fragments) - len(pending), []
+    if planned is not None and "busy" in planned:  # what has nothing to embed needs no actor (nor model)
+        busy = set(planned["busy"])
+        quiet = [f for f in pending if f.name not in busy]
+        commit_quiet(out_fs, root, quiet)
+        pending = [f for f in pending if f.name in busy]
     run: Counter[str] = Counter()
     plan: dict[str, float] = {}  # this run's actors (none when everything was committed before)
     if pending:
@@ -299,8 +305,10 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
                 tick(stats.get("rows_out", 0), run["rows_out"] / max(time.time() - start, 1e-9))
     if out_fs.get_file_info(f"{root}/{TMP}").type == pafs.FileType.Directory:
         out_fs.delete_dir(f"{root}/{TMP}")
-    summary = summarize(cfg, root, out_fs, run, fragments, len(fragments) - len(pending), time.time() - start)
+    summary = summarize(cfg, root, out_fs, run, fragments, resumed, time.time() - start)
     summary["plan"] = plan
+    if planned is not None:  # committed from the plan's scan, no actor: nothing in them to embed
+        summary["fragments_unchanged"] = len(quiet)
     return finish(cfg, root, out_fs, summary, planned, detection)
 
 

@@ -141,7 +141,8 @@ def compare(fs: pafs.FileSystem, root: str, old: pa.Table, k: int, bits: int, di
     write(fs, f"{root}/{PLAN}/todo/{name(k, bits)}", todo)
     deleted = old.filter(gone).select(["id"])
     write(fs, f"{root}/{PLAN}/deleted/{name(k, bits)}", deleted)
-    return {"view": view.num_rows, "todo": todo.num_rows, "deleted": deleted.num_rows}
+    busy = pc.unique(todo.column("fragment")).to_pylist()  # the fragments with something to embed
+    return {"view": view.num_rows, "todo": todo.num_rows, "deleted": deleted.num_rows, "busy": busy}
 
 
 def todo_of(fs: pafs.FileSystem, root: str, fragment: str) -> set[str]:
@@ -184,12 +185,14 @@ def run_bounded(fn: Any, calls: list[tuple[Any, ...]], window: int) -> list[Any]
 
 
 def finish_plan(
-    fs: pafs.FileSystem, root: str, bits: int, counts: list[dict[str, int]], extra: dict[str, Any]
+    fs: pafs.FileSystem, root: str, bits: int, counts: list[dict[str, Any]], extra: dict[str, Any]
 ) -> dict[str, Any]:
-    """`_keys/_index.json` and the plan's marker (written last: the plan is whole)."""
+    """`_keys/_index.json` and the plan's marker (written last: the plan is whole), which lists the
+    fragments with something to embed (`busy`): the others are committed without an actor."""
     total = {k: sum(c[k] for c in counts) for k in ("view", "todo", "deleted")}
     write_json(fs, f"{root}/{INDEX}", {"bits": bits, "rows": total["view"]})
-    plan = {"bits": bits, **total, **extra}
+    busy = sorted({f for c in counts for f in c["busy"]})
+    plan = {"bits": bits, **total, **extra, "busy": busy}
     write_json(fs, f"{root}/{PLANNED}", plan)
     return plan
 

@@ -33,7 +33,16 @@ from rayembed.embed.keys import (
     span,
     write,
 )
-from rayembed.embed.manifest import Fragment, list_dir, read_json, write_json
+from rayembed.embed.manifest import (
+    REJECTS,
+    TMP,
+    Fragment,
+    commit,
+    list_dir,
+    read_json,
+    staging_path,
+    write_json,
+)
 from rayembed.embed.rows import fs_for, read_fragment, screen
 from rayembed.embed.versions import DELETED, base_of, content_hash, current, own_files
 from rayembed.io import ensure_ray, strip_scheme
@@ -81,7 +90,7 @@ def scan_file(
     return keys.num_rows
 
 
-def compare_range(cfg: dict[str, Any], k: int, bits: int, diff: bool, base: str | None) -> dict[str, int]:
+def compare_range(cfg: dict[str, Any], k: int, bits: int, diff: bool, base: str | None) -> dict[str, Any]:
     """Task: range k compared (keys.compare); the base's keys from its `_keys`, else from this plan's scan
     of it (`base` None)."""
     c = EmbedConfig(**cfg)
@@ -151,3 +160,27 @@ def base_keys(
     view = current(base_fs, base_root, ["id", "content_hash"], cfg.s3_endpoint_url)
     write(fs, f"{out}/000000.parquet", keys_of(view.column("id"), view.column("content_hash")))
     return None, view.num_rows
+
+
+def commit_unchanged(fs: pafs.FileSystem, root: str, frag: Fragment) -> dict[str, Any]:
+    """A fragment the plan lists nothing to embed for: committed with its scan's counts and rejected rows,
+    its input not read again (by the driver, without an actor, or by an actor of an older plan)."""
+    plan = f"{root}/{PLAN}"
+    stats = read_json(fs, f"{plan}/stats/{frag.name}.json")
+    staged = {}
+    if fs.get_file_info(f"{plan}/rejects/{frag.name}").type == pafs.FileType.File:
+        tmp = staging_path(root, frag.name)
+        fs.copy_file(f"{plan}/rejects/{frag.name}", tmp)
+        staged[tmp] = f"{REJECTS}/{frag.name}"
+    commit(fs, root, frag, staged, stats)
+    return dict(stats)
+
+
+def commit_quiet(fs: pafs.FileSystem, root: str, fragments: list[Fragment]) -> None:
+    """commit_unchanged for each of `fragments`, 16 at a time (an object store's requests wait, not work)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if fragments:
+        fs.create_dir(f"{root}/{TMP}", recursive=True)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda f: commit_unchanged(fs, root, f), fragments))
