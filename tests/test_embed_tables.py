@@ -4,6 +4,7 @@ refused before any work."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -106,32 +107,34 @@ def test_iceberg_append_carries_chunk_rows(tiny_model: Path, tmp_path: Path) -> 
 
 
 def test_delta_table_in_and_nights_by_its_change_feed_and_by_its_log(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, s3_endpoint: str
 ) -> None:
-    """A Delta table with a change data feed embedded whole; then, after an append, a delete and an update
-    (delta-rs rewrites the files it touches), a night reads only the rows the feed lists (5 inserted, 1
-    updated: not the 13 other rows of the file the delete rewrote, nor the 14 of the update's), netted
-    over 2 ranges; the same night by the log's file diff (`change_feed=false`) reads only the files added
-    since. Both views equal the table as it is now, each vector a fresh embedding of its row. A night
-    with no commit since reads nothing; a rerun of a finished feed night redoes nothing."""
+    """A Delta table with a change data feed, on the loopback S3 server, embedded whole; then, after an
+    append, a delete and an update (delta-rs rewrites the files it touches), a night reads only the rows
+    the feed lists (5 inserted, 1 updated: not the 13 other rows of the file the delete rewrote, nor the 14
+    of the update's), netted over 2 ranges; the same night by the log's file diff (`change_feed=false`)
+    reads only the files added since. Both views equal the table as it is now, each vector a fresh
+    embedding of its row. A night with no commit since reads nothing; a rerun of a finished feed night
+    redoes nothing."""
     import pyarrow.fs as pafs
     from deltalake import DeltaTable, write_deltalake
 
     from rayembed.embed.versions import current
 
-    path = tmp_path / "delta"
+    uri = "s3://rayembed/delta-nights/table"
+    store = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ALLOW_HTTP": "true", "AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
     for k in range(3):
-        write_deltalake(str(path), _docs(15 * k, 15), mode="append",
+        write_deltalake(uri, _docs(15 * k, 15), mode="append", storage_options=store,
                         configuration={"delta.enableChangeDataFeed": "true"})  # fmt: skip
-    common = {"input": str(path), "input_format": "delta", "model": str(tiny_model), "id_column": "id",
-              "progress": False}  # fmt: skip
+    common = {"input": uri, "input_format": "delta", "model": str(tiny_model), "id_column": "id",
+              "progress": False, "s3_endpoint_url": s3_endpoint}  # fmt: skip
     result = embed(EmbedConfig(output=str(tmp_path / "out"), **common))
     assert result["rows"] == 45 and result["fragments"] == 3
     ids = pq.read_table(tmp_path / "out", columns=["id"]).column("id").to_pylist()
     assert sorted(ids) == sorted(_docs(0, 45).column("id").to_pylist())
 
-    write_deltalake(str(path), _docs(45, 5), mode="append")  # a fourth file
-    table = DeltaTable(str(path))
+    write_deltalake(uri, _docs(45, 5), mode="append", storage_options=store)  # a fourth file
+    table = DeltaTable(uri, storage_options=store)
     table.delete(f"id = '{ids[0]}' OR id = '{ids[1]}'")  # the file of ids[0:2] rewritten without them
     table.update(
         {"text": "'a new text for this document'"}, predicate=f"id = '{ids[20]}'"
@@ -153,7 +156,7 @@ def test_delta_table_in_and_nights_by_its_change_feed_and_by_its_log(
     assert logged["fragments"] == detected["files_added"] == 3
     assert logged["rows"] == 6 and logged["deleted"] == 2 and logged["rows_in"] == 5 + 13 + 15
     # the views: the table as it is now, each row's vector a fresh embedding of its text
-    now = DeltaTable(str(path)).to_pyarrow_table().sort_by("id")
+    now = DeltaTable(uri, storage_options=store).to_pyarrow_table().sort_by("id")
     fresh = Embedder.load(tiny_model, device="cpu").encode(now.column("text").cast(pa.string()).to_pylist())
     for version in ("v2", "v2-log"):
         view = current(pafs.LocalFileSystem(), str(tmp_path / version)).sort_by("id")
@@ -172,7 +175,6 @@ def test_a_change_feed_whose_files_are_gone_is_a_clear_error(tiny_model: Path, t
     """A VACUUM that removed `_change_data/` files the night needs: the error names the way out."""
     import shutil
 
-    import pyarrow.fs as pafs
     from deltalake import DeltaTable, write_deltalake
 
     from rayembed.embed.feed import stream_feed
@@ -185,7 +187,7 @@ def test_a_change_feed_whose_files_are_gone_is_a_clear_error(tiny_model: Path, t
                       model=str(tiny_model), id_column="id")  # fmt: skip
     (tmp_path / "raw").mkdir()
     with pytest.raises(RuntimeError, match=r"feed of versions 1\.\.1 cannot be read .*change_feed=false"):
-        stream_feed(cfg, {}, 0, 1, pafs.LocalFileSystem(), str(tmp_path / "raw"))
+        stream_feed(dataclasses.asdict(cfg), {}, 0, 1, str(tmp_path / "raw"))
 
 
 @pytest.mark.parametrize(

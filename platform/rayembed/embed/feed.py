@@ -5,7 +5,7 @@ updated (pre- and post-image), so a night need not read whole data files that a 
 (the log diff's granularity). The feed from the base's version (exclusive) to the pinned one goes, in
 three steps, into the output's `_feed/` folder:
 
-1. the driver streams the feed (the job's columns, `_change_type`, `_commit_version`) into
+1. a Ray task streams the feed (the job's columns, `_change_type`, `_commit_version`) into
    `_feed/raw/` files of `fragment_rows` rows, each sorted by the id's 64-bit hash `h` (keys.py);
 2. a Ray task per range of `h` (at most `bucket_ids` feed rows a range) nets each id's events: its last
    commit decides, and within a commit an insert or post-image beats a delete or pre-image (an overwrite
@@ -72,8 +72,9 @@ def make_feed(
 
     for folder in ("raw", "rows", "gone"):
         fs.create_dir(f"{root}/{FEED}/{folder}", recursive=True)
-    rows = stream_feed(cfg, storage, since, now, fs, f"{root}/{FEED}/raw")
-    ensure_ray()
+    ensure_ray()  # the feed is read by a task: the driver holds none of it (nor waits in delta-rs)
+    reader = ray.remote(stream_feed).options(num_cpus=1)
+    rows = ray.get(reader.remote(dataclasses.asdict(cfg), storage, since, now, f"{root}/{FEED}/raw"))
     window = max(1, int(ray.cluster_resources().get("CPU", 0)))
     bits = bits_for(rows, cfg.bucket_ids)
     task = ray.remote(net_range).options(num_cpus=1)
@@ -90,12 +91,13 @@ def make_feed(
     })  # fmt: skip
 
 
-def stream_feed(
-    cfg: EmbedConfig, storage: dict[str, str], since: int, now: int, fs: pafs.FileSystem, out: str
-) -> int:
-    """The feed of versions (since, now] -> `out`, in h-sorted files of `fragment_rows` rows (one such buffer
-    in memory); returns the rows written."""
+def stream_feed(cfg_dict: dict[str, Any], storage: dict[str, str], since: int, now: int, out: str) -> int:
+    """Task: the feed of versions (since, now] -> `out` (in the output's filesystem), in h-sorted files of
+    `fragment_rows` rows (one such buffer in memory); returns the rows written."""
     from deltalake import DeltaTable
+
+    cfg = EmbedConfig(**cfg_dict)
+    fs = fs_for(cfg.output, cfg.s3_endpoint_url)
 
     table = DeltaTable(cfg.input, version=now, storage_options=storage or None)
     if now <= since:  # nothing committed since the base (load_cdf refuses a start past the end)

@@ -17,33 +17,27 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from rayembed.embed.actor import EmbedFragments, peek_columns
+from rayembed.embed.actor import EmbedFragments
 from rayembed.embed.config import EmbedConfig
-from rayembed.embed.feed import FEED, feed_enabled, feed_input
 from rayembed.embed.feed import PATH as FEED_PATH
+from rayembed.embed.feed import feed_input
+from rayembed.embed.inputs import input_fragments
 from rayembed.embed.keys import drop_plan_files
 from rayembed.embed.manifest import (
     COMMITTED,
     MANIFEST,
     TMP,
     Fragment,
-    fragments_of,
     list_dir,
-    list_fragments,
     open_output,
     read_json,
     write_json,
 )
 from rayembed.embed.plan import commit_quiet, make_plan
-from rayembed.embed.rows import check_columns, fs_for, needed_columns
+from rayembed.embed.rows import fs_for
 from rayembed.embed.tables import (
-    check_text_type,
     delta_storage,
-    file_infos,
-    table_diff,
-    table_files,
     write_iceberg,
 )
 from rayembed.embed.versions import LATEST, chain, changes, current, latest, settings_check
@@ -146,76 +140,6 @@ def chunk_size(settings: dict[str, Any]) -> dict[str, Any]:
     return {"chunk_tokens": settings["chunking"]["tokens"]} if "chunking" in settings else {}
 
 
-def input_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fragment], str, dict[str, Any]]:
-    """(the input's fragments, the URI whose filesystem reads them, how changes are found), after checking
-    the first one's columns and, where the input has a schema, that the text column holds strings. A
-    table's snapshot (Iceberg) or version (Delta) joins the output's settings."""
-    if cfg.input_format != "files":
-        return table_fragments(cfg, settings)
-    fs = fs_for(cfg.input, cfg.s3_endpoint_url)
-    fragments = list_fragments(strip_scheme(cfg.input), fs, cfg.fragment_rows, cfg.fragment_bytes)
-    check_first(cfg, fragments[0], fs)
-    return fragments, cfg.input, {"path": "content hash"} if cfg.incremental_from else {}
-
-
-def table_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fragment], str, dict[str, Any]]:
-    """input_fragments of an Iceberg or Delta table. An incremental run whose base snapshot (version) is
-    still in the table's history reads only the data files added since; over a Delta table with a change
-    data feed, only the rows it lists (their fragments are made in the output once it is opened: feed.py)."""
-    found = table_files(cfg.input_format, cfg.input, cfg.iceberg_catalog, cfg.s3_endpoint_url, cfg.snapshot)
-    if not found.files:
-        raise FileNotFoundError(f"{cfg.input_format} table {cfg.input} has no data files")
-    settings["snapshot"] = f"{cfg.input_format}:{found.version}"
-    source = found.location.removeprefix("file://")
-    fs = fs_for(source, cfg.s3_endpoint_url)
-    detection: dict[str, Any] = {"path": "content hash"} if cfg.incremental_from else {}
-    files, since = found.files, base_snapshot(cfg)
-    diff = None
-    if since is not None:
-        diff = table_diff(cfg.input_format, cfg.input, cfg.iceberg_catalog, cfg.s3_endpoint_url, since,
-                          int(found.version))  # fmt: skip
-    feed = cfg.input_format == "delta" and cfg.change_feed
-    if diff is not None and feed and feed_enabled(cfg.input, delta_storage(cfg.input, cfg.s3_endpoint_url)):
-        check_columns(found.schema.names, needed_columns(cfg), cfg.input)
-        for column in (cfg.text_column, cfg.title_column):
-            if column:
-                check_text_type(found.schema, column, cfg.input)
-        source = f"{cfg.output.rstrip('/')}/{FEED}"  # the feed's rows are read from the output's filesystem
-        return [], source, {"path": FEED_PATH, "since": since, "version": int(found.version)}
-    if diff is not None:
-        files = diff[0]
-        path = "iceberg snapshot diff" if cfg.input_format == "iceberg" else "delta log diff"
-        detection = {"path": path, "since": since, "files_added": len(diff[0]),
-                     "files_removed": len(diff[1]), "files_skipped": len(found.files) - len(diff[0]),
-                     "removed": [strip_scheme(f.removeprefix("file://")) for f in diff[1]]}  # fmt: skip
-    fragments = fragments_of(file_infos(files, fs), strip_scheme(source), fs, cfg.fragment_rows)
-    if fragments:  # a diff may add no file at all
-        check_first(cfg, fragments[0], fs)
-    return fragments, source, detection
-
-
-def check_first(cfg: EmbedConfig, first: Fragment, fs: pafs.FileSystem) -> None:
-    """The first fragment has the job's columns, and (Parquet) strings in its text columns."""
-    check_columns(peek_columns(first, fs), needed_columns(cfg), first.path)
-    if first.fmt == "parquet":
-        schema = pq.read_schema(fs.open_input_file(first.path))
-        for column in (cfg.text_column, cfg.title_column):
-            if column:
-                check_text_type(schema, column, first.path)
-
-
-def base_snapshot(cfg: EmbedConfig) -> int | None:
-    """The Iceberg snapshot or Delta version the incremental run's base read, when diffs of the table's
-    data files may find the changes."""
-    if not (cfg.incremental_from and cfg.snapshot_diff and cfg.input_format in ("iceberg", "delta")):
-        return None
-    fs, root = fs_for(cfg.incremental_from, cfg.s3_endpoint_url), strip_scheme(cfg.incremental_from)
-    if fs.get_file_info(f"{root}/{MANIFEST}").type != pafs.FileType.File:
-        return None  # previous_view says why
-    snapshot = str(read_json(fs, f"{root}/{MANIFEST}")["settings"].get("snapshot", ""))
-    return int(snapshot.split(":", 1)[1]) if snapshot.startswith(f"{cfg.input_format}:") else None
-
-
 def check_base(cfg: EmbedConfig, settings: dict[str, Any]) -> None:
     """An incremental run's base must be an embed output made with the same settings, and not a version
     the output itself is (or its chain holds)."""
@@ -246,8 +170,6 @@ def resolve_latest(cfg: EmbedConfig) -> EmbedConfig:
 
 def embed(cfg: EmbedConfig) -> dict[str, Any]:
     """Run (or resume) the job on the current Ray cluster, starting a local one if none; returns the summary."""
-    import ray.data
-
     start = time.time()
     cfg = resolve_latest(cfg)
     settings, meta = settings_of(cfg)
@@ -269,40 +191,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         quiet = [f for f in pending if f.name not in busy]
         commit_quiet(out_fs, root, quiet)
         pending = [f for f in pending if f.name in busy]
-    run: Counter[str] = Counter()
-    plan: dict[str, float] = {}  # this run's actors (none when everything was committed before)
-    if pending:
-        ensure_ray()
-        actors, cpus, gpus, threads = plan_actors(cfg, len(pending))
-        plan = {"actors": actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus}
-        items = [{"fragment": json.dumps(dataclasses.asdict(f))} for f in pending]
-        out = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            EmbedFragments,
-            batch_size=1,
-            fn_constructor_kwargs={
-                # a table's files: where they are; the chunk size as the driver settled it
-                "cfg": dataclasses.asdict(cfg) | {"input": source} | chunk_size(settings),
-                "meta": meta,
-                "device": "cuda" if gpus else "cpu",
-                "threads": threads,
-                "planned": planned is not None,
-            },
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=cpus,
-            num_gpus=gpus,
-            # glibc gives each new thread (an actor's reader thread per fragment, tokenizer threads) its
-            # own malloc arena, up to 8 per core, each keeping what it freed: an actor's RSS grew with the
-            # fragments it had done (738 -> 1,349 MB from 1k to 100k long documents). 2 arenas keep it
-            # flat at the same speed (docs/benchmarks.md "Long documents").
-            runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", **registry_env(cfg.model)}},
-        )
-        with _progress(len(pending), cfg.progress) as tick:
-            for row in out.iter_rows():
-                stats = json.loads(row["stats"])
-                run.update(stats)
-                # threads the actors run, which a local cluster's spare logical CPUs do not raise
-                plan["threads_per_actor"] = max(plan.get("threads_per_actor", 0), int(row["threads"]))
-                tick(stats.get("rows_out", 0), run["rows_out"] / max(time.time() - start, 1e-9))
+    run, plan = run_actors(cfg, settings, meta, pending, source, planned is not None, start)
     if out_fs.get_file_info(f"{root}/{TMP}").type == pafs.FileType.Directory:
         out_fs.delete_dir(f"{root}/{TMP}")
     summary = summarize(cfg, root, out_fs, run, fragments, resumed, time.time() - start)
@@ -310,6 +199,56 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     if planned is not None:  # committed from the plan's scan, no actor: nothing in them to embed
         summary["fragments_unchanged"] = len(quiet)
     return finish(cfg, root, out_fs, summary, planned, detection)
+
+
+def run_actors(
+    cfg: EmbedConfig,
+    settings: dict[str, Any],
+    meta: dict[str, str],
+    pending: list[Fragment],
+    source: str,
+    planned: bool,
+    start: float,
+) -> tuple[Counter[str], dict[str, float]]:
+    """The actor pool over the fragments to embed: (this run's counts, its actors; none without work)."""
+    import ray.data
+
+    run: Counter[str] = Counter()
+    plan: dict[str, float] = {}
+    if not pending:
+        return run, plan
+    ensure_ray()
+    actors, cpus, gpus, threads = plan_actors(cfg, len(pending))
+    plan = {"actors": actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus}
+    items = [{"fragment": json.dumps(dataclasses.asdict(f))} for f in pending]
+    out = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        EmbedFragments,
+        batch_size=1,
+        fn_constructor_kwargs={
+            # a table's files: where they are; the chunk size as the driver settled it
+            "cfg": dataclasses.asdict(cfg) | {"input": source} | chunk_size(settings),
+            "meta": meta,
+            "device": "cuda" if gpus else "cpu",
+            "threads": threads,
+            "planned": planned,
+        },
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+        num_gpus=gpus,
+        # glibc gives each new thread (an actor's reader thread per fragment, tokenizer threads) its
+        # own malloc arena, up to 8 per core, each keeping what it freed: an actor's RSS grew with the
+        # fragments it had done (738 -> 1,349 MB from 1k to 100k long documents). 2 arenas keep it
+        # flat at the same speed (docs/benchmarks.md "Long documents").
+        runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", **registry_env(cfg.model)}},
+    )
+    with _progress(len(pending), cfg.progress) as tick:
+        for row in out.iter_rows():
+            stats = json.loads(row["stats"])
+            run.update(stats)
+            # threads the actors run, which a local cluster's spare logical CPUs do not raise
+            plan["threads_per_actor"] = max(plan.get("threads_per_actor", 0), int(row["threads"]))
+            tick(stats.get("rows_out", 0), run["rows_out"] / max(time.time() - start, 1e-9))
+    return run, plan
 
 
 def finish(
