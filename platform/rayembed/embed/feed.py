@@ -29,12 +29,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayembed.embed.config import EmbedConfig
-from rayembed.embed.keys import PLANNED, bits_for, id_hash, read_range, run_bounded, span, write
+from rayembed.embed.keys import FEED, PLANNED, bits_for, id_hash, read_range, run_bounded, span, write
 from rayembed.embed.manifest import Fragment, fragments_of, list_dir, read_json, write_json
 from rayembed.embed.rows import fs_for, needed_columns, plain_strings
 from rayembed.io import ensure_ray, strip_scheme
 
-FEED = "_feed"
 FEED_DONE = f"{FEED}/_done.json"
 PATH = "delta change data feed"
 ENABLED = "delta.enableChangeDataFeed"
@@ -73,15 +72,15 @@ def make_feed(
     for folder in ("raw", "rows", "gone"):
         fs.create_dir(f"{root}/{FEED}/{folder}", recursive=True)
     ensure_ray()  # the feed is read by a task: the driver holds none of it (nor waits in delta-rs)
+    cfg_dict = dataclasses.asdict(cfg)
     reader = ray.remote(stream_feed).options(num_cpus=1)
-    rows = ray.get(reader.remote(dataclasses.asdict(cfg), storage, since, now, f"{root}/{FEED}/raw"))
+    rows = ray.get(reader.remote(cfg_dict, storage, since, now, f"{root}/{FEED}/raw"))
     window = max(1, int(ray.cluster_resources().get("CPU", 0)))
     bits = bits_for(rows, cfg.bucket_ids)
     task = ray.remote(net_range).options(num_cpus=1)
-    counts = run_bounded(task, [(dataclasses.asdict(cfg), k, bits) for k in range(1 << bits)], window)
+    counts = run_bounded(task, [(cfg_dict, k, bits) for k in range(1 << bits)], window)
     fs.delete_dir(f"{root}/{FEED}/raw")
-    files = [i for i in list_dir(fs, f"{root}/{FEED}/rows", ".parquet")]
-    fragments = fragments_of(files, root, fs, cfg.fragment_rows)
+    fragments = fragments_of(list_dir(fs, f"{root}/{FEED}/rows", ".parquet"), root, fs, cfg.fragment_rows)
     write_json(fs, f"{root}/{FEED_DONE}", {
         "feed_rows": rows,
         "changed_rows": sum(c["present"] for c in counts),
@@ -96,12 +95,11 @@ def stream_feed(cfg_dict: dict[str, Any], storage: dict[str, str], since: int, n
     `fragment_rows` rows (one such buffer in memory); returns the rows written."""
     from deltalake import DeltaTable
 
-    cfg = EmbedConfig(**cfg_dict)
-    fs = fs_for(cfg.output, cfg.s3_endpoint_url)
-
-    table = DeltaTable(cfg.input, version=now, storage_options=storage or None)
     if now <= since:  # nothing committed since the base (load_cdf refuses a start past the end)
         return 0
+    cfg = EmbedConfig(**cfg_dict)
+    fs = fs_for(cfg.output, cfg.s3_endpoint_url)
+    table = DeltaTable(cfg.input, version=now, storage_options=storage or None)
     columns = needed_columns(cfg) + EVENTS
     reader = pa.RecordBatchReader.from_stream(table.load_cdf(starting_version=since + 1, ending_version=now,
                                                              columns=columns))  # fmt: skip

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 
 from rayembed.embed.actor import peek_columns
 from rayembed.embed.config import EmbedConfig
-from rayembed.embed.feed import FEED, feed_enabled
 from rayembed.embed.feed import PATH as FEED_PATH
+from rayembed.embed.feed import feed_enabled
+from rayembed.embed.keys import FEED
 from rayembed.embed.manifest import MANIFEST, Fragment, fragments_of, list_fragments, read_json
 from rayembed.embed.rows import check_columns, fs_for, needed_columns
 from rayembed.embed.tables import check_text_type, delta_storage, file_infos, table_diff, table_files

@@ -35,6 +35,7 @@ from rayembed.embed.manifest import list_dir, read_json, write_json
 
 KEYS = "_keys"
 PLAN = "_plan"
+FEED = "_feed"  # a Delta change feed's rows, netted (feed.py): dropped with the plan's files
 PLANNED = f"{PLAN}/_done.json"
 INDEX = f"{KEYS}/_index.json"
 GROUP_ROWS = 1024  # rows per Parquet row group: a range read skips the groups outside it
@@ -200,7 +201,7 @@ def finish_plan(
 def drop_plan_files(fs: pafs.FileSystem, root: str) -> None:
     """The plan's files once the run is done (a lake's worth of scanned keys; a change feed's rows); the
     markers stay, so a rerun of the finished run does not plan again."""
-    for folder in (PLAN, "_feed"):
+    for folder in (PLAN, FEED):
         for info in fs.get_file_info(pafs.FileSelector(f"{root}/{folder}", allow_not_found=True)):
             if info.type == pafs.FileType.Directory:
                 fs.delete_dir(info.path)
