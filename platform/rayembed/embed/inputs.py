@@ -15,7 +15,14 @@ from rayembed.embed.feed import feed_enabled
 from rayembed.embed.keys import FEED
 from rayembed.embed.manifest import MANIFEST, Fragment, fragments_of, list_fragments, read_json
 from rayembed.embed.rows import check_columns, fs_for, needed_columns
-from rayembed.embed.tables import check_text_type, delta_storage, file_infos, table_diff, table_files
+from rayembed.embed.tables import (
+    check_text_type,
+    delta_has_version,
+    delta_storage,
+    file_infos,
+    table_diff,
+    table_files,
+)
 from rayembed.io import strip_scheme
 
 
@@ -43,18 +50,22 @@ def table_fragments(cfg: EmbedConfig, settings: dict[str, Any]) -> tuple[list[Fr
     fs = fs_for(source, cfg.s3_endpoint_url)
     detection: dict[str, Any] = {"path": "content hash"} if cfg.incremental_from else {}
     files, since = found.files, base_snapshot(cfg)
-    diff = None
-    if since is not None:
-        diff = table_diff(cfg.input_format, cfg.input, cfg.iceberg_catalog, cfg.s3_endpoint_url, since,
-                          int(found.version))  # fmt: skip
-    feed = cfg.input_format == "delta" and cfg.change_feed
-    if diff is not None and feed and feed_enabled(cfg.input, delta_storage(cfg.input, cfg.s3_endpoint_url)):
+    feed = cfg.input_format == "delta" and cfg.change_feed and feed_enabled(found.properties)
+    if (
+        since is not None
+        and feed
+        and delta_has_version(cfg.input, delta_storage(cfg.input, cfg.s3_endpoint_url), since)
+    ):
         check_columns(found.schema.names, needed_columns(cfg), cfg.input)
         for column in (cfg.text_column, cfg.title_column):
             if column:
                 check_text_type(found.schema, column, cfg.input)
         source = f"{cfg.output.rstrip('/')}/{FEED}"  # the feed's rows are read from the output's filesystem
         return [], source, {"path": FEED_PATH, "since": since, "version": int(found.version)}
+    diff = None
+    if since is not None:
+        diff = table_diff(cfg.input_format, cfg.input, cfg.iceberg_catalog, cfg.s3_endpoint_url, since,
+                          int(found.version))  # fmt: skip
     if diff is not None:
         files = diff[0]
         path = "iceberg snapshot diff" if cfg.input_format == "iceberg" else "delta log diff"

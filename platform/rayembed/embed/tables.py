@@ -15,7 +15,7 @@ and deletes the ids that are gone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -33,6 +33,8 @@ class TableFiles:
     version: str
     """Snapshot id (Iceberg) or version (Delta)."""
     schema: pa.Schema
+    properties: dict[str, str] = field(default_factory=dict)
+    """The table's configuration at that version (Delta; e.g. whether it writes a change data feed)."""
 
 
 def catalog(props: dict[str, Any]) -> Any:
@@ -91,6 +93,17 @@ def delta_diff(uri: str, storage: dict[str, str], since: int, now: int) -> tuple
     return sorted(new - old), sorted(old - new)
 
 
+def delta_has_version(uri: str, storage: dict[str, str], version: int) -> bool:
+    """Whether `version` can still be loaded from the table's log (not cleaned up)."""
+    from deltalake import DeltaTable
+
+    try:
+        DeltaTable(uri, version=version, storage_options=storage or None)
+    except Exception:  # noqa: BLE001 - as in delta_diff
+        return False
+    return True
+
+
 def table_diff(
     fmt: str, source: str, props: dict[str, Any], endpoint_url: str | None, since: int, now: int
 ) -> tuple[list[str], list[str]] | None:
@@ -118,7 +131,8 @@ def delta_files(uri: str, storage: dict[str, str], pinned: int | None = None) ->
     ):
         raise ValueError(f"delta table {uri}: some files have deletion vectors; run OPTIMIZE (purge) first")
     schema = pa.schema(table.schema().to_arrow())
-    return TableFiles(list(table.file_uris()), uri, str(table.version()), schema)
+    properties = {k: str(v) for k, v in table.metadata().configuration.items()}
+    return TableFiles(list(table.file_uris()), uri, str(table.version()), schema, properties)
 
 
 def table_files(
