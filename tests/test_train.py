@@ -250,6 +250,9 @@ def test_distill_zero3_gradcache_from_pipeline_teacher(
     assert (
         kept["pseudo_queries"] == 50 and kept["32"]["asymmetric"]["estimate"] > 0 and b"retention" in logged
     )
+    shown = (tmp_path / "distill" / "report" / "report.md").read_text()
+    row = f"| 32 | asymmetric | **{kept['32']['asymmetric']['estimate']}** | {kept['32']['asymmetric']['cloze']} |"
+    assert "## Retention on the corpus, label-free (after)" in shown and row in shown
 
 
 def test_gist_with_in_loop_guide_gathers_across_workers(

@@ -1,11 +1,15 @@
 """Does the label-free retention check (eval/retention.py) track the true retention? On the labelled
 collections no training text came from (SciFact test: 300 queries over their judged abstracts and
-distractors to 2,000; SNLI-test as retrieval: 1,000 premises over every hypothesis), each student's true nDCG@10 retention (its nDCG@10 over the
-teacher's, from the qrels) is set beside the estimate the check makes from the collection's documents
-alone (500 pseudo-queries over its first 2,000 documents, no queries, no labels). One point per student x
-collection x mode (symmetric; asymmetric: its queries against the teacher-in-frame's documents) x width
-(full, 128): `correlation` (Pearson) and `max_error` over all points, written under `label_free` in
-docs/results/quality.json, and the distilled pair's figures under `unseen.<collection>.recipe_pair`.
+distractors to 2,000, whole and cut to their first 16 and 8 words; SNLI-test as retrieval: 1,000 premises
+over every hypothesis), each student's true nDCG@10 retention (its nDCG@10 over the teacher's, from the
+qrels) is set beside the estimates the check makes from the collection's documents alone (its first 2,000,
+no queries, no labels): `cloze` (500 spans cut from documents), `neighbours` (500 documents as queries,
+the teacher's top 3 as relevant) and `estimate`, the one of the two the check reports for the documents'
+median length; and `real_query_agreement`, what the check gives when the user also has real queries without
+labels (the collection's queries, their labels unused: the student's nDCG@10 against the teacher's top 3). One point per student x collection x mode (symmetric; asymmetric: its queries against the
+teacher-in-frame's documents) x width (full, 128): `correlation` (Pearson) and `max_error` over all points,
+written under `label_free` in docs/results/quality.json, and the distilled pair's figures under
+`unseen.<collection>.recipe_pair`.
 
     .venv/bin/python tests/bench/bench_retention.py --run runs/distill
 
@@ -31,9 +35,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import DATA  # noqa: E402
+from rayembed.eval.retention import CLOZE_MIN_WORDS  # noqa: E402
 
 OUT = ROOT / "docs" / "results" / "quality.json"
 ESTIMATE_DOCS = 2000  # the estimate's corpus: the collection's first documents, no queries, no labels
+COLLECTIONS = ("scifact", "scifact_16w", "scifact_8w", "snli")
+KINDS = ("estimate", "cloze", "neighbours", "real_query_agreement")
 SUBSETS = {
     "layers_0_5": [0, 5],
     "layers_0_2_5": [0, 2, 5],
@@ -84,15 +91,19 @@ def students(run: Path) -> dict[str, tuple[Any, Any]]:
 
 def collection(name: str, work: Path) -> tuple[dict, dict, dict]:
     """SciFact test: its 300 queries over their judged abstracts and distractors to 2,000 (a third of the
-    encoding of all 5,183); SNLI-test: its first 1,000 premises over every hypothesis (as bench_quality.py
-    and the eval job cut it)."""
+    encoding of all 5,183), whole or each cut to its first N words (`scifact_<N>w`: the same labels on short
+    documents); SNLI-test: its first 1,000 premises over every hypothesis (as bench_quality.py and the eval
+    job cut it)."""
     from rayembed.data.mix import nli_retrieval
     from rayembed.data.readers import load_beir
     from rayembed.eval.job import subset
 
-    if name == "scifact":
+    if name.startswith("scifact"):
         corpus, queries, qrels = load_beir(str(DATA / "scifact"), "test")
         corpus, queries = subset(corpus, queries, qrels, None, 2000)
+        if name != "scifact":
+            words = int(name.removeprefix("scifact_").removesuffix("w"))
+            corpus = {d: " ".join(text.split()[:words]) for d, text in corpus.items()}
     else:
         nli_retrieval(DATA / "snli-esnli", work / "snli-test", "test")
         corpus, queries, qrels = load_beir(str(work / "snli-test"), "test")
@@ -114,13 +125,15 @@ def points_for(
     for name, (student, documents) in studs.items():
         sq, sd = student.encode(list(queries.values())), student.encode(docs)
         dd = documents.encode(docs) if documents is not None else td
-        est = retention(docs[:ESTIMATE_DOCS], teacher, student, documents or teacher, n=500, dims=[128])
+        real = list(queries.values())  # the collection's queries as a user's sample: their labels unused
+        est = retention(docs[:ESTIMATE_DOCS], teacher, student, documents or teacher, real, n=500, dims=[128])
         for dim in (None, 128):
             width = str(dim or student.dim)
             for mode, d in (("symmetric", sd), ("asymmetric", dd)):
                 true = score(sq, d, beir, dim) / bar
                 out.append({"collection": coll, "student": name, "mode": mode, "width": width, "true": round(true, 4),
-                            "estimate": est[width][mode]["estimate"], "teacher_ndcg@10": round(bar, 4)})  # fmt: skip
+                            **est[width][mode], "method": est["method"], "median_doc_words": est["median_doc_words"],
+                            "teacher_ndcg@10": round(bar, 4)})  # fmt: skip
         if documents is not None:
             scales = (student.int8_scales, documents.int8_scales)
             full, sym = score(sq, dd, beir), score(sq, sd, beir)
@@ -133,12 +146,13 @@ def points_for(
     return out, pair
 
 
-def agreement(points: list[dict[str, Any]]) -> dict[str, float]:
-    """How the estimates follow the true retention: Pearson correlation, largest and mean absolute error,
-    and the mean signed error (the bias: estimate - true)."""
-    true, est = np.array([x["true"] for x in points]), np.array([x["estimate"] for x in points])
+def agreement(points: list[dict[str, Any]], kind: str = "estimate") -> dict[str, float]:
+    """How the estimates (`kind`: the reported one, `cloze` or `neighbours`) follow the true retention:
+    Pearson correlation, largest and mean absolute error, the mean signed error (bias: estimate - true) and
+    the largest overshoot (estimate - true: a student said to keep more than it does)."""
+    true, est = np.array([x["true"] for x in points]), np.array([x[kind] for x in points])
     return {"correlation": round(float(np.corrcoef(true, est)[0, 1]), 4), "max_error": round(float(np.abs(true - est).max()), 4),
-            "mean_abs_error": round(float(np.abs(true - est).mean()), 4), "bias": round(float((est - true).mean()), 4),
+            "mean_abs_error": round(float(np.abs(true - est).mean()), 4), "bias": round(float((est - true).mean()), 4), "max_overshoot": round(float((est - true).max()), 4),
             "points": len(points)}  # fmt: skip
 
 
@@ -153,20 +167,26 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     teacher, studs = Cached(Embedder.load("default", device="cpu")), students(run)
     started, points, pairs = time.perf_counter(), [], {}
-    for coll in ("scifact", "snli"):
-        got, pairs[coll] = points_for(coll, collection(coll, work), studs, teacher)
+    for coll in COLLECTIONS:
+        got, pair = points_for(coll, collection(coll, work), studs, teacher)
         points += got
-        print(coll, json.dumps(pairs[coll]), flush=True)
+        if coll in ("scifact", "snli"):
+            pairs[coll] = pair
+        print(coll, json.dumps(agreement(got)), flush=True)
     result = json.loads(OUT.read_text())
     for coll, figures in pairs.items():
         result["unseen"][coll]["recipe_pair"] = figures | {
             "student": "jobs/distill.yaml as shipped (3 layers, 250 steps) and its teacher-in-frame"
         }
     result["label_free"] = {
-        "what": "estimate = student's nDCG@10 / teacher's on 500 pseudo-queries cut from the collection's first 2,000 "
-        "documents (eval/retention.py), no queries or labels; true = the same ratio from the collection's qrels",
-        **agreement(points), "by": {f"{c} {m}": agreement([x for x in points if x["collection"] == c and x["mode"] == m])
-                                    for c in ("scifact", "snli") for m in ("symmetric", "asymmetric")},
+        "what": "estimate = eval/retention.py's `estimate` from the collection's first 2,000 documents alone (no "
+        "queries, no labels): `cloze` (student's nDCG@10 / teacher's on 500 spans cut from documents) where their "
+        f"median length is >= {CLOZE_MIN_WORDS} words, else `neighbours` (student's nDCG@10 on 500 documents as "
+        "queries with the teacher's top 3 as relevant); true = the student's nDCG@10 / teacher's from the qrels",
+        **agreement(points), "by_kind": {k: agreement(points, k) for k in KINDS[1:]},
+        "by": {f"{c} {m}": {k: agreement([x for x in points if x["collection"] == c and x["mode"] == m], k)
+                            for k in KINDS}
+               for c in COLLECTIONS for m in ("symmetric", "asymmetric")},
         "points": points, "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
         "seconds": round(time.perf_counter() - started),
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's 2-core 24 GiB CPU VM (no GPU)",

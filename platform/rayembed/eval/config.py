@@ -40,16 +40,17 @@ class EvalConfig:
     """A label-free retention check on your own corpus: its documents (a JSONL file or folder of `text`
     (+ `title`) rows, what `prepare corpus=` reads), no queries or labels. With `teacher`, estimates how
     much of the teacher's nDCG@10 `model` keeps on them, symmetric and (with `document_model`) through the
-    pair, from pseudo-queries cut from the documents (eval/retention.py): report `retention`."""
+    pair, from pseudo-queries made of the documents (cloze spans and documents as queries against the
+    teacher's neighbours; eval/retention.py): report `retention`."""
     teacher: str | None = None
     """The teacher `model` was distilled from (the check's bar)."""
     corpus_queries: str | None = None
     """Optional real queries of the corpus, without labels (JSONL `text` rows): their top 10 by the student
-    against the teacher's (`real_query_agreement`)."""
+    against the teacher's top 3 (`real_query_agreement`)."""
     corpus_docs: int = 3000
     """Documents of `corpus` the check searches (the first ones)."""
     pseudo_queries: int = 500
-    """Pseudo-queries the check cuts from them."""
+    """Pseudo-queries of each kind the check makes of them (cloze spans, documents as queries)."""
     batch_size: int = 64
     """Rows per model call."""
     output: str | None = None

@@ -35,6 +35,25 @@ def eval_rows(evals: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[st
     return header, rows
 
 
+def retention_lines(evals: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown for each eval that ran the label-free retention check (eval/retention.py): the estimate per
+    width and mode, and the two kinds it is chosen from."""
+    lines: list[str] = []
+    for label, report in evals.items():
+        kept = report.get("retention")
+        if not kept:
+            continue
+        lines += ["", f"## Retention on the corpus, label-free ({label})", "",
+                  f"{kept['docs']} documents, median {kept['median_doc_words']} words: the estimate is `{kept['method']}` "
+                  "(docs/architecture.md, eval/retention.py). Share of the teacher's nDCG@10:", "",
+                  "| width | mode | estimate | cloze | neighbours | real queries |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for width, modes in kept.items():
+            if isinstance(modes, dict):
+                lines += [f"| {width} | {mode} | **{v['estimate']}** | {v['cloze']} | {v['neighbours']} | "
+                          f"{v.get('real_query_agreement', '')} |" for mode, v in modes.items()]  # fmt: skip
+    return lines
+
+
 def markdown(summary: dict[str, Any], history: list[dict[str, Any]], evals: dict[str, Any] | None) -> str:
     lines = ["# Training run report", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, dict | list)]
@@ -46,6 +65,7 @@ def markdown(summary: dict[str, Any], history: list[dict[str, Any]], evals: dict
         header, rows = eval_rows(evals)
         lines += ["", "## Eval", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += retention_lines(evals)
     lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)
 
