@@ -78,13 +78,25 @@ def ray_started(s3_endpoint: str) -> Iterator[tuple[str, dict[str, str]]]:
     port, dashboard = free_port(), free_port()
     _ray("start", "--head", f"--port={port}", "--num-cpus=1", f"--dashboard-port={dashboard}",
          "--include-dashboard=true", "--disable-usage-stats", env=env)  # fmt: skip
+    before = _haproxies()
     try:
         _ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=12", env=env)  # the four jobs side by side
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True
-        )
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        # `ray stop` (SIGTERM) first: the raylets take their workers' children with them. `--force` alone
+        # (SIGKILL) left Serve's HAProxy running, orphaned and holding the endpoint's port.
+        subprocess.run([ray_cli, "stop"], env=env, capture_output=True, timeout=180)
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=180)
+    left = _haproxies() - before
+    assert wait_for(lambda: not _haproxies() & left, 30), f"Serve's HAProxy outlived the cluster: {left}"
+
+
+def _haproxies() -> set[int]:
+    """The HAProxy processes on this machine (Serve's ingress starts one per node)."""
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"}
 
 
 def _entrypoint(name: str) -> str:
