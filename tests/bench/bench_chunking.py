@@ -24,10 +24,8 @@ Parts (each writes the file when it ends; figures of parts not run are kept):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -37,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from results import header
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -268,9 +267,7 @@ def main() -> None:
         print(json.dumps(rss_one(int(a.rss_one[0]), Path(a.rss_one[1]))))
         return
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
-    result |= {"benchmark": "chunking", "date": datetime.date.today().isoformat(),
-               "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's 2-core CPU VM (no GPU)",
-               "command": " ".join(["python", "tests/bench/bench_chunking.py", *sys.argv[1:]]), "gpu": "not measured"}  # fmt: skip
+    result |= header("chunking") | {"gpu": "not measured"}
     for part in a.parts.split(","):
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:

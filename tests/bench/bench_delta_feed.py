@@ -15,10 +15,7 @@ docs/results/embed-delta-feed.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +26,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_incremental import FILE_ROWS, ROOT, run_one, texts  # type: ignore[import-not-found]  # noqa: E402
+from results import header
 
 
 def table(start: int, n: int, version: int) -> pa.Table:
@@ -92,9 +90,7 @@ def main() -> None:
         results[str(rows)] = size_run(tmp, model, rows)
         print(rows, json.dumps(results[str(rows)]), file=sys.stderr, flush=True)
     out = {
-        "benchmark": "embed-delta-feed", "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, 24 GiB, this project's CPU VM (no GPU)",
-        "command": "python tests/bench/bench_delta_feed.py " + " ".join(sys.argv[1:]),
+        **header("embed-delta-feed"),
         "model": "random BERT, 2 layers, hidden 32, MiniLM's tokenizer, max_length 32",
         "table": f"Delta (delta-rs), rows in files of {FILE_ROWS}, change data feed on; the night: 1 % of "
                  "texts updated in every file, 0.1 % deleted, 1 % appended; base: a real full run",

@@ -17,10 +17,8 @@ docs/results/embed-scale.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from results import header
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -207,9 +206,7 @@ def main() -> None:
             return None
 
     out = {
-        "benchmark": "embed-scale", "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM (no GPU)",
-        "command": "python tests/bench/bench_embed_scale.py " + " ".join(sys.argv[1:]),
+        **header("embed-scale"),
         "model": "random BERT, 2 layers, hidden 32, MiniLM's tokenizer", "files": args.files, "results": results,
         "pipeline_vs_bare_1m": ratio("1000000", "pipeline_vs_bare"),
         "docs_s_1m_vs_100k": ratio("1000000", "pipeline_docs_s", "100000"),

@@ -17,10 +17,8 @@ was changed. Figures: docs/results/embed-incremental.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from results import header
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -203,9 +202,7 @@ def main() -> None:
         return round(hi["night_changed"][key] / lo["night_changed"][key], 3)
 
     out = {
-        "benchmark": "embed-incremental", "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, 24 GiB, this project's CPU VM (no GPU)",
-        "command": "python tests/bench/bench_incremental.py " + " ".join(sys.argv[1:]),
+        **header("embed-incremental"),
         "model": "random BERT, 2 layers, hidden 32, MiniLM's tokenizer, max_length 32",
         "lake": f"Parquet, {FILE_ROWS} rows a file, ~12-word synthetic documents; night 1: {args.changed:.0%} changed, "
                 f"{args.deleted:.0%} deleted, {args.new:.0%} new",

@@ -19,15 +19,12 @@ collections bench_quality.py reports, at full width and 128-d, each variant as n
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import sys
 from pathlib import Path
 
 import numpy as np
 from distill_sweep import dev_sets
+from results import header
 
 from rayembed.data.readers import load_beir
 from rayembed.eval.job import subset
@@ -87,9 +84,7 @@ def main() -> None:
             }
             print(name, dim, results[name][str(dim)], flush=True)
     out = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM (no GPU)",
-        "command": "python tests/bench/bench_int8.py " + " ".join(sys.argv[1:]),
+        **header(),
         "model": args.model,
         "int8_scales": {str(k): v for k, v in model.int8_scales.items()},
         "collections": "dev only: snli_dev = SNLI-dev retrieval (1,000 queries), scifact_train = SciFact train queries",

@@ -19,15 +19,15 @@ Theory (AdamW; N workers; P parameters; T of them trained):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from results import header
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [  # (name, zero stage, lora)
@@ -161,10 +161,7 @@ def main() -> None:
     }  # fmt: skip
     headline = ratios.get("checkpointing") or next(iter(ratios.values()), {})
     out = {
-        "benchmark": "llm-memory",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {platform.processor() or platform.machine()}, this project's 2-core 24 GiB CPU VM",
-        "command": "python tests/bench/bench_llm_memory.py " + " ".join(sys.argv[1:]),
+        **header("llm-memory"),
         "model": {"family": args.family, "size": args.size, "parameters": params, "lora_trained": trained},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "configs")},
         "runs": rows,

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import urllib.request
@@ -29,6 +27,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+from results import header  # noqa: E402
+
 from conftest import DATA, free_port  # noqa: E402
 
 OUT = ROOT / "docs" / "results" / "pair.json"
@@ -99,9 +99,7 @@ def main() -> None:
     run_dir = Path(a.run).resolve()
     student, documents = run_dir / "model", run_dir / "teacher-in-frame"
     result = {
-        "benchmark": "pair", "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's 2-core 24 GiB CPU VM (no GPU)",
-        "gpu": "not measured", "student": json.loads((student / "rayembed.json").read_text()),
+        **header("pair"), "gpu": "not measured", "student": json.loads((student / "rayembed.json").read_text()),
         "quality": quality(student, documents), "latency": latency(student, documents, a.requests),
     }  # fmt: skip
     OUT.write_text(json.dumps(result, indent=1) + "\n")

@@ -30,15 +30,13 @@ its 128-d >= 95 % of its full width; int8 >= 99 % of float32.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from results import header
 
 from rayembed.config import SHARED_DATA, EmbedConfig, EvalConfig, TrainConfig
 from rayembed.data.mix import general_texts, nli_retrieval
@@ -252,9 +250,7 @@ def main() -> None:
     figures = summary(results, students, list(evals), len(rows))
     figures = {kind: figures.pop("unseen")} | figures  # --corpus-text, --genre-text: not unseen figures
     out = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM (no GPU)",
-        "command": "python tests/bench/bench_quality.py " + " ".join(sys.argv[1:]),
+        **header(),
         "protocol": PROTOCOL[kind],
         "texts": len(rows), "genre_text_left_out": left_out, "overlap": found, "seconds": seconds, **figures,
         "scores": results,

@@ -11,15 +11,12 @@ the values), batch 1,024 as the train job uses; the fit's one-off eigendecomposi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from results import header
 
 from rayembed.model.pca import principal_axes, ranking_axes
 
@@ -56,9 +53,7 @@ def main() -> None:
                      "eigh_s": round(eig, 2), "hours_for_1000_steps": round(per_step * 1000 / 3600, 2)})  # fmt: skip
         print(rows[-1], flush=True)
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM (no GPU)",
-        "command": "python tests/bench/bench_ranking_axes.py " + " ".join(sys.argv[1:]),
+        **header(),
         "cases": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

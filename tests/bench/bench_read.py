@@ -12,12 +12,8 @@ median of `--repeats`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from results import header
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "results" / "read-parquet.json"
 
@@ -76,9 +73,7 @@ def main() -> None:
     }
     medians = {name: round(statistics.median(v), 3) for name, v in seconds.items()}
     out = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM (no GPU)",
-        "command": "python tests/bench/bench_read.py " + " ".join(sys.argv[1:]),
+        **header(),
         "ray": ray.__version__,
         "rows": args.rows,
         "first_batch_s_median": medians,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+from results import header  # noqa: E402
+
 from recipes import RECIPES, STEPS, checkpoints, run_recipe  # noqa: E402
 
 OUT = ROOT / "docs" / "results" / "reliability.json"
@@ -119,9 +120,7 @@ def main() -> None:
     started = time.time()
 
     def save() -> None:  # after every part: a run cut short keeps what it measured
-        result.update(date=time.strftime("%Y-%m-%d"), command="python " + " ".join(sys.argv),
-                      machine=f"{platform.node()}: {os.cpu_count()} CPUs, this project's 2-core 24 GiB CPU VM (no GPU)",
-                      wall_s=round(time.time() - started))  # fmt: skip
+        result.update(header(), wall_s=round(time.time() - started))
         OUT.write_text(json.dumps(result, indent=1) + "\n")
 
     with tempfile.TemporaryDirectory() as tmp:

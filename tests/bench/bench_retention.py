@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+from results import header  # noqa: E402
+
 from conftest import DATA  # noqa: E402
 from rayembed.eval.retention import CLOZE_MIN_WORDS  # noqa: E402
 
@@ -187,9 +187,7 @@ def main() -> None:
         "by": {f"{c} {m}": {k: agreement([x for x in points if x["collection"] == c and x["mode"] == m], k)
                             for k in KINDS}
                for c in COLLECTIONS for m in ("symmetric", "asymmetric")},
-        "points": points, "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
-        "seconds": round(time.perf_counter() - started),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's 2-core 24 GiB CPU VM (no GPU)",
+        "points": points, **header(), "seconds": round(time.perf_counter() - started),
     }  # fmt: skip
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import platform
-import sys
 from pathlib import Path
 
 import torch
 from bench_quality import collections, scores
 from distill_sweep import dev_sets
+from results import header
 
 from rayembed.model import Embedder
 from rayembed.train.export import saved_rotation
@@ -70,9 +67,7 @@ def main() -> None:
     dev_scores |= {"soup_aligned": scores(aligned, dev), "soup_naive": scores(naive, dev)}
     seeds_test = [json.loads((r / "scores-student3.json").read_text()) for r in runs]
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM (no GPU)",
-        "command": "python tests/bench/bench_seed_soup.py " + " ".join(sys.argv[1:]),
+        **header(),
         "runs": [str(r) for r in runs],
         "dev": dev_scores,
         "test": {

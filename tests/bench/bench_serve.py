@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from results import header
 
 from rayembed.config import SHARED_DATA
 
@@ -241,8 +240,7 @@ def main() -> None:
     if 1 in args.concurrency:  # rayembed's median p50 over the baseline's, at concurrency 1
         p50 = [float(np.median([r["p50_ms"] for r in runs[n][1]])) for n in ("rayembed", "baseline")]  # type: ignore[misc]
         report["p50_ratio_c1"] = round(p50[0] / p50[1], 3)
-    report |= {"benchmark": "serve", "date": datetime.date.today().isoformat(), "command": "python tests/bench/bench_serve.py " + " ".join(sys.argv[1:]),
-               "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM"}  # fmt: skip
+    report |= header("serve")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+from results import header  # noqa: E402
+
 from conftest import DATA, build_tiny, start_mlflow_server  # noqa: E402
 
 OUT = ROOT / "docs" / "results" / "tracking.json"
@@ -74,8 +73,7 @@ def main() -> None:
             server.terminate()
     untracked, tracked = (sum(v) / len(v) for v in (runs["untracked"], runs["tracked"]))
     result = {
-        "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's 2-core 24 GiB CPU VM (no GPU)",
+        **header(),
         "run": f"{args.model} model, 2 workers ZeRO-2, batch 8 per worker, max_length 32, {args.steps} steps; "
                "mlflow server (SQLite) on loopback, rank 0's metrics sent every tracking.interval_s (5 s)",
         "steps_per_s": runs, "overhead": round(1 - tracked / untracked, 4), "goal": 0.02,

@@ -13,14 +13,12 @@ docs/results/train-forward.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from results import header
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,9 +80,7 @@ def main() -> None:
         lengths = teacher_vectors(args.rows, tmp / "teacher")
         points = [point(ft, args, tmp / "teacher", tmp) for ft in (None, args.forward_tokens)]
     out = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM (no GPU)",
-        "command": "python tests/bench/bench_train_forward.py " + " ".join(sys.argv[1:]),
+        **header(),
         "text": {"rows": args.rows, **lengths},
         "points": points,
         "speedup": round(points[1]["samples_per_s"] / points[0]["samples_per_s"], 2),

@@ -15,14 +15,13 @@ the figure shows the cost of more workers, not a speed-up. Figures: docs/results
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results import header
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,12 +59,6 @@ def point(workers: int, args: argparse.Namespace, data: Path, tmp: Path) -> dict
             "steps_timed": steps, "wall_s": round(wall, 1)}  # fmt: skip
 
 
-def gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
@@ -89,11 +82,7 @@ def main() -> None:
         print(n, json.dumps(points[str(n)]), file=sys.stderr)
     one = points.get("1", {}).get("samples_per_s")
     out = {
-        "benchmark": "train-scaling",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, "
-        + (gpu_name() if args.gpu else "this project's CPU VM (no GPU)"),
-        "command": "python tests/bench/bench_train_scaling.py " + " ".join(sys.argv[1:]),
+        **header("train-scaling"),
         "settings": {k: v for k, v in vars(args).items() if k != "out"}
         | {"model": "all-MiniLM-L6-v2", "zero_stage": 2},
         "workers": points,

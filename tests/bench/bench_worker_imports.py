@@ -12,14 +12,14 @@ seconds (user + sys, from the OS) and peak RSS, median of `--repeats`, the varia
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from results import header
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "results" / "worker-imports.json"
 VARIANTS = {
@@ -55,9 +55,7 @@ def main() -> None:
     cpu = {name: statistics.median(v) for name, v in runs.items()}
     light, heavy = cpu["light (read task / config)"], cpu["with the model (torch + transformers)"]
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), this VM: 2 cores",
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        **header(),
         "repeats": args.repeats,
         "cpu_s_median": {k: round(v, 3) for k, v in cpu.items()},
         "cpu_s_runs": {k: [round(x, 3) for x in v] for k, v in runs.items()},

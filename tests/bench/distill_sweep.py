@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -27,10 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from bench_quality import scores
+from results import header
 
 from rayembed.config import SHARED_DATA, EvalConfig
 from rayembed.data.mix import general_texts, nli_retrieval
 from rayembed.data.readers import load_beir
+from rayembed.eval.job import evaluate
 from rayembed.model import Embedder
 from rayembed.model.batching import by_length
 from rayembed.model.pca import principal_axes, ranking_axes
@@ -61,6 +60,27 @@ class NoSelfPairs(EmbeddingDistill):
         ss = (s @ s.T / self.temperature).masked_fill(eye, -1e4)
         tt = (t @ t.T / self.temperature).masked_fill(eye, -1e4)
         return F.kl_div(F.log_softmax(ss, dim=-1), F.softmax(tt, dim=-1), reduction="batchmean")
+
+
+def cross_pairs(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(T T^T / tau) || softmax(S T^T / tau)): each student row ranks the teacher's rows of the
+    batch as the teacher's own row does, which is what the pair's score (student query . teacher document)
+    asks of it."""
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher.detach(), dim=-1)
+    log_p_s = F.log_softmax(s @ t.T / temperature, dim=-1)
+    return F.kl_div(log_p_s, F.softmax(t @ t.T / temperature, dim=-1), reduction="batchmean")
+
+
+def pair_scores(
+    student: Embedder, teacher: Embedder, axes: np.ndarray, evals: dict[str, EvalConfig]
+) -> dict[str, Any]:
+    """nDCG@10 of the student's queries against the teacher-in-frame's documents (the index-compatible pair)."""
+    documents = copy.deepcopy(teacher).rotate(axes)
+    out: dict[str, Any] = {}
+    for name, cfg in evals.items():
+        report = evaluate(cfg, student, documents=documents)
+        out[name] = {k: round(v["ndcg@10"], 4) for k, v in report["beir_pair"].items() if isinstance(v, dict)}
+    return out
 
 
 def token_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -172,8 +192,7 @@ def record(work: Path, result: dict[str, Any]) -> None:
         f.write(json.dumps(result) + "\n")
     runs = [json.loads(line) for line in (work / "sweep.jsonl").read_text().splitlines()]
     out = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, this project's CPU VM (no GPU)",
+        **header(),
         "command": "python tests/bench/distill_sweep.py NAME [options] (one call per variant: runs[*].args)",
         "collections": "dev only: snli_dev = SNLI-dev retrieval (1,000 queries), scifact_train = SciFact train queries",
         "metric": "nDCG@10 at 384 and 128 dims, float32 and int8",
@@ -250,6 +269,10 @@ def parse() -> argparse.Namespace:
         "--ranking-steps", type=int, default=0, help="pca axes turned by rayembed.model.pca.ranking_axes"
     )
     ap.add_argument("--ranking-temperature", type=float, default=0.1)
+    ap.add_argument(
+        "--cross-weight", type=float, default=0.0, help="student rows vs the teacher's (the pair)"
+    )
+    ap.add_argument("--pair", action="store_true", help="also score student queries vs teacher-in-frame docs")
     ap.add_argument("--workdir", default="/tmp/sweep")
     return ap.parse_args()
 
@@ -347,6 +370,10 @@ class Step:
             loss = loss + a.prefix_full_weight * sum(
                 self.prefix_kl.relational(emb[:, :k], target) for k in DIMS if k < PREFIX_FULL_BELOW
             )
+        if a.cross_weight:
+            loss = loss + a.cross_weight * sum(
+                cross_pairs(emb[:, :k], target[:, :k], a.temperature) for k in DIMS
+            ) / len(DIMS)
         if a.whiten_weight:
             diff = (F.normalize(emb, dim=-1) - F.normalize(target, dim=-1)) / self.spread_per_axis
             loss = loss + a.whiten_weight * diff.pow(2).mean()
@@ -413,6 +440,8 @@ def main() -> None:
     seconds = round(time.perf_counter() - t0)
     result = {"name": args.name, "args": vars(args), "train_s": seconds, "loss_every_50": history[::50] + history[-1:],
               "scores": scores(student.eval(), evals), "curve": curve}  # fmt: skip
+    if args.pair:
+        result["pair_scores"] = pair_scores(student, teacher, axes, evals)
     if average:
         result["scores_averaged"] = scores(average.averaged().eval(), evals)  # type: ignore[arg-type]
     record(work, result)
