@@ -270,7 +270,10 @@ def parse() -> argparse.Namespace:
     )
     ap.add_argument("--ranking-temperature", type=float, default=0.1)
     ap.add_argument(
-        "--cross-weight", type=float, default=0.0, help="student rows vs the teacher's (the pair)"
+        "--cross-weight",
+        type=float,
+        default=0.0,
+        help="cross_pairs at each width (their mean), the pair's score",
     )
     ap.add_argument("--pair", action="store_true", help="also score student queries vs teacher-in-frame docs")
     ap.add_argument("--workdir", default="/tmp/sweep")
