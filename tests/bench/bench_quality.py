@@ -149,12 +149,19 @@ def docs_per_s(model: Embedder, docs: list[str]) -> float:
     return round(len(docs) / (time.perf_counter() - t0), 1)
 
 
-def scores(model: Embedder, evals: dict[str, EvalConfig]) -> dict[str, Any]:
-    """nDCG@10 per collection and variant (384, 128, 384-int8, 128-int8), STS-B Spearman."""
+def scores(
+    model: Embedder, evals: dict[str, EvalConfig], documents: Embedder | None = None
+) -> dict[str, Any]:
+    """nDCG@10 per collection and variant (384, 128, 384-int8, 128-int8), STS-B Spearman; with a pair's
+    `documents` encoder also `pair`: per collection, the model's queries against its documents (from the
+    same evaluate call, so the model encodes each collection once)."""
     out: dict[str, Any] = {}
     for name, cfg in evals.items():
-        report = evaluate(cfg, model)
+        report = evaluate(cfg, model, documents)
         out[name] = {k: round(v["ndcg@10"], 4) for k, v in report["beir"].items() if isinstance(v, dict)}
+        if documents is not None:
+            pair = {k: round(v["ndcg@10"], 4) for k, v in report["beir_pair"].items() if isinstance(v, dict)}
+            out.setdefault("pair", {})[name] = pair
         if "sts" in report:
             out["stsb"] = {
                 k: round(v["spearman"], 4) for k, v in report["sts"].items() if isinstance(v, dict)

@@ -29,7 +29,6 @@ from results import header
 from rayembed.config import SHARED_DATA, EvalConfig
 from rayembed.data.mix import general_texts, nli_retrieval
 from rayembed.data.readers import load_beir
-from rayembed.eval.job import evaluate
 from rayembed.model import Embedder
 from rayembed.model.batching import by_length
 from rayembed.model.pca import principal_axes, ranking_axes
@@ -69,18 +68,6 @@ def cross_pairs(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     s, t = F.normalize(student, dim=-1), F.normalize(teacher.detach(), dim=-1)
     log_p_s = F.log_softmax(s @ t.T / temperature, dim=-1)
     return F.kl_div(log_p_s, F.softmax(t @ t.T / temperature, dim=-1), reduction="batchmean")
-
-
-def pair_scores(
-    student: Embedder, teacher: Embedder, axes: np.ndarray, evals: dict[str, EvalConfig]
-) -> dict[str, Any]:
-    """nDCG@10 of the student's queries against the teacher-in-frame's documents (the index-compatible pair)."""
-    documents = copy.deepcopy(teacher).rotate(axes)
-    out: dict[str, Any] = {}
-    for name, cfg in evals.items():
-        report = evaluate(cfg, student, documents=documents)
-        out[name] = {k: round(v["ndcg@10"], 4) for k, v in report["beir_pair"].items() if isinstance(v, dict)}
-    return out
 
 
 def token_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -441,10 +428,13 @@ def main() -> None:
             print(curve[-1], flush=True)
             student.train()
     seconds = round(time.perf_counter() - t0)
+    # --pair: the student's queries also against the teacher-in-frame's documents (the index-compatible pair)
+    documents = copy.deepcopy(teacher).rotate(axes) if args.pair else None
+    got = scores(student.eval(), evals, documents)
     result = {"name": args.name, "args": vars(args), "train_s": seconds, "loss_every_50": history[::50] + history[-1:],
-              "scores": scores(student.eval(), evals), "curve": curve}  # fmt: skip
+              "scores": got, "curve": curve}  # fmt: skip
     if args.pair:
-        result["pair_scores"] = pair_scores(student, teacher, axes, evals)
+        result["pair_scores"] = got.pop("pair")
     if average:
         result["scores_averaged"] = scores(average.averaged().eval(), evals)  # type: ignore[arg-type]
     record(work, result)
