@@ -59,7 +59,9 @@ def test_the_eval_scores_the_pairs_queries_against_its_documents(
     tiny_pair: tuple[Path, Path], tiny_model: Path
 ) -> None:
     """`document_model`: BEIR's documents embedded by the pair's document encoder, each side quantised
-    with its own int8 scales (`beir_pair`), beside the query model's own figures (`beir`)."""
+    with its own int8 scales (`beir_pair`), beside the query model's own figures (`beir`); the document
+    encoder alone (`beir_documents`: the teacher's own figures at full width) and the full-width shares of
+    it the student and the pair keep (`beir_retention`)."""
     from rayembed.data.readers import load_beir
     from rayembed.eval.config import EvalConfig
     from rayembed.eval.job import evaluate, subset
@@ -83,6 +85,17 @@ def test_the_eval_scores_the_pairs_queries_against_its_documents(
     want = retrieval_metrics(qv, dv, list(queries), list(corpus), qrels)
     assert report["beir_pair"]["8-int8"] == pytest.approx(want)
     assert report["beir_pair"]["32"] != report["beir"]["32"]
+    teacher = evaluate(EvalConfig(model=str(documents_dir), **settings))["beir"]  # the encoder on its own
+    assert report["beir_documents"] == teacher | {"documents": "tiny-bert"}
+    kept, full = report["beir_retention"], teacher["32"]["ndcg@10"]
+    assert kept == {"width": 32, "teacher_ndcg@10": full,
+                    "student_vs_teacher": pytest.approx(report["beir"]["32"]["ndcg@10"] / full),
+                    "asym_vs_teacher": pytest.approx(report["beir_pair"]["32"]["ndcg@10"] / full)}  # fmt: skip
+    assert kept["student_vs_teacher"] != kept["asym_vs_teacher"]  # the student alone is not the pair
+    # the teacher's own figures at full width: the teacher in frame is the teacher turned
+    assert full == pytest.approx(
+        evaluate(EvalConfig(model=str(tiny_model), **settings))["beir"]["32"]["ndcg@10"]
+    )
     with pytest.raises(ValueError, match="not one pair"):
         evaluate(EvalConfig(model=str(tiny_model), document_model=str(documents_dir), **settings))
 

@@ -80,10 +80,15 @@ def test_distill_recipe_runs_to_its_end(recipe_dir: Path) -> None:
         "query",
         "document",
     ]
-    after = json.loads(Path(run.sections["train"]["report"], "report.json").read_text())["eval"]["after"]
+    report = Path(run.sections["train"]["report"])
+    after = json.loads((report / "report.json").read_text())["eval"]["after"]
     assert (
         0 < after["beir_pair"]["384"]["ndcg@10"] <= 1
     )  # the student's queries against the teacher's documents
+    kept = after["beir_retention"]  # the student alone and the pair as shares of the teacher's nDCG@10
+    assert kept["teacher_ndcg@10"] == after["beir_documents"]["384"]["ndcg@10"] > 0
+    assert kept["asym_vs_teacher"] == after["beir_pair"]["384"]["ndcg@10"] / kept["teacher_ndcg@10"]
+    assert f"the pair {kept['asym_vs_teacher']:.1%}" in (report / "report.md").read_text()
     scores = run.sections["eval"]["beir"]
     assert all(0 < v["ndcg@10"] <= 1 for v in scores.values() if isinstance(v, dict)), scores
 

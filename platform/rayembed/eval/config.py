@@ -17,7 +17,9 @@ class EvalConfig:
     document_model: str | None = None
     """An index-compatible pair's document encoder (a distillation's teacher-in-frame, recording the same
     frame as `model`): BEIR's documents are also embedded by it and scored against `model`'s queries,
-    reported as `beir_pair` beside `model`'s own `beir` (the asymmetric and symmetric figures)."""
+    reported as `beir_pair` beside `model`'s own `beir` (the asymmetric and symmetric figures); the encoder
+    alone as `beir_documents` (at full width the teacher's own figures) and the full-width nDCG@10 of
+    `beir` and `beir_pair` as shares of it as `beir_retention` (student_vs_teacher, asym_vs_teacher)."""
     beir_dir: str | None = f"{SHARED_DATA}/scifact"
     """BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), local or s3://; null to skip."""
     split: str = "test"

@@ -38,18 +38,50 @@ def subset(
 
 
 def beir_scores(
-    cfg: EvalConfig, model: Embedder, q: np.ndarray, encoder: Embedder, corpus: dict[str, str],
-    queries: dict[str, str], qrels: dict[str, dict[str, int]],
+    cfg: EvalConfig, model: Embedder, q: np.ndarray, encoder: Embedder, d: np.ndarray, qids: list[str],
+    dids: list[str], qrels: dict[str, dict[str, int]],
 ) -> dict[str, Any]:  # fmt: skip
-    """`model`'s query vectors `q` against the documents as `encoder` embeds them (`model` itself, or a
-    pair's document encoder), at each width and precision (each side quantised with its own int8 scales)."""
-    qids, dids = list(queries), list(corpus)
-    d = encoder.encode(list(corpus.values()), batch_size=cfg.batch_size, prompt_name=cfg.document_prompt_name)
+    """`model`'s query vectors `q` against `encoder`'s document vectors `d` (`model` itself, or a pair's
+    document encoder), at each width and precision (each side quantised with its own int8 scales)."""
     out: dict[str, Any] = {"queries": len(qids), "docs": len(dids)}
     for key, dim, prec in variants(cfg, model.dim):
         qv = comparable(postprocess(q, dim, prec, True, model.int8_scales), prec)
         dv = comparable(postprocess(d, dim, prec, True, encoder.int8_scales), prec)
         out[key] = retrieval_metrics(qv, dv, qids, dids, qrels)
+    return out
+
+
+def beir_reports(
+    cfg: EvalConfig, model: Embedder, documents: Embedder | None, name: str, corpus: dict[str, str],
+    queries: dict[str, str], qrels: dict[str, dict[str, int]],
+) -> dict[str, Any]:  # fmt: skip
+    """`beir`: the model alone. With a pair's `documents` encoder (the teacher in the student's frame) also
+    `beir_pair` (the model's queries against its documents), `beir_documents` (the documents encoder
+    alone: at full width, the teacher's own figures) and `beir_retention` (full-width nDCG@10 of the
+    model alone and of the pair as shares of the teacher's, the labelled counterpart of the label-free
+    check). The documents are embedded once per encoder."""
+    qids, dids, texts = list(queries), list(corpus), list(corpus.values())
+
+    def encode(m: Embedder, rows: list[str], prompt: str | None) -> np.ndarray:
+        return m.encode(rows, batch_size=cfg.batch_size, prompt_name=prompt)
+
+    q = encode(model, list(queries.values()), cfg.query_prompt_name)
+    d = encode(model, texts, cfg.document_prompt_name)
+    out = {"beir": {"set": name} | beir_scores(cfg, model, q, model, d, qids, dids, qrels)}
+    if documents is None:
+        return out
+    named = {"set": name, "documents": documents.name}
+    d = encode(documents, texts, cfg.document_prompt_name)
+    out["beir_pair"] = named | beir_scores(cfg, model, q, documents, d, qids, dids, qrels)
+    own = cfg.query_prompt_name if cfg.query_prompt_name in documents.prompts else None  # as it is served
+    t = encode(documents, list(queries.values()), own)
+    out["beir_documents"] = named | beir_scores(cfg, documents, t, documents, d, qids, dids, qrels)
+    full = str(model.dim)
+    teacher = out["beir_documents"][full]["ndcg@10"]
+    out["beir_retention"] = {"width": model.dim, "teacher_ndcg@10": teacher} | {
+        key: out[part][full]["ndcg@10"] / teacher if teacher else float("nan")
+        for key, part in (("student_vs_teacher", "beir"), ("asym_vs_teacher", "beir_pair"))
+    }
     return out
 
 
@@ -94,11 +126,7 @@ def evaluate(
         corpus, queries, qrels = load_beir(cfg.beir_dir, cfg.split, url)
         corpus, queries = subset(corpus, queries, qrels, cfg.max_queries, cfg.max_docs)
         name = cfg.beir_dir.rstrip("/").rsplit("/", 1)[-1]
-        q = model.encode(list(queries.values()), batch_size=cfg.batch_size, prompt_name=cfg.query_prompt_name)
-        for key, encoder in (("beir", model), ("beir_pair", documents)):
-            if encoder is not None:
-                named = {"set": name} | ({"documents": encoder.name} if encoder is documents else {})
-                report[key] = named | beir_scores(cfg, model, q, encoder, corpus, queries, qrels)
+        report |= beir_reports(cfg, model, documents, name, corpus, queries, qrels)
     if cfg.corpus:
         report["retention"] = corpus_retention(cfg, model, documents)
     if cfg.sts_file:

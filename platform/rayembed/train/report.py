@@ -35,6 +35,19 @@ def eval_rows(evals: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[st
     return header, rows
 
 
+def teacher_lines(evals: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown for each eval that scored a pair's documents encoder alone (the teacher in the student's
+    frame): the teacher's nDCG@10 at full width and the shares of it the student and the pair keep."""
+    lines: list[str] = []
+    for label, report in evals.items():
+        kept = report.get("beir_retention")
+        if kept:
+            lines += ["", f"Teacher (the pair's documents encoder) nDCG@10 @{kept['width']} ({label}): "
+                      f"{kept['teacher_ndcg@10']:.4f}; the student alone keeps {kept['student_vs_teacher']:.1%} "
+                      f"of it, the pair {kept['asym_vs_teacher']:.1%} (labelled, {report['beir']['set']})."]  # fmt: skip
+    return lines
+
+
 def retention_lines(evals: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown for each eval that ran the label-free retention check (eval/retention.py): the estimate per
     width and mode, and the two kinds it is chosen from."""
@@ -65,7 +78,7 @@ def markdown(summary: dict[str, Any], history: list[dict[str, Any]], evals: dict
         header, rows = eval_rows(evals)
         lines += ["", "## Eval", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
-        lines += retention_lines(evals)
+        lines += teacher_lines(evals) + retention_lines(evals)
     lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)
 
