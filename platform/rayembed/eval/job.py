@@ -73,7 +73,8 @@ def beir_reports(
     named = {"set": name, "documents": documents.name}
     d = encode(documents, texts, cfg.document_prompt_name)
     out["beir_pair"] = named | beir_scores(cfg, model, q, documents, d, qids, dids, qrels)
-    own = cfg.query_prompt_name if cfg.query_prompt_name in documents.prompts else None  # as it is served
+    # the teacher's queries: its own prompt of that name, if it has one
+    own = cfg.query_prompt_name if cfg.query_prompt_name in documents.prompts else None
     t = encode(documents, list(queries.values()), own)
     out["beir_documents"] = named | beir_scores(cfg, documents, t, documents, d, qids, dids, qrels)
     full = str(model.dim)
