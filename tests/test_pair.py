@@ -56,7 +56,7 @@ def test_a_student_equal_to_its_teacher_ranks_exactly_as_the_teacher(tiny_model:
 
 
 def test_the_eval_scores_the_pairs_queries_against_its_documents(
-    tiny_pair: tuple[Path, Path], tiny_model: Path
+    tiny_pair: tuple[Path, Path], tiny_model: Path, tmp_path: Path
 ) -> None:
     """`document_model`: BEIR's documents embedded by the pair's document encoder, each side quantised
     with its own int8 scales (`beir_pair`), beside the query model's own figures (`beir`); the document
@@ -98,6 +98,13 @@ def test_the_eval_scores_the_pairs_queries_against_its_documents(
     )
     with pytest.raises(ValueError, match="not one pair"):
         evaluate(EvalConfig(model=str(tiny_model), document_model=str(documents_dir), **settings))
+    # a student trained with a query instruction: its queries get it, the teacher's queries do not (the
+    # teacher has no prompt of that name), so the teacher's figures stay its own
+    instructed = Embedder.load(student_dir, device="cpu")
+    instructed.prompts = {"query": "Represent this question for retrieval: "}
+    prompted = evaluate(EvalConfig(model=str(instructed.save(tmp_path / "instructed")),
+                                   document_model=str(documents_dir), query_prompt_name="query", **settings))  # fmt: skip
+    assert prompted["beir_documents"] == report["beir_documents"] and prompted["beir"] != report["beir"]
 
 
 def test_the_engine_serves_the_pair_behind_one_name(tiny_pair: tuple[Path, Path], tiny_model: Path) -> None:
