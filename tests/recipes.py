@@ -1,8 +1,8 @@
 """Running a shipped recipe (jobs/*.yaml) the way a user does: `rayembed run` in a fresh process with its
 own local Ray cluster, on the real data, at the shipped settings. Overrides are limited to step counts
-(max_steps; CI's distill run also pca_ranking_steps), checkpoint_every and data sizes (rows prepared, queries and documents evaluated, documents embedded,
-passes over a data set smaller than 30 steps); the ZeRO stage, batching, pooling and precision stay as
-shipped. Used by tests/test_recipes.py (CI) and tests/bench/bench_reliability.py (every recipe)."""
+(max_steps; CI's distill run also pca_ranking_steps), checkpoint_every and data sizes (rows prepared;
+queries, documents and STS pairs evaluated; documents embedded; passes over a data set smaller than 30
+steps); the ZeRO stage, batching, pooling and precision stay as shipped. Used by tests/test_recipes.py (CI) and tests/bench/bench_reliability.py (every recipe)."""
 
 from __future__ import annotations
 

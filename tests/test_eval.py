@@ -61,3 +61,29 @@ def test_eval_minilm_on_scifact_and_sts(tmp_path: Path) -> None:
     assert report["sts"]["384-binary"]["spearman"] > 0.6
     with pytest.raises(ValueError, match="divisible by 8"):
         EvalConfig(dims=[100], precisions=["binary"])
+
+
+def test_max_pairs_scores_an_even_spread_of_the_sts_file(tiny_model: Path) -> None:
+    """`max_pairs` keeps pairs spread from the first to the last row: every genre block of STS-B test
+    (captions, news, forums come one after another) stays in the sample, and the score is that sample's."""
+    from scipy.stats import spearmanr
+
+    from rayembed.data.readers import load_sts
+    from rayembed.eval.job import sts_sample
+    from rayembed.model import Embedder
+
+    path = DATA / "stsbenchmark" / "stsbenchmark" / "sts-test.csv"
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    s1, s2, gold = sts_sample(*load_sts(path), 100)
+    assert len(gold) == 100 and (s1[0], s1[-1]) == (rows[0][5], rows[-1][5])
+    genre = {(r[5], r[6]): r[0] for r in rows}  # all 3 genres, not the first block's alone
+    assert {genre[p] for p in zip(s1, s2, strict=True)} == {r[0] for r in rows}
+    assert sts_sample(["a", "b"], ["c", "d"], [1.0, 2.0], 100) == (["a", "b"], ["c", "d"], [1.0, 2.0])
+
+    report = evaluate(EvalConfig(model=str(tiny_model), beir_dir=None, sts_file=str(path), max_pairs=100))
+    model = Embedder.load(tiny_model, device="cpu")
+    cos = (model.encode(s1) * model.encode(s2)).sum(-1)
+    assert report["sts"]["pairs"] == 100
+    assert report["sts"]["32"]["spearman"] == pytest.approx(spearmanr(cos, gold).statistic, abs=1e-6)
+    with pytest.raises(ValueError, match="max_pairs must be >= 2"):
+        EvalConfig(max_pairs=1)

@@ -55,7 +55,7 @@ def test_distill_recipe_runs_to_its_end(recipe_dir: Path) -> None:
     axis-turning steps: about 3 min less. The export (a third of the test's CPU time at the bench's sizes)
     evaluates three encoders — the starting student, the student, the teacher in frame — on 20 queries and
     100 abstracts without STS and calibrates each exported model on 64 texts; the eval section reads 100
-    abstracts. tests/test_train_hang.py makes the ranks' plans differ step by step.)"""
+    abstracts and 200 STS pairs. tests/test_train_hang.py makes the ranks' plans differ step by step.)"""
     extra = [
         "train.max_steps=12",
         "train.checkpoint_every=4",
@@ -68,6 +68,7 @@ def test_distill_recipe_runs_to_its_end(recipe_dir: Path) -> None:
         "train.eval.max_docs=100",
         "eval.max_queries=20",
         "eval.max_docs=100",
+        "eval.max_pairs=200",
     ]  # 12 steps of 2 x 32 rows: 768
     run = run_recipe("distill", recipe_dir / "distill", timeout_s=1500, extra=extra)
     check_run(run, steps=12)
@@ -91,6 +92,8 @@ def test_distill_recipe_runs_to_its_end(recipe_dir: Path) -> None:
     assert f"the pair {kept['asym_vs_teacher']:.1%}" in (report / "report.md").read_text()
     scores = run.sections["eval"]["beir"]
     assert all(0 < v["ndcg@10"] <= 1 for v in scores.values() if isinstance(v, dict)), scores
+    sts = run.sections["eval"]["sts"]
+    assert sts["pairs"] == 200 and sts["384"]["spearman"] > 0.5
 
 
 def test_serve_recipe_answers_then_stops_cleanly(recipe_dir: Path) -> None:

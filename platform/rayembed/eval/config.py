@@ -30,6 +30,9 @@ class EvalConfig:
     """Evaluate at most this many queries (subset for quick runs)."""
     max_docs: int | None = None
     """Keep every judged document plus distractors up to this many (subset for quick runs)."""
+    max_pairs: int | None = None
+    """Evaluate at most this many STS pairs, spread evenly over the file (its genres come in blocks), for
+    quick runs; the report's `sts.pairs` says how many were scored."""
     dims: list[int] = field(default_factory=list)
     """Also evaluate these Matryoshka widths."""
     precisions: list[str] = field(default_factory=lambda: ["float32"])
@@ -69,6 +72,7 @@ class EvalConfig:
         check(
             not self.corpus or bool(self.teacher), "corpus (the label-free retention check) needs the teacher"
         )
+        check(self.max_pairs is None or self.max_pairs >= 2, "max_pairs must be >= 2 (a rank correlation)")
         check(min(self.corpus_docs, self.pseudo_queries) >= 1, "corpus_docs and pseudo_queries must be >= 1")
         check(
             bool(self.precisions) and set(self.precisions) <= {"float32", "int8", "binary"},

@@ -108,6 +108,16 @@ def variants(cfg: EvalConfig, full: int) -> list[tuple[str, int | None, str]]:
     return out
 
 
+def sts_sample(
+    s1: list[str], s2: list[str], gold: list[float], max_pairs: int | None
+) -> tuple[list[str], list[str], list[float]]:
+    """At most `max_pairs` of the pairs, evenly spaced from the first to the last (all if None)."""
+    if max_pairs is None or max_pairs >= len(gold):
+        return s1, s2, gold
+    keep = np.linspace(0, len(gold) - 1, max_pairs).round().astype(int)
+    return [s1[i] for i in keep], [s2[i] for i in keep], [gold[i] for i in keep]
+
+
 def evaluate(
     cfg: EvalConfig, model: Embedder | None = None, documents: Embedder | None = None
 ) -> dict[str, Any]:
@@ -131,7 +141,7 @@ def evaluate(
     if cfg.corpus:
         report["retention"] = corpus_retention(cfg, model, documents)
     if cfg.sts_file:
-        s1, s2, gold = load_sts(cfg.sts_file, url)
+        s1, s2, gold = sts_sample(*load_sts(cfg.sts_file, url), cfg.max_pairs)
         a, b = (
             model.encode(s, batch_size=cfg.batch_size, prompt_name=cfg.document_prompt_name) for s in (s1, s2)
         )
