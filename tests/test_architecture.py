@@ -145,3 +145,20 @@ def test_configs_the_cli_and_read_tasks_import_no_torch() -> None:
     assert (
         subprocess.run([sys.executable, "-c", heavy], capture_output=True, text=True).stdout.strip() == "True"
     )
+
+
+def test_import_rayembed_raises_the_young_generation_unless_the_process_set_its_own() -> None:
+    """The model stack's import ran 6 full collections with CPython's default thresholds (700, 10, 10);
+    `import rayembed` raises the young generation before it, and keeps a threshold set before it."""
+    import subprocess
+    import sys
+
+    def thresholds(before: str) -> str:
+        code = f"import gc\n{before}\nimport rayembed\nprint(gc.get_threshold())"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+    assert thresholds("").strip() == "(20000, 10, 10)"
+    assert thresholds("gc.set_threshold(5000, 5, 5)").strip() == "(5000, 5, 5)"
+    model = "import gc, rayembed, rayembed.model.embedder\nprint(gc.get_stats()[2]['collections'])"
+    done = subprocess.run([sys.executable, "-c", model], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "0"  # no full collection while torch and transformers import

@@ -19,7 +19,16 @@ os.environ.setdefault("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
 
+import gc  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
+
+# Every process that runs a model (training workers, exports, embed actors, replicas, drivers) imports
+# torch, transformers and DeepSpeed first: ~400k objects, over which CPython's default collector (a young
+# generation of 700 allocations) ran 6 full collections, ~0.5 of the import's ~4 CPU seconds on 2 cores
+# (docs/benchmarks.md "Worker imports"). A young generation of 20,000 runs none during the import and
+# still collects cycles; a threshold the host process set itself is kept.
+if gc.get_threshold()[0] == 700:
+    gc.set_threshold(20_000, 10, 10)
 
 if TYPE_CHECKING:
     from rayembed.model import Embedder, default_model_path, postprocess

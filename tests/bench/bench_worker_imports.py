@@ -1,7 +1,8 @@
 """What a Ray worker process pays to import what it runs: the light modules a Ray Data read task or a
 config parser needs (`rayembed.data.flagembedding`, `rayembed.train.order`, `rayembed.config`) against the
 model (`rayembed.model.embedder`: torch + transformers), which `import rayembed` pulled in for every one of
-them until 2026-12-03; writes docs/results/worker-imports.json.
+them until 2026-12-03; and the model's import with CPython's default collector thresholds against the
+young generation `import rayembed` sets (2026-12-06); writes docs/results/worker-imports.json.
 
     .venv/bin/python tests/bench/bench_worker_imports.py [--repeats 5]
 
@@ -26,6 +27,9 @@ VARIANTS = {
     "ray only": "import ray",
     "light (read task / config)": "import ray, rayembed.data.flagembedding, rayembed.train.order, rayembed.config",
     "with the model (torch + transformers)": "import ray, rayembed.model.embedder",
+    # the same with CPython's default collector, as before `import rayembed` raised its young generation
+    "with the model, default gc thresholds": "import gc, ray, rayembed; gc.set_threshold(700, 10, 10); "
+    "import rayembed.model.embedder",
 }
 
 
@@ -62,6 +66,9 @@ def main() -> None:
         "peak_rss_mb": {k: round(v) for k, v in rss.items()},
         "model_import_cpu_s_saved_per_process": round(heavy - light, 3),
         "light_vs_model_cpu": round(light / heavy, 3),
+        "gc_threshold_cpu_s_saved_per_process": round(
+            cpu["with the model, default gc thresholds"] - heavy, 3
+        ),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
