@@ -2,7 +2,8 @@
 own local Ray cluster, on the real data, at the shipped settings. Overrides are limited to step counts
 (max_steps; CI's distill run also pca_ranking_steps), checkpoint_every and data sizes (rows prepared;
 queries, documents and STS pairs evaluated; documents embedded; passes over a data set smaller than 30
-steps); the ZeRO stage, batching, pooling and precision stay as shipped. Used by tests/test_recipes.py (CI) and tests/bench/bench_reliability.py (every recipe)."""
+steps); the ZeRO stage, batching, pooling and precision stay as shipped. Used by tests/test_recipes.py
+(CI) and tests/bench/bench_reliability.py (every recipe)."""
 
 from __future__ import annotations
 

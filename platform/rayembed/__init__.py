@@ -23,10 +23,10 @@ import gc  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 # Every process that runs a model (training workers, exports, embed actors, replicas, drivers) imports
-# torch, transformers and DeepSpeed first: ~400k objects, over which CPython's default collector (a young
-# generation of 700 allocations) ran 6 full collections, ~0.5 of the import's ~4 CPU seconds on 2 cores
-# (docs/benchmarks.md "Worker imports"). A young generation of 20,000 runs none during the import and
-# still collects cycles; a threshold the host process set itself is kept.
+# torch, transformers (and DeepSpeed) first: ~400k objects, over which CPython's default collector (a young
+# generation of 700 allocations) ran 3-6 full collections, 0.24 of ray + the model's 3.1 CPU seconds on
+# 2 cores (docs/benchmarks.md "What a Ray worker process imports"). A young generation of 20,000 runs none
+# during the import and still collects cycles; a threshold the host process set itself is kept.
 if gc.get_threshold()[0] == 700:
     gc.set_threshold(20_000, 10, 10)
 
