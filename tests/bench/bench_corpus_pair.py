@@ -2,8 +2,9 @@
 retrieval (its first 1,000 premises over all 9,639 hypotheses, bench_retention.py's cut) and SciFact test
 (all 300 queries over all 5,183 abstracts). Per collection: the student alone and the pair (the student's
 queries against the teacher-in-frame's documents) as shares of the teacher's nDCG@10, each one's 128-d prefix
-against its full width, and int8 against float32 (the models' calibrated scales). The figures go under
-`--key` in docs/results/distill-corpus.json with the date, machine and command.
+against its full width (and the teacher-in-frame's own, on both sides), and int8 against float32 (the models'
+calibrated scales). The figures go under `--key` in docs/results/distill-corpus.json with the date, machine
+and command; what else that entry records is kept.
 
     .venv/bin/python tests/bench/bench_corpus_pair.py --run runs/distill --key snli_captions_run_4_layers_500_steps
 
@@ -44,6 +45,7 @@ def figures(
     sq, sd, dd = student.encode(qs), student.encode(docs), documents.encode(docs)
     sym, pair = score(sq, sd, beir), score(sq, dd, beir)
     own, both = (student.int8_scales,) * 2, (student.int8_scales, documents.int8_scales)
+    tq = documents.encode(qs)  # the teacher in frame on both sides: what the frame's own prefix keeps
     return {
         "teacher_ndcg@10": round(teacher_ndcg, 4),
         "student_ndcg@10": round(sym, 4),
@@ -52,6 +54,7 @@ def figures(
         "asym_vs_teacher": round(pair / teacher_ndcg, 4),
         "student_dim128_vs_full": round(score(sq, sd, beir, 128) / sym, 4),
         "pair_dim128_vs_full": round(score(sq, dd, beir, 128) / pair, 4),
+        "teacher_in_frame_dim128_vs_full": round(score(tq, dd, beir, 128) / score(tq, dd, beir), 4),
         "student_int8_vs_float32": round(score(sq, sd, beir, None, "int8", own) / sym, 4),
         "pair_int8_vs_float32": round(score(sq, dd, beir, None, "int8", both) / pair, 4),
         "queries": len(qs),
@@ -88,7 +91,7 @@ def main() -> None:
     )
     entry["scifact_test"]["teacher_from"] = "docs/results/quality.json unseen.scifact.teacher_ndcg@10"
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results[args.key] = entry
+    results[args.key] = results.get(args.key, {}) | entry
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(entry, indent=2))
 
