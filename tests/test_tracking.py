@@ -229,7 +229,8 @@ def test_wandb_offline_through_the_same_interface(tmp_path: Path) -> None:
     counts = tracker.close()
     assert counts["failed"] == counts["dropped"] == 0
     # offline, a run is one protobuf log for `wandb sync` (no reader ships with wandb 0.31): its records
-    # hold the param's and each step's values as they were sent
+    # hold the param's and each step's values as they were sent, on disk once close() returns (before the
+    # backend stopped W&B's service, 1 read in 30 right after close found only the log's header)
     [log] = (tmp_path / "wandb" / "wandb").glob(
         f"offline-run-*-{counts['run_id']}/run-{counts['run_id']}.wandb"
     )

@@ -40,12 +40,23 @@ class WandbRun:
         raise NotImplementedError("registering models is MLflow's here (tracking.backend=mlflow)")
 
     def end(self, status: str) -> None:
-        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+        self._finish(0 if status == "FINISHED" else 1)
 
     def detach(self) -> None:
         """Finish this process's part of the run: W&B writes what it holds only then (a Ray worker that
         exits without it lost rank 0's every step), and the next process resumes the run by its id."""
-        self.run.finish(exit_code=0)
+        self._finish(0)
+
+    def _finish(self, exit_code: int) -> None:
+        """End the run and, if no other run of this process is open, stop W&B's service: `finish()` only
+        tells the service the run is over, and the service writes the run's log (offline) after it returns
+        (1 read in 30 right after it found the bare 7-byte header); stopped, it has written and uploaded
+        all. Its atexit hook would do the same, but a Ray worker may not run it."""
+        import wandb
+
+        self.run.finish(exit_code=exit_code)
+        if wandb.run is None:
+            wandb.teardown()
 
 
 def open(cfg: Any, run_id: str | None, run_name: str, tags: dict[str, str]) -> WandbRun:  # noqa: A001
