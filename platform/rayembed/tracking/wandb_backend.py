@@ -55,7 +55,7 @@ class WandbRun:
         import wandb
 
         self.run.finish(exit_code=exit_code)
-        if wandb.run is None:
+        if wandb.setup().most_recent_active_run is None:
             wandb.teardown()
 
 
