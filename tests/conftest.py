@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from process_end import pytest_sessionfinish  # noqa: F401  # first: its atexit hook then runs last
 from rayembed.config import SHARED_DATA
 
 # Before Ray starts, so its workers inherit them: credentials for the loopback S3 server, and a quiet Ray.
