@@ -49,6 +49,39 @@ def start_mypy(config: pytest.Config, items: list[pytest.Item]) -> None:
         config.stash[MYPY] = (proc, log)
 
 
+DISTILL_RECIPE = "tests/test_recipes.py::test_distill_recipe_runs_to_its_end"
+BACKGROUND = pytest.StashKey[dict[str, Any]]()
+
+
+def start_background_recipes(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """CI's distill recipe (test_recipes.py) is a `rayembed run` process with its own Ray cluster: when
+    other tests share the session it starts now, at the lowest CPU priority, and runs in the ~30 % of the
+    suite's time the Ray tests leave the 2 cores idle (waits, starts, polls) instead of ~2.5 min at the end;
+    its test waits for it (finish_recipe), as does `ray stop` (test_ray_jobs.py), which stops every Ray
+    process of the machine."""
+    from recipes import CI_DISTILL, start_recipe
+
+    config.stash[BACKGROUND] = {}
+    if len(items) > 1 and any(item.nodeid == DISTILL_RECIPE for item in items):
+        work = Path(tempfile.mkdtemp(prefix="rayembed-recipe-")) / "distill"
+        # killed 50 min after the session's start if not done (a hang fails; starved, it takes ~10)
+        config.stash[BACKGROUND]["distill"] = start_recipe("distill", work, 3000, CI_DISTILL, nice=True)
+
+
+def background_recipes(config: pytest.Config) -> dict[str, Any]:
+    """The recipes started with the session (name -> recipes.Started)."""
+    return config.stash.get(BACKGROUND, {})
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A session that ends early (-x, ^C) takes its background recipe with it."""
+    from recipes import kill_session
+
+    for started in background_recipes(config).values():
+        if started.proc.poll() is None:
+            kill_session(started.proc)
+
+
 def build_tiny(path: Path, seed: int = 0, name: str = "tiny-bert") -> Path:
     """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved in the sentence-transformers layout."""
     import torch
@@ -175,8 +208,10 @@ OWN_CLUSTER = {"cluster", "module_cluster", "ray_started", "recipe_dir"}
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules with a test that starts its own Ray cluster run last (in their order), so the shared local
-    cluster of `ray_local` starts once rather than again after each of them; mypy starts (start_mypy)."""
+    cluster of `ray_local` starts once rather than again after each of them; mypy and the distill recipe
+    start (start_mypy, start_background_recipes)."""
     start_mypy(config, items)
+    start_background_recipes(config, items)
 
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]

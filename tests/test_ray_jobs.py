@@ -26,10 +26,11 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import DATA, free_port, wait_for
+from conftest import DATA, background_recipes, free_port, wait_for
 from rayembed.data.readers import write_jsonl
 from rayembed.io import upload_dir
 from rayembed.model import Embedder, resolve_model_path
+from recipes import finish_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "cluster" / "kuberay"
@@ -57,10 +58,12 @@ def _ray(*args: str, env: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def ray_started(s3_endpoint: str) -> Iterator[tuple[str, dict[str, str]]]:
+def ray_started(s3_endpoint: str, request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, str]]]:
     """`ray start --head` and one worker node (the image's working folder is the repository here)."""
     import ray
 
+    for started in background_recipes(request.config).values():  # `ray stop` stops every Ray process
+        finish_recipe(started)
     ray.shutdown()  # the shared local cluster of other tests
     env = (
         os.environ

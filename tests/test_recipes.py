@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port, record, wait_for
-from recipes import JOBS, RAYEMBED, STEPS, Run, checkpoints, run_recipe
+from conftest import background_recipes, free_port, record, wait_for
+from recipes import CI_DISTILL, JOBS, RAYEMBED, STEPS, Run, checkpoints, finish_recipe, start_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -48,29 +48,16 @@ def check_run(run: Run, steps: int | None = None) -> None:
                                    "wall_s": run.wall_s}}})  # fmt: skip
 
 
-def test_distill_recipe_runs_to_its_end(recipe_dir: Path) -> None:
+def test_distill_recipe_runs_to_its_end(recipe_dir: Path, request: pytest.FixtureRequest) -> None:
     """jobs/distill.yaml (ZeRO-3, length-sorted forward passes: the recipe that hung at step ~11 when each
-    worker planned its passes alone), 12 steps across 3 checkpoints, then its eval section. (CI runs 12 of
-    the bench's 30 steps on 1,000 of its 2,000 rows, past the step it hung at, and 100 of the 1,000
-    axis-turning steps: about 3 min less. The export (a third of the test's CPU time at the bench's sizes)
-    evaluates three encoders — the starting student, the student, the teacher in frame — on 20 queries and
-    100 abstracts without STS and calibrates each exported model on 64 texts; the eval section reads 100
-    abstracts and 200 STS pairs. tests/test_train_hang.py makes the ranks' plans differ step by step.)"""
-    extra = [
-        "train.max_steps=12",
-        "train.checkpoint_every=4",
-        "train.pca_ranking_steps=100",
-        "prepare.limit=1000",
-        "train.pca_rows=1000",
-        "train.int8_calibration_texts=64",
-        "train.eval.sts_file=null",
-        "train.eval.max_queries=20",
-        "train.eval.max_docs=100",
-        "eval.max_queries=20",
-        "eval.max_docs=100",
-        "eval.max_pairs=200",
-    ]  # 12 steps of 2 x 32 rows: 768
-    run = run_recipe("distill", recipe_dir / "distill", timeout_s=1500, extra=extra)
+    worker planned its passes alone), 12 steps across 3 checkpoints, then its eval section, at CI's sizes
+    (recipes.CI_DISTILL). Started with the session when other tests share it (conftest.py,
+    start_background_recipes); here otherwise. tests/test_train_hang.py makes the ranks' plans differ step
+    by step."""
+    started = background_recipes(request.config).get("distill")
+    if started is None:
+        started = start_recipe("distill", recipe_dir / "distill", timeout_s=1800, extra=CI_DISTILL)
+    run = finish_recipe(started)
     check_run(run, steps=12)
     pair = run.sections["train"]["pair"]  # the teacher exported in the student's frame, roles marked
     own = [
