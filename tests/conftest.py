@@ -206,12 +206,14 @@ def module_cluster() -> Iterator[Any]:
 OWN_CLUSTER = {"cluster", "module_cluster", "ray_started", "recipe_dir"}
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselect: what starts is what the session runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules with a test that starts its own Ray cluster run last (in their order), so the shared local
     cluster of `ray_local` starts once rather than again after each of them; mypy and the distill recipe
-    start (start_mypy, start_background_recipes)."""
-    start_mypy(config, items)
-    start_background_recipes(config, items)
+    start (start_mypy, start_background_recipes) unless the session only lists the tests."""
+    if not config.option.collectonly:
+        start_mypy(config, items)
+        start_background_recipes(config, items)
 
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]
