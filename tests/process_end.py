@@ -3,7 +3,7 @@
 After the suite's ~350 tests the process holds what they leave behind: Ray's core worker (shut down),
 Ray Data's prefetcher threads, a W&B service torn down and restarted, OpenTelemetry exporter threads, a
 tracker thread stuck on the hung store a test starts. Once, in CI, CPython's own finalization of all that
-crashed: exit 139 (SIGSEGV) after "346 passed", not reproduced here in 3 full runs. So once pytest has
+crashed: exit 139 (SIGSEGV) after "346 passed"; the 2 full runs here before this did not. So once pytest has
 reported and every atexit hook has run (Ray's shutdown, W&B's teardown, OpenTelemetry's flush, and any a
 test registers), the process exits with pytest's status through `os._exit`, skipping only the interpreter's
 teardown of modules and leftover threads. A process that stops before its session ends exits as usual.

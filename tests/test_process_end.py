@@ -33,11 +33,17 @@ def test_it():
 """
 
 
-@pytest.mark.parametrize("outcome, status", [("True", 0), ("False", 1)])
-def test_exit_status_is_pytests_and_atexit_hooks_run(tmp_path: Path, outcome: str, status: int) -> None:
+def _suite(tmp_path: Path, outcome: str) -> Path:
+    """A one-test suite in `tmp_path` whose test passes or fails (`outcome`); the path its marks start with."""
     mark = tmp_path / "atexit-ran"
     (tmp_path / "test_one.py").write_text(TESTS.format(mark=mark, outcome=outcome))
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    return mark
+
+
+@pytest.mark.parametrize("outcome, status", [("True", 0), ("False", 1)])
+def test_exit_status_is_pytests_and_atexit_hooks_run(tmp_path: Path, outcome: str, status: int) -> None:
+    mark = _suite(tmp_path, outcome)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "process_end", "-p", "no:cacheprovider", str(tmp_path)],
         cwd=tmp_path, env={"PYTHONPATH": str(HERE), "PATH": "/usr/bin:/bin"},
@@ -51,9 +57,7 @@ def test_exit_status_is_pytests_and_atexit_hooks_run(tmp_path: Path, outcome: st
 
 def test_without_the_plugin_the_interpreters_teardown_runs(tmp_path: Path) -> None:
     """The check above can fail: a plain run finalizes the module's objects."""
-    mark = tmp_path / "atexit-ran"
-    (tmp_path / "test_one.py").write_text(TESTS.format(mark=mark, outcome="True"))
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    mark = _suite(tmp_path, "True")
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path,
                    env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=120, check=True)  # fmt: skip
     assert Path(f"{mark}-finalized").read_text() == "finalized"

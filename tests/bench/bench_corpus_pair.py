@@ -95,10 +95,15 @@ def main() -> None:
         student, documents, scifact, quality["unseen"]["scifact"]["teacher_ndcg@10"]
     )
     entry["scifact_test"]["teacher_from"] = "docs/results/quality.json unseen.scifact.teacher_ndcg@10"
+    save(args, entry, entry)
+
+
+def save(args: argparse.Namespace, part: dict[str, Any], shown: dict[str, Any]) -> None:
+    """`part` merged into the entry `--key` of the results file (what else it records is kept); `shown` printed."""
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results[args.key] = results.get(args.key, {}) | entry
+    results[args.key] = results.get(args.key, {}) | part
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(entry, indent=2))
+    print(json.dumps(shown, indent=2))
 
 
 def dev_check(args: argparse.Namespace) -> None:
@@ -114,10 +119,7 @@ def dev_check(args: argparse.Namespace) -> None:
     beir = (corpus, {q: t for q, t in queries.items() if q in qrels}, qrels)
     entry = header() | {"what": args.what} | figures(student, documents, beir, None)
     entry["teacher_from"] = "the teacher-in-frame at full width (the teacher rotated: the same ranking)"
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results[args.key] = results.get(args.key, {}) | {"scifact_train_dev": entry}
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(entry, indent=2))
+    save(args, {"scifact_train_dev": entry}, entry)
 
 
 if __name__ == "__main__":
