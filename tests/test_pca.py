@@ -3,6 +3,7 @@ sentence-transformers layout, and distillation targets rotated alike."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,34 @@ def test_train_job_fits_ranking_axes_for_the_matryoshka_prefixes_when_asked() ->
     np.testing.assert_array_equal(fit_rotation(plain, rows), principal_axes(vectors[:200]))
     np.testing.assert_array_equal(fit_rotation(turned, rows), ranking_axes(vectors[:200], [4], steps=5))
     assert not np.allclose(fit_rotation(turned, rows), principal_axes(vectors[:200]), atol=1e-4)
+
+
+def test_pca_source_fits_the_axes_on_the_corpus_rows_and_the_report_says_which() -> None:
+    from rayembed.train.job import PCA_SOURCE_MIN_ROWS, fit_rotation, rotation_rows
+
+    rng = np.random.default_rng(2)
+    n = 5 * PCA_SOURCE_MIN_ROWS
+    general = rng.normal(size=(n, 8)) * [5, 1, 1, 1, 1, 1, 1, 1]  # most variance on axis 0
+    corpus = rng.normal(size=(n, 8)) * [1, 1, 1, 1, 1, 1, 1, 5]  # ... on axis 7
+    source = rng.choice(["corpus", "wikitext"], size=n, p=[0.4, 0.6])
+    vectors = np.where((source == "corpus")[:, None], corpus, general).astype(np.float32)
+    rows = {"embedding": vectors, "text": np.array(["t"] * n, dtype=object), "source": source}
+    common = {"data": "x", "output_dir": "y", "loss": "distill", "teacher_column": "embedding"}
+    cfg = TrainConfig(**common, pca_rotation=True, pca_rows=4 * PCA_SOURCE_MIN_ROWS, pca_source="corpus")  # type: ignore[arg-type]
+    picked, fit = rotation_rows(cfg, rows)
+    mine = source[: cfg.pca_rows] == "corpus"
+    assert fit == {"rows": int(mine.sum()), "of": cfg.pca_rows, "source": "corpus"}
+    axes = fit_rotation(cfg, picked)
+    np.testing.assert_array_equal(axes, principal_axes(vectors[: cfg.pca_rows][mine]))
+    assert abs(axes[7, 0]) > 0.99  # the corpus's own widest axis comes first, not the mix's
+    mixed = fit_rotation(dataclasses.replace(cfg, pca_source=None), rows)
+    assert abs(mixed[0, 0]) > 0.99  # without pca_source: the axes of every row read, the mix's
+    # Too few of the source's rows among those read (no corpus given): all of them, and the report says so.
+    few = dict(rows, source=np.where(np.arange(n) < PCA_SOURCE_MIN_ROWS - 1, "corpus", "sts"))
+    picked, fit = rotation_rows(cfg, few)
+    assert fit == {"rows": cfg.pca_rows, "source": None, "source_rows": PCA_SOURCE_MIN_ROWS - 1}
+    np.testing.assert_array_equal(picked["embedding"], vectors[: cfg.pca_rows])
+    with pytest.raises(ValueError, match="passthrough_columns: \\[text, source\\]"):
+        rotation_rows(cfg, {k: v for k, v in rows.items() if k != "source"})
+    with pytest.raises(ValueError, match="pca_source needs pca_rotation"):
+        TrainConfig(**common, pca_source="corpus")  # type: ignore[arg-type]

@@ -144,6 +144,11 @@ class TrainConfig:
     matryoshka_dims prefix ranks neighbours as full width does (1000: ~2 min on 2 cores). 0: principal axes."""
     pca_rows: int = 4096
     """Rows read to fit `pca_rotation`: their teacher_column vectors, else their texts embedded on the driver."""
+    pca_source: str | None = None
+    """With pca_rotation: fit the axes on those rows read whose `source` column (prepare's) is this, e.g.
+    'corpus': the documents the student will embed, so each prefix keeps what tells them apart (the frame's
+    128-d prefix on SciFact: 95.0 -> 96.5 % of full width, docs/benchmarks.md). With fewer than
+    PCA_SOURCE_MIN_ROWS such rows (no corpus given), all the rows read; the report's `pca_fit` says which."""
     int8_calibration_texts: int = 512
     """Texts (of the first rows) the exported model embeds on the driver after training to calibrate its
     int8 scales at full width and each matryoshka_dims width (rayembed.model.vectors.calibrate_int8; kept
@@ -275,6 +280,7 @@ class TrainConfig:
         ranking = self.pca_ranking_steps == 0 or (self.pca_rotation and bool(self.matryoshka_dims))
         check(ranking, "pca_ranking_steps needs pca_rotation and matryoshka_dims (prefixes to turn for)")
         check(self.pca_ranking_steps >= 0, "pca_ranking_steps must be >= 0")
+        check(self.pca_source is None or self.pca_rotation, "pca_source needs pca_rotation (axes to fit)")
         n = self.int8_calibration_texts
         check(n == 0 or n >= 2, f"int8_calibration_texts must be 0 (off) or >= 2, got {n}")
         check(all(k > 0 for k in self.matryoshka_dims), "matryoshka_dims must be positive")

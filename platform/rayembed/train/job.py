@@ -37,6 +37,32 @@ from rayembed.train.order import ingest_config
 from rayembed.train.pair import teacher_path, wants_pair
 from rayembed.train.start import starting_model
 
+PCA_SOURCE_MIN_ROWS = 1000  # pca_source's rows fit the axes only if there are this many among those read
+
+
+def rotation_rows(cfg: TrainConfig, rows: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rows `pca_rotation` is fitted on, and what they were (the report's `pca_fit`): the first
+    `pca_rows`, of them those whose `source` is `pca_source` when it is set and there are enough."""
+    rows = {k: v[: cfg.pca_rows] for k, v in rows.items()}
+    read = len(next(iter(rows.values())))
+    if cfg.pca_source is None:
+        return rows, {"rows": read}
+    if "source" not in rows:
+        raise ValueError(
+            f"train: pca_source={cfg.pca_source!r} picks rows by their 'source' column (prepare writes it; "
+            f"the embed job passes it on with passthrough_columns: [text, source]); the rows have {list(rows)}"
+        )
+    keep = np.asarray(rows["source"]) == cfg.pca_source
+    if keep.sum() < PCA_SOURCE_MIN_ROWS:
+        print(
+            f"train: {keep.sum()} of the {read} rows read have source {cfg.pca_source!r} (< "
+            f"{PCA_SOURCE_MIN_ROWS}): pca_rotation is fitted on all {read}",
+            flush=True,
+        )
+        return rows, {"rows": read, "source": None, "source_rows": int(keep.sum())}
+    picked = {k: np.asarray(v)[keep] for k, v in rows.items()}
+    return picked, {"rows": int(keep.sum()), "of": read, "source": cfg.pca_source}
+
 
 def fit_rotation(cfg: TrainConfig, rows: dict[str, Any]) -> np.ndarray:
     """pca_rotation: principal axes of what the model learns to match, from the first `pca_rows` of
@@ -309,8 +335,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(
             f"the teacher's vectors are {target}-d, the student's {width}-d: set output_dim={target}"
         )
+    pca_fit = None
     if cfg.pca_rotation and rotation is None:
-        rotation = fit_rotation(cfg, rows)
+        fit_rows, pca_fit = rotation_rows(cfg, rows)
+        rotation = fit_rotation(cfg, fit_rows)
     cfg = tracked.resolved(cfg)  # workers and the export reach the same store, wherever they run
     started, tracker = time.perf_counter(), tracked.start(cfg)
     try:
@@ -326,6 +354,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         **(result.metrics or {}),
         "wall_s": round(time.perf_counter() - started, 1),
         **watched,
+        **({"pca_fit": pca_fit} if pca_fit else {}),
         **({"tracking": tracker.close(None)} if tracker else {}),
     }
     return export_run(cfg, result.checkpoint, rotation, calibration_texts(cfg, rows), summary)
