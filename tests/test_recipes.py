@@ -69,7 +69,11 @@ def test_distill_recipe_runs_to_its_end(recipe_dir: Path, request: pytest.Fixtur
         "document",
     ]
     report = Path(run.sections["train"]["report"])
-    after = json.loads((report / "report.json").read_text())["eval"]["after"]
+    doc = json.loads((report / "report.json").read_text())
+    # No prepare.corpus here: none of the 1,000 rows read is the corpus's, so pca_source: corpus fits the
+    # axes on all of them (the embed section passed prepare's source column through), and says so.
+    assert doc["run"]["pca_fit"] == {"rows": 1000, "source": None, "source_rows": 0}
+    after = doc["eval"]["after"]
     assert (
         0 < after["beir_pair"]["384"]["ndcg@10"] <= 1
     )  # the student's queries against the teacher's documents

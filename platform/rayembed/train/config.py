@@ -145,10 +145,8 @@ class TrainConfig:
     pca_rows: int = 4096
     """Rows read to fit `pca_rotation`: their teacher_column vectors, else their texts embedded on the driver."""
     pca_source: str | None = None
-    """With pca_rotation: fit the axes on those rows read whose `source` column (prepare's) is this, e.g.
-    'corpus': the documents the student will embed, so each prefix keeps what tells them apart (the frame's
-    128-d prefix on SciFact: 95.0 -> 96.5 % of full width, docs/benchmarks.md). With fewer than
-    PCA_SOURCE_MIN_ROWS such rows (no corpus given), all the rows read; the report's `pca_fit` says which."""
+    """With pca_rotation: fit on the rows read whose prepare `source` is this ('corpus': the documents to embed;
+    docs/benchmarks.md); under 1,000 such rows (no corpus given), on all of them. The report's `pca_fit` says."""
     int8_calibration_texts: int = 512
     """Texts (of the first rows) the exported model embeds on the driver after training to calibrate its
     int8 scales at full width and each matryoshka_dims width (rayembed.model.vectors.calibrate_int8; kept
@@ -259,10 +257,8 @@ class TrainConfig:
             f"grad_cache_chunk must divide batch_size ({self.batch_size}), got {self.grad_cache_chunk}",
         )
         check(self.num_workers >= 1 and self.batch_size >= 1, "num_workers and batch_size must be >= 1")
-        check(
-            self.forward_tokens is None or self.forward_tokens >= 1,
-            f"forward_tokens must be >= 1 (or null: one padded pass), got {self.forward_tokens}",
-        )
+        f = self.forward_tokens
+        check(f is None or f >= 1, f"forward_tokens must be >= 1 (or null: one padded pass), got {f}")
         check(
             self.min_workers is None or 1 <= self.min_workers <= self.num_workers,
             f"min_workers must be between 1 and num_workers ({self.num_workers}), got {self.min_workers}",
@@ -289,10 +285,7 @@ class TrainConfig:
             f"matryoshka_2d must be [layers, dim] pairs of positive ints, got {self.matryoshka_2d}",
         )
         w = self.matryoshka_weights
-        check(
-            w is None or len(w) == len(self.matryoshka_dims),
-            "matryoshka_weights must have one weight per dim",
-        )
+        check(w is None or len(w) == len(self.matryoshka_dims), "matryoshka_weights: one weight per dim")
         check("{task}" in self.instruction_template, "instruction_template must contain {task}")
         # Ray Train workers run in their own folders: local paths must be absolute.
         self.data, self.output_dir = local_abspath(self.data), local_abspath(self.output_dir)
