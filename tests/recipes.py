@@ -156,9 +156,19 @@ def start_recipe(
     cmd = [*(["nice", "-n", "19"] if nice else []), RAYEMBED, "run", str(JOBS / f"{name}.yaml"), *args]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster
     logs = (work / f"{name}.stdout", work / f"{name}.stderr")
+    return Started(name, start_session(cmd, work, env, logs), logs, time.perf_counter(), timeout_s)
+
+
+def start_session(
+    cmd: list[str], cwd: Path, env: dict[str, str], logs: tuple[Path, Path]
+) -> subprocess.Popen[bytes]:
+    """`cmd` in a session of its own (`kill_session` ends all of it), behind tests/session_guard.py, which
+    ends that session if this process is killed first; stdout and stderr into the two `logs` files."""
+    guard = [sys.executable, str(ROOT / "tests" / "session_guard.py")]
     with logs[0].open("wb") as out, logs[1].open("wb") as err:  # files: nobody need read a pipe meanwhile
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=err, start_new_session=True)
-    return Started(name, proc, logs, time.perf_counter(), timeout_s)
+        return subprocess.Popen(
+            [*guard, *cmd], cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
+        )
 
 
 def finish_recipe(started: Started) -> Run:
