@@ -220,3 +220,11 @@ def test_a_distillation_for_a_corpus_checks_its_retention_on_that_corpus(
     own = load_spec(spec, ["prepare.corpus=a.jsonl", "train.eval.corpus=null"])
     assert own["train"]["eval"]["corpus"] is None
     assert "corpus" not in load_spec(spec, ["prepare.corpus=a.jsonl", "train.teacher=null"])["train"]["eval"]
+    # The rotation is fitted on the corpus's rows: prepare's source column passed through embed to train.
+    assert got["train"].pca_source == "corpus" and got["embed"].passthrough_columns == ["text", "source"]
+    plain = load_spec(spec)  # no corpus: as shipped, no source column asked of the texts (a user's own)
+    assert "pca_source" not in plain["train"] and plain["embed"]["passthrough_columns"] == ["text"]
+    opted_out = load_spec(spec, ["prepare.corpus=a.jsonl", "train.pca_source=null"])
+    assert opted_out["train"]["pca_source"] is None and opted_out["embed"]["passthrough_columns"] == ["text"]
+    elsewhere = load_spec(spec, ["prepare.corpus=a.jsonl", "embed.input=my-texts.jsonl"])
+    assert "pca_source" not in elsewhere["train"]  # embed reads other rows: they carry no prepare source

@@ -70,9 +70,7 @@ def test_distill_recipe_runs_to_its_end(recipe_dir: Path, request: pytest.Fixtur
     ]
     report = Path(run.sections["train"]["report"])
     doc = json.loads((report / "report.json").read_text())
-    # No prepare.corpus here: none of the 1,000 rows read is the corpus's, so pca_source: corpus fits the
-    # axes on all of them (the embed section passed prepare's source column through), and says so.
-    assert doc["run"]["pca_fit"] == {"rows": 1000, "source": None, "source_rows": 0}
+    assert doc["run"]["pca_fit"] == {"rows": 1000}  # no prepare.corpus: the axes of all the rows read
     after = doc["eval"]["after"]
     assert (
         0 < after["beir_pair"]["384"]["ndcg@10"] <= 1

@@ -59,11 +59,19 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), job: str | Non
 def link_corpus(spec: dict[str, Any]) -> dict[str, Any]:
     """The prepare section's `corpus` becomes the train eval's (the label-free retention check on the
     documents the student was distilled for, against the train section's `teacher`), unless that eval
-    names its own `corpus` (null: none)."""
-    corpus, train = (spec.get("prepare") or {}).get("corpus"), spec.get("train") or {}
-    evaluation = train.get("eval")
+    names its own `corpus` (null: none). And when the embed section reads what prepare wrote and train
+    what embed wrote, a pca_rotation run fits its axes on the corpus's rows (`train.pca_source: corpus`,
+    prepare's `source` column passed through by embed), unless train names its own `pca_source`."""
+    prepare, train, embed = (spec.get(k) or {} for k in ("prepare", "train", "embed"))
+    corpus, evaluation = prepare.get("corpus"), train.get("eval")
     if corpus and train.get("teacher") and isinstance(evaluation, dict) and "corpus" not in evaluation:
         evaluation["corpus"] = corpus
+    chained = embed.get("input") == prepare.get("output") and train.get("data") == embed.get("output")
+    if corpus and chained and train.get("pca_rotation") and "pca_source" not in train:
+        train["pca_source"] = "corpus"
+        embed["passthrough_columns"] = list(
+            dict.fromkeys([*(embed.get("passthrough_columns") or []), "source"])
+        )
     return spec
 
 
