@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
-from bench_retention import collection, score  # noqa: E402
+from bench_retention import collection, scifact_dev, score  # noqa: E402
 from results import header  # noqa: E402
 
 from conftest import DATA  # noqa: E402
@@ -107,14 +107,11 @@ def dev_check(args: argparse.Namespace) -> None:
     """`--dev`: SciFact's train queries (a dev collection: the recipe sweep chose settings on them) over all
     5,183 abstracts, under `--key` as `scifact_train_dev`. The teacher's score is the teacher-in-frame's at full width: the
     teacher turned by the run's rotation ranks exactly as the teacher does (tests/test_pair.py)."""
-    from rayembed.data.readers import load_beir
     from rayembed.model import Embedder
 
     student = Embedder.load(args.run / "model", device="cpu")
     documents = Embedder.load(args.run / "teacher-in-frame", device="cpu")
-    corpus, queries, qrels = load_beir(str(DATA / "scifact"), "train")
-    beir = (corpus, {q: t for q, t in queries.items() if q in qrels}, qrels)
-    entry = header() | {"what": args.what} | figures(student, documents, beir, None)
+    entry = header() | {"what": args.what} | figures(student, documents, scifact_dev(), None)
     entry["teacher_from"] = "the teacher-in-frame at full width (the teacher rotated: the same ranking)"
     save(args, {"scifact_train_dev": entry}, entry)
 

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
-from bench_retention import score  # noqa: E402
+from bench_retention import scifact_dev, score  # noqa: E402
 from results import header  # noqa: E402
 
 from conftest import DATA  # noqa: E402
@@ -62,8 +62,7 @@ def main() -> None:
     from rayembed.model.pca import principal_axes, ranking_axes
 
     corpus, test_q, test_rel = load_beir(str(DATA / "scifact"), "test")
-    _, dev_q, dev_rel = load_beir(str(DATA / "scifact"), "train")
-    dev_q = {q: t for q, t in dev_q.items() if q in dev_rel}
+    _, dev_q, dev_rel = scifact_dev()
     teacher, started = Embedder.load("default", device="cpu"), time.time()
     docs = teacher.encode(list(corpus.values()))
     sets = {

@@ -111,6 +111,15 @@ def collection(name: str, work: Path) -> tuple[dict, dict, dict]:
     return corpus, queries, {q: qrels[q] for q in queries}
 
 
+def scifact_dev() -> tuple[dict, dict, dict]:
+    """SciFact's train queries that have judgements (809: a dev collection, the recipe sweep chose settings
+    on them) over all 5,183 abstracts."""
+    from rayembed.data.readers import load_beir
+
+    corpus, queries, qrels = load_beir(str(DATA / "scifact"), "train")
+    return corpus, {q: t for q, t in queries.items() if q in qrels}, qrels
+
+
 def points_for(
     coll: str, beir: tuple[dict, dict, dict], studs: dict[str, Any], teacher: Any
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
