@@ -156,9 +156,14 @@ def test_distill_targets_are_rotated_like_the_model(tiny_model: Path) -> None:
         TrainConfig(data="x", output_dir="y", pca_rotation=True, pca_ranking_steps=10)
 
 
-def test_train_job_fits_ranking_axes_for_the_matryoshka_prefixes_when_asked() -> None:
-    from rayembed.train.job import fit_rotation
+def fitted(cfg: TrainConfig, rows: dict) -> np.ndarray:
+    """The axes a new run fits: on the rows rotation_rows picks of those read."""
+    from rayembed.train.job import fit_rotation, rotation_rows
 
+    return fit_rotation(cfg, rotation_rows(cfg, rows)[0])
+
+
+def test_train_job_fits_ranking_axes_for_the_matryoshka_prefixes_when_asked() -> None:
     vectors = np.random.default_rng(1).normal(size=(300, 16)).astype(np.float32)
     rows = {"embedding": vectors, "text": np.array(["t"] * 300)}
     common = {"data": "x", "output_dir": "y", "loss": "distill", "teacher_column": "embedding"}
@@ -166,9 +171,9 @@ def test_train_job_fits_ranking_axes_for_the_matryoshka_prefixes_when_asked() ->
     turned = TrainConfig(
         **common, pca_rotation=True, pca_rows=200, matryoshka_dims=[16, 4], pca_ranking_steps=5
     )  # type: ignore[arg-type]
-    np.testing.assert_array_equal(fit_rotation(plain, rows), principal_axes(vectors[:200]))
-    np.testing.assert_array_equal(fit_rotation(turned, rows), ranking_axes(vectors[:200], [4], steps=5))
-    assert not np.allclose(fit_rotation(turned, rows), principal_axes(vectors[:200]), atol=1e-4)
+    np.testing.assert_array_equal(fitted(plain, rows), principal_axes(vectors[:200]))
+    np.testing.assert_array_equal(fitted(turned, rows), ranking_axes(vectors[:200], [4], steps=5))
+    assert not np.allclose(fitted(turned, rows), principal_axes(vectors[:200]), atol=1e-4)
 
 
 def test_pca_source_fits_the_axes_on_the_corpus_rows_and_the_report_says_which() -> None:
@@ -189,7 +194,7 @@ def test_pca_source_fits_the_axes_on_the_corpus_rows_and_the_report_says_which()
     axes = fit_rotation(cfg, picked)
     np.testing.assert_array_equal(axes, principal_axes(vectors[: cfg.pca_rows][mine]))
     assert abs(axes[7, 0]) > 0.99  # the corpus's own widest axis comes first, not the mix's
-    mixed = fit_rotation(dataclasses.replace(cfg, pca_source=None), rows)
+    mixed = fitted(dataclasses.replace(cfg, pca_source=None), rows)
     assert abs(mixed[0, 0]) > 0.99  # without pca_source: the axes of every row read, the mix's
     # Too few of the source's rows among those read (no corpus given): all of them, and the report says so.
     few = dict(rows, source=np.where(np.arange(n) < PCA_SOURCE_MIN_ROWS - 1, "corpus", "sts"))
@@ -200,3 +205,37 @@ def test_pca_source_fits_the_axes_on_the_corpus_rows_and_the_report_says_which()
         rotation_rows(cfg, {k: v for k, v in rows.items() if k != "source"})
     with pytest.raises(ValueError, match="pca_source needs pca_rotation"):
         TrainConfig(**common, pca_source="corpus")  # type: ignore[arg-type]
+
+
+def test_pca_source_with_the_teacher_in_the_loop_fits_on_its_vectors_of_the_corpus_texts(
+    tiny_model: Path,
+) -> None:
+    """No teacher column: the picked rows' texts are embedded by the teacher on the driver, and only the
+    corpus's texts fit the axes (they differ from the mix's, so the axes do too)."""
+    from rayembed.train.job import PCA_SOURCE_MIN_ROWS, fit_rotation, rotation_rows
+
+    n = 2 * PCA_SOURCE_MIN_ROWS + 200
+    source = np.array(["corpus" if i % 2 else "wikitext" for i in range(n)])
+    words = ["protein binding", "cell receptor", "gene expression", "tumour growth", "immune response"]
+    text = np.array(
+        [
+            f"{words[i % 5]} in assay {i}" if s == "corpus" else f"the river {i} flows past a town"
+            for i, s in enumerate(source)
+        ],
+        dtype=object,
+    )
+    cfg = TrainConfig(
+        data="x", output_dir="y", loss="distill", teacher=str(tiny_model), pca_rotation=True,
+        pca_rows=2 * PCA_SOURCE_MIN_ROWS, pca_source="corpus",
+    )  # fmt: skip
+    picked, fit = rotation_rows(cfg, {"text": text, "source": source})
+    assert fit == {"rows": PCA_SOURCE_MIN_ROWS, "of": cfg.pca_rows, "source": "corpus"}
+    assert set(picked["source"]) == {"corpus"} and len(picked["text"]) == PCA_SOURCE_MIN_ROWS
+    axes = fit_rotation(cfg, picked)
+    teacher = Embedder.load(tiny_model, device="cpu")
+    corpus_texts = [
+        t for t, s in zip(text[: cfg.pca_rows], source[: cfg.pca_rows], strict=True) if s == "corpus"
+    ]
+    np.testing.assert_allclose(axes, principal_axes(teacher.encode(corpus_texts, batch_size=64)), atol=1e-5)
+    mixed = fitted(dataclasses.replace(cfg, pca_source=None), {"text": text, "source": source})
+    assert not np.allclose(np.abs(axes[:, 0]), np.abs(mixed[:, 0]), atol=0.05)  # the mix's first axis differs

@@ -102,10 +102,11 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
         torch.from_numpy(np.load(Path(second["checkpoint"]) / "pca_rotation.npy")), rotation
     )
     from rayembed.io import read_dataset
-    from rayembed.train.job import fit_rotation
+    from rayembed.train.job import fit_rotation, rotation_rows
 
+    wider = cfg(4, pca_rows=200)
     refit = fit_rotation(
-        cfg(4, pca_rows=200), read_dataset(str(snli_triples)).take_batch(200, batch_format="numpy")
+        wider, rotation_rows(wider, read_dataset(str(snli_triples)).take_batch(200, batch_format="numpy"))[0]
     )
     assert not np.allclose(np.abs(refit), np.abs(rotation.numpy()), atol=1e-2)
 

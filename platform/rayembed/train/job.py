@@ -65,10 +65,9 @@ def rotation_rows(cfg: TrainConfig, rows: dict[str, Any]) -> tuple[dict[str, Any
 
 
 def fit_rotation(cfg: TrainConfig, rows: dict[str, Any]) -> np.ndarray:
-    """pca_rotation: principal axes of what the model learns to match, from the first `pca_rows` of
-    `rows`: teacher vectors when distilling (the column, or the in-loop teacher's), else its own
+    """pca_rotation: principal axes of what the model learns to match, from `rows` (those rotation_rows
+    picked): teacher vectors when distilling (the column, or the in-loop teacher's), else its own
     embeddings; turned for ranking at the matryoshka widths below full if `pca_ranking_steps`."""
-    rows = {k: v[: cfg.pca_rows] for k, v in rows.items()}
     if cfg.loss == "distill" and cfg.teacher_column:
         vectors = np.stack(list(rows[cfg.teacher_column])).astype(np.float32)
     else:
