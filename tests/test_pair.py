@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from conftest import DATA
 from rayembed.model import Embedder
-from rayembed.model.layout import model_revision, pair_role
+from rayembed.model.layout import mark_frame_fit, model_revision, pair_role
 from rayembed.serve.api import Job, Limits, parse_request, parse_tei
 from rayembed.serve.config import ServeConfig
 from rayembed.serve.engine import ModelEngine
@@ -167,12 +168,15 @@ def test_the_embed_job_records_the_frame_and_an_incremental_run_keeps_to_it(
     from rayembed.config import EmbedConfig
     from rayembed.embed import embed
 
-    documents = tiny_pair[1]
+    documents = Path(shutil.copytree(tiny_pair[1], tmp_path / "teacher-in-frame"))
+    fit = {"rows": 4715, "of": 25000, "source": "corpus"}  # as a corpus run's export records it
+    mark_frame_fit(documents, fit)
     frame = Embedder.load(documents, device="cpu").frame
     cfg = EmbedConfig(input=str(scifact_docs), output=str(tmp_path / "v1"), model=str(documents), id_column="_id",
                       progress=False)  # fmt: skip
     embed(cfg)
-    assert json.loads((tmp_path / "v1" / "_manifest.json").read_text())["settings"]["frame"] == frame
+    settings = json.loads((tmp_path / "v1" / "_manifest.json").read_text())["settings"]
+    assert settings["frame"] == frame and settings["frame_fit"] == fit  # and what its axes were fitted on
     [part, *_] = sorted((tmp_path / "v1").rglob("*.parquet"))
     assert pq.read_schema(part).metadata[b"rayembed.frame"].decode() == frame
     with pytest.raises(ValueError, match="other settings.*'frame': \\('" + str(frame)):

@@ -83,6 +83,8 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
     from rayembed.model.pca import frame_id
 
     assert exported.frame == frame_id(rotation.numpy())  # the axes' id (rayembed.json): what merge compares
+    assert first["pca_fit"] == {"rows": 64}  # what they were fitted on, in the report and the folder
+    assert json.loads((model_dir / "rayembed.json").read_text())["frame_fit"] == {"rows": 64}
     # What the driver of a resumed run reads instead of fitting the axes again.
     from rayembed.train.job import checkpoint_rotation
 
@@ -95,6 +97,9 @@ def test_contrastive_zero2_train_then_resume(tiny_model: Path, snli_triples: Pat
     # after a node loss; tests/test_train_elastic.py removes a node under ZeRO-3).
     second = train(cfg(4, pca_rows=200, workers=1))
     assert second["resumed_from"] == 2 and second["step"] == 4
+    # ... and says what they were fitted on: the first start's 64 rows (its run record), not this one's 200
+    assert second["pca_fit"] == {"rows": 64}
+    assert json.loads((Path(second["output_dir"]) / "rayembed.json").read_text())["frame_fit"] == {"rows": 64}
     other = build_tiny(tmp_path / "other", seed=5)  # same shape, other weights: refused, not resumed
     with pytest.raises(ValueError, match="started with other settings .*model"):
         train(dataclasses.replace(cfg(5), model=str(other)))

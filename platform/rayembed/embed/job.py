@@ -43,7 +43,7 @@ from rayembed.embed.tables import (
 from rayembed.embed.versions import LATEST, chain, changes, current, latest, settings_check
 from rayembed.io import ensure_ray, strip_scheme
 from rayembed.model import Embedder, resolve_model_path
-from rayembed.model.layout import model_revision, trained_in
+from rayembed.model.layout import frame_fit, model_revision, trained_in
 from rayembed.tracking import log_job, registry_env
 
 
@@ -105,6 +105,8 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
     # the output axes (a pca rotation's, or a distilled pair's): queries must come from that frame
     if model.frame:
         settings["frame"] = model.frame
+        if fit := frame_fit(path):  # what its axes were fitted on (a corpus's rows rank that corpus best)
+            settings["frame_fit"] = fit
     if cfg.chunking:  # the model decides what fits: refused here, before any work
         settings["chunking"] = chunk_settings(cfg, model)
     if cfg.incremental_from:

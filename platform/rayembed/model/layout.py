@@ -168,6 +168,17 @@ def pair_role(path: Path) -> str | None:
     return _read_json(path / "rayembed.json").get("role")
 
 
+def frame_fit(path: Path) -> dict[str, Any]:
+    """What the output axes of the model in `path` were fitted on ({} if not recorded): the training run's
+    `pca_fit` (rows, and the prepare source when pca_source picked them), which its export records in
+    rayembed.json beside `frame`. Like `trained_in`, neither `Embedder.load` nor `save` carries it."""
+    return dict(_read_json(path / "rayembed.json").get("frame_fit") or {})
+
+
+def mark_frame_fit(path: Path, fit: dict[str, Any]) -> None:
+    _write_json(path / "rayembed.json", _read_json(path / "rayembed.json") | {"frame_fit": fit})
+
+
 def mark_role(path: Path, role: str) -> None:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")

@@ -16,7 +16,7 @@ import torch
 
 from rayembed.io import publish
 from rayembed.model import Embedder
-from rayembed.model.layout import mark_role, mark_trained_in, model_revision
+from rayembed.model.layout import mark_frame_fit, mark_role, mark_trained_in, model_revision
 from rayembed.model.lora import has_lora, merge
 from rayembed.tracking import Tracker, TrackingConfig, registry_env
 from rayembed.train import tracked
@@ -166,10 +166,14 @@ def finish(
     tracker = tracked.finish(cfg, summary, evals)
     revision: list[str] = []  # of the folder as written, before an s3:// output's temporary one goes
 
+    fit = summary.get("pca_fit")  # what the frame's axes were fitted on: the folders say so for embed jobs
+
     def save(path: Path, model: Embedder = model, role: str = "query") -> None:
         model.save(path)
         if teacher is not None:
             mark_role(path, role)
+        if fit:
+            mark_frame_fit(path, fit)
         if tracker is not None:  # jobs on the folder link to this run (rayembed.json, not in the revision)
             mark_trained_in(
                 path, {"backend": TrackingConfig(**cfg.tracking or {}).backend, "run_id": tracker.run_id}

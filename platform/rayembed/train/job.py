@@ -227,7 +227,7 @@ def check_run(cfg: TrainConfig) -> None:
     from rayembed.model.layout import model_fingerprint
 
     fs, checkpoints = run_checkpoints(str(cfg.storage_path), cfg.run_name, cfg.s3_endpoint_url)
-    path = f"{strip_scheme(str(cfg.storage_path)).rstrip('/')}/{cfg.run_name}.rayembed.json"
+    path = run_record(cfg)
     fields = dataclasses.asdict(cfg)
     now = {k: fields[k] for k in RUN_IDENTITY} | {
         "model_fingerprint": model_fingerprint(resolve_model_path(cfg.model, cfg.s3_endpoint_url))
@@ -245,6 +245,29 @@ def check_run(cfg: TrainConfig) -> None:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(now, indent=1).encode())
+
+
+def run_record(cfg: TrainConfig) -> str:
+    """`<storage_path>/<run_name>.rayembed.json` (without a scheme): what a start of the run records."""
+    return f"{strip_scheme(str(cfg.storage_path)).rstrip('/')}/{cfg.run_name}.rayembed.json"
+
+
+def kept_fit(cfg: TrainConfig, fit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A new run's `pca_fit` joins its run record; a resumed run, which keeps its axes, reads it back from
+    there, so each export says what the axes were fitted on (None: a run recorded before there was one)."""
+    fs, path = (
+        filesystem(str(cfg.storage_path), cfg.s3_endpoint_url) or pafs.LocalFileSystem(),
+        run_record(cfg),
+    )
+    record: dict[str, Any] = {}
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            record = json.loads(f.read())
+    if fit is None:
+        return record.get("pca_fit")
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(record | {"pca_fit": fit}, indent=1).encode())
+    return fit
 
 
 def worker_env(cfg: TrainConfig) -> dict[str, str]:
@@ -338,6 +361,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.pca_rotation and rotation is None:
         fit_rows, pca_fit = rotation_rows(cfg, rows)
         rotation = fit_rotation(cfg, fit_rows)
+    if cfg.pca_rotation:
+        pca_fit = kept_fit(cfg, pca_fit)  # a resumed run's: what its first start fitted the axes on
     cfg = tracked.resolved(cfg)  # workers and the export reach the same store, wherever they run
     started, tracker = time.perf_counter(), tracked.start(cfg)
     try:
