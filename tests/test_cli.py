@@ -63,6 +63,31 @@ def test_run_only_some_sections_in_spec_order() -> None:
         plan(parser().parse_args(["run", "--only", "serve", spec]))
 
 
+def test_overrides_may_follow_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """`rayembed run SPEC --only train key=value` and `embed SPEC --model M dim=128`: argparse alone refused
+    the overrides after the flag ("unrecognized arguments")."""
+    from rayembed.cli import parse, plan
+
+    spec = str(Path(__file__).parents[1] / "jobs" / "distill.yaml")
+    args = parse(["run", spec, "--only", "train", "train.max_steps=30", "train.lr=0.001"])
+    assert args.only == "train" and args.overrides == ["train.max_steps=30", "train.lr=0.001"]
+    [(job, cfg)] = plan(args)
+    assert job == "train" and cfg.max_steps == 30 and cfg.lr == 0.001
+    args = parse(["embed", "jobs/embed.yaml", "--model", "m", "dim=128", "--input", "i", "precision=int8"])
+    assert (args.spec, args.model, args.input) == ("jobs/embed.yaml", "m", "i")
+    assert args.overrides == ["dim=128", "precision=int8"]
+    args = parse(["embed", "--model", "m", "dim=128", "--input", "i", "precision=int8"])  # no spec
+    assert [args.spec, *args.overrides] == ["dim=128", "precision=int8"]
+    for stray in (
+        ["run", spec, "--only", "train", "oops"],
+        ["run", spec, "--bogus"],
+        ["compact", "a", "b", "x=1"],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            parse(stray)
+        assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_a_multi_section_run_sizes_one_local_cluster_for_its_biggest_section() -> None:
     """embed before train (distill, mine) must not start Ray with too few CPUs for training's reads."""
     from rayembed.cli import cluster_cpus, parser, plan

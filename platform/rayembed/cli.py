@@ -88,6 +88,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, `key=value` overrides wherever they stand: argparse takes the positionals that
+    come before a flag (`run SPEC --only train`) as one group and would refuse any after it."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def compact_command(args: argparse.Namespace) -> dict[str, Any]:
     from rayembed.embed.compact import compact
 
@@ -137,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command; 0 on success (and for `serve` stopped by Ctrl-C or SIGTERM, its normal end), 2 on
     bad input, 130 when another job is interrupted. A local Ray cluster this process started is stopped
     on the way out, Serve (and its HAProxy) first (io.stop_local_ray)."""
-    args = parser().parse_args(argv)
+    args = parse(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: the exit path runs (Python's default does not)
     try:
