@@ -155,7 +155,7 @@ def trained_in(path: Path) -> dict[str, str]:
 
 
 def mark_trained_in(path: Path, run: dict[str, str]) -> None:
-    _write_json(path / "rayembed.json", _read_json(path / "rayembed.json") | {"trained_in": run})
+    _mark(path, "trained_in", run)
 
 
 ROLES = ("query", "document")  # of an index-compatible pair's two models (train/pair.py)
@@ -176,13 +176,13 @@ def frame_fit(path: Path) -> dict[str, Any]:
 
 
 def mark_frame_fit(path: Path, fit: dict[str, Any]) -> None:
-    _write_json(path / "rayembed.json", _read_json(path / "rayembed.json") | {"frame_fit": fit})
+    _mark(path, "frame_fit", fit)
 
 
 def mark_role(path: Path, role: str) -> None:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    _write_json(path / "rayembed.json", _read_json(path / "rayembed.json") | {"role": role})
+    _mark(path, "role", role)
 
 
 INT8_SCALES = "int8_scales.json"  # {"scales": {width: scale}}; model_revision hashes it (codes depend on it)
@@ -244,6 +244,11 @@ def write_layout(out: Path, layout: Layout, hidden_size: int, dim: int) -> None:
     _write_json(out / "rayembed.json", own)
     if layout.int8_scales:
         _write_json(out / INT8_SCALES, {"scales": {str(w): s for w, s in sorted(layout.int8_scales.items())}})
+
+
+def _mark(path: Path, key: str, value: Any) -> None:
+    """One entry of a folder's rayembed.json set, the others kept (outside the model revision)."""
+    _write_json(path / "rayembed.json", _read_json(path / "rayembed.json") | {key: value})
 
 
 def _is(module: dict[str, Any], kind: str) -> bool:
