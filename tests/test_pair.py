@@ -160,7 +160,8 @@ def test_the_embed_job_records_the_frame_and_an_incremental_run_keeps_to_it(
     tiny_pair: tuple[Path, Path], tiny_model: Path, scifact_docs: Path, tmp_path: Path
 ) -> None:
     """The teacher in frame embeds the corpus (the pair's offline half): the output names its frame, in
-    the manifest and the Parquet metadata; an incremental run with a model of another frame is refused."""
+    the manifest and the Parquet metadata, and what the frame was fitted on as lineage, which a resume
+    does not compare; an incremental run with a model of another frame is refused."""
     import dataclasses
 
     import pyarrow.parquet as pq
@@ -168,17 +169,24 @@ def test_the_embed_job_records_the_frame_and_an_incremental_run_keeps_to_it(
     from rayembed.config import EmbedConfig
     from rayembed.embed import embed
 
-    documents = Path(shutil.copytree(tiny_pair[1], tmp_path / "teacher-in-frame"))
-    fit = {"rows": 4715, "of": 25000, "source": "corpus"}  # as a corpus run's export records it
-    mark_frame_fit(documents, fit)
+    documents = Path(shutil.copytree(tiny_pair[1], tmp_path / "teacher-in-frame"))  # exported unmarked
     frame = Embedder.load(documents, device="cpu").frame
-    cfg = EmbedConfig(input=str(scifact_docs), output=str(tmp_path / "v1"), model=str(documents), id_column="_id",
-                      progress=False)  # fmt: skip
-    embed(cfg)
-    settings = json.loads((tmp_path / "v1" / "_manifest.json").read_text())["settings"]
-    assert settings["frame"] == frame and settings["frame_fit"] == fit  # and what its axes were fitted on
+    cfg = EmbedConfig(input=str(scifact_docs), output=str(tmp_path / "v0"), model=str(documents), id_column="_id",
+                      progress=False, fragment_bytes=1 << 17)  # fmt: skip
+    rows = embed(cfg)["rows"]
+    assert "lineage" not in json.loads((tmp_path / "v0" / "_manifest.json").read_text())
+    [stopped, *_] = sorted((tmp_path / "v0" / "_committed").glob("*.json"))
+    stopped.unlink()  # the run stopped before this fragment committed
+    fit = {"rows": 4715, "of": 25000, "source": "corpus"}  # as a corpus run's export records it
+    mark_frame_fit(documents, fit)  # the folder exported again since, the same weights and frame
+    resumed = embed(cfg)  # the same vectors: resumed, not refused for its new lineage
+    assert (resumed["fragments_skipped"], resumed["rows"]) == (resumed["fragments"] - 1, rows)
+    embed(cfg := dataclasses.replace(cfg, output=str(tmp_path / "v1")))
+    manifest = json.loads((tmp_path / "v1" / "_manifest.json").read_text())
+    assert manifest["settings"]["frame"] == frame and manifest["lineage"]["frame_fit"] == fit
     [part, *_] = sorted((tmp_path / "v1").rglob("*.parquet"))
-    assert pq.read_schema(part).metadata[b"rayembed.frame"].decode() == frame
+    meta = pq.read_schema(part).metadata
+    assert meta[b"rayembed.frame"].decode() == frame and json.loads(meta[b"rayembed.frame_fit"]) == fit
     with pytest.raises(ValueError, match="other settings.*'frame': \\('" + str(frame)):
         embed(dataclasses.replace(cfg, model=str(tiny_model), output=str(tmp_path / "v2"),
                                   incremental_from=str(tmp_path / "v1")))  # fmt: skip

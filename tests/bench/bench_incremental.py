@@ -87,7 +87,7 @@ def write_base(out: Path, lake: Path, cfg: Any) -> None:
     from rayembed.embed.manifest import write_json
     from rayembed.embed.versions import content_hash
 
-    settings, meta = settings_of(cfg)
+    settings, meta, _ = settings_of(cfg)
     out.mkdir(parents=True)
     import pyarrow.fs as pafs
 

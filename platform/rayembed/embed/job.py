@@ -80,8 +80,9 @@ def plan_for(
     return max(1, min(actors, fragments)), float(threads), 0.0, threads
 
 
-def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
-    """(manifest settings: what shapes the vectors, Parquet schema metadata)."""
+def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    """(manifest settings: what shapes the vectors, Parquet schema metadata, lineage: where the model's
+    parts came from, recorded in the manifest beside the settings and never compared on a resume)."""
     path = resolve_model_path(cfg.model, cfg.s3_endpoint_url)
     model = Embedder.load(path, device="cpu").set_reach(cfg.max_length, cfg.rope_scaling)
     dim = cfg.dim or model.dim
@@ -103,10 +104,11 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
     if cfg.rope_scaling:
         settings["rope_scaling"] = cfg.rope_scaling
     # the output axes (a pca rotation's, or a distilled pair's): queries must come from that frame
+    lineage = {}
     if model.frame:
         settings["frame"] = model.frame
         if fit := frame_fit(path):  # what its axes were fitted on (a corpus's rows rank that corpus best)
-            settings["frame_fit"] = fit
+            lineage["frame_fit"] = fit
     if cfg.chunking:  # the model decides what fits: refused here, before any work
         settings["chunking"] = chunk_settings(cfg, model)
     if cfg.incremental_from:
@@ -117,10 +119,10 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str]]:
         else json.dumps(v)
         if isinstance(v, dict)
         else str(v)
-        for k, v in settings.items()
+        for k, v in (settings | lineage).items()
         if k != "text"
     }
-    return settings, meta
+    return settings, meta, lineage
 
 
 def chunk_settings(cfg: EmbedConfig, model: Embedder) -> dict[str, Any]:
@@ -174,12 +176,12 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     """Run (or resume) the job on the current Ray cluster, starting a local one if none; returns the summary."""
     start = time.time()
     cfg = resolve_latest(cfg)
-    settings, meta = settings_of(cfg)
+    settings, meta, lineage = settings_of(cfg)
     out_fs = fs_for(cfg.output, cfg.s3_endpoint_url)
     root = strip_scheme(cfg.output)
     fragments, source, detection = input_fragments(cfg, settings)  # bad input: refused before any work
     check_base(cfg, settings)
-    done = open_output(root, out_fs, settings, cfg.overwrite)
+    done = open_output(root, out_fs, settings, cfg.overwrite, lineage)
     if detection.get("path") == FEED_PATH:  # the feed's rows, netted, become this run's fragments
         storage = delta_storage(cfg.input, cfg.s3_endpoint_url)
         fragments, detection = feed_input(cfg, storage, detection["since"], detection["version"])

@@ -122,8 +122,15 @@ def read_lines(fs: pafs.FileSystem, frag: Fragment, block: int = 1 << 20) -> byt
     return bytes(buf)
 
 
-def open_output(root: str, fs: pafs.FileSystem, settings: dict[str, Any], overwrite: bool) -> set[str]:
-    """Create or check the output folder; returns the names of fragments already committed."""
+def open_output(
+    root: str,
+    fs: pafs.FileSystem,
+    settings: dict[str, Any],
+    overwrite: bool,
+    lineage: dict[str, Any] | None = None,
+) -> set[str]:
+    """Create or check the output folder; returns the names of fragments already committed. A resume must
+    embed as the start did (`settings`); `lineage` is the start's record and is not compared."""
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         raise ValueError(f"output {root} is a file; give a folder")
@@ -152,7 +159,7 @@ def open_output(root: str, fs: pafs.FileSystem, settings: dict[str, Any], overwr
         )
     else:
         fs.create_dir(root, recursive=True)
-        write_json(fs, manifest, {"settings": settings})
+        write_json(fs, manifest, {"settings": settings} | ({"lineage": lineage} if lineage else {}))
     return {posixpath.basename(i.path)[: -len(".json")] for i in list_dir(fs, f"{root}/{COMMITTED}")}
 
 
