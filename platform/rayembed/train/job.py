@@ -218,16 +218,16 @@ RUN_IDENTITY = ("student_layers", "lora_r", "lora_target_modules", "pooling", "a
                 "num_latents", "zero_stage")  # fmt: skip
 
 
-def check_run(cfg: TrainConfig) -> None:
+def check_run(cfg: TrainConfig) -> tuple[pafs.FileSystem, str, dict[str, Any]]:
     """A run name resumes its checkpoints, so what shapes them must not change between its starts: a
     start records the model (a fingerprint of its files) and the settings that shape the weights in
     `<storage_path>/<run_name>.rayembed.json`; a start that would resume checkpoints made with others is
     refused by name (DeepSpeed would fail with a shape error, or load the old run's weights onto another
-    model)."""
+    model). Returns where the record is and what it holds (read on a resume, written on a new start)."""
     from rayembed.model.layout import model_fingerprint
 
     fs, checkpoints = run_checkpoints(str(cfg.storage_path), cfg.run_name, cfg.s3_endpoint_url)
-    path = run_record(cfg)
+    path = f"{strip_scheme(str(cfg.storage_path)).rstrip('/')}/{cfg.run_name}.rayembed.json"
     fields = dataclasses.asdict(cfg)
     now = {k: fields[k] for k in RUN_IDENTITY} | {
         "model_fingerprint": model_fingerprint(resolve_model_path(cfg.model, cfg.s3_endpoint_url))
@@ -241,28 +241,20 @@ def check_run(cfg: TrainConfig) -> None:
                 f"run {cfg.run_name!r} in {cfg.storage_path} started with other settings {differ} (then, now): "
                 "its checkpoints would not fit; use another run_name (or storage_path) for this model"
             )
-        return
+        return fs, path, before
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(now, indent=1).encode())
+    return fs, path, now
 
 
-def run_record(cfg: TrainConfig) -> str:
-    """`<storage_path>/<run_name>.rayembed.json` (without a scheme): what a start of the run records."""
-    return f"{strip_scheme(str(cfg.storage_path)).rstrip('/')}/{cfg.run_name}.rayembed.json"
-
-
-def kept_fit(cfg: TrainConfig, fit: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A new run's `pca_fit` joins its run record; a resumed run, which keeps its axes, reads it back from
-    there, so each export says what the axes were fitted on (None: a run recorded before there was one)."""
-    fs, path = (
-        filesystem(str(cfg.storage_path), cfg.s3_endpoint_url) or pafs.LocalFileSystem(),
-        run_record(cfg),
-    )
-    record: dict[str, Any] = {}
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        with fs.open_input_stream(path) as f:
-            record = json.loads(f.read())
+def kept_fit(
+    run: tuple[pafs.FileSystem, str, dict[str, Any]], fit: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """A new run's `pca_fit` joins its run record (`check_run`'s); a resumed run, which keeps its axes,
+    reads it back from there, so each export says what the axes were fitted on (None: a run recorded
+    before there was one)."""
+    fs, path, record = run
     if fit is None:
         return record.get("pca_fit")
     with fs.open_output_stream(path) as f:
@@ -347,7 +339,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ensure_ray(cfg.local_cpus())
     check_storage(cfg)
     warn_if_no_node_fits_export(cfg)
-    check_run(cfg)
+    run = check_run(cfg)
     ds = dataset(cfg)
     rotation = None
     if cfg.pca_rotation:  # a resumed run keeps the axes it started with; only a new run fits them
@@ -362,7 +354,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         fit_rows, pca_fit = rotation_rows(cfg, rows)
         rotation = fit_rotation(cfg, fit_rows)
     if cfg.pca_rotation:
-        pca_fit = kept_fit(cfg, pca_fit)  # a resumed run's: what its first start fitted the axes on
+        pca_fit = kept_fit(run, pca_fit)  # a resumed run's: what its first start fitted the axes on
     cfg = tracked.resolved(cfg)  # workers and the export reach the same store, wherever they run
     started, tracker = time.perf_counter(), tracked.start(cfg)
     try:
