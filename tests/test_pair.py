@@ -190,3 +190,27 @@ def test_the_embed_job_records_the_frame_and_an_incremental_run_keeps_to_it(
     with pytest.raises(ValueError, match="other settings.*'frame': \\('" + str(frame)):
         embed(dataclasses.replace(cfg, model=str(tiny_model), output=str(tmp_path / "v2"),
                                   incremental_from=str(tmp_path / "v1")))  # fmt: skip
+
+
+def test_a_prefix_of_a_corpus_fitted_frame_is_flagged_before_embedding(
+    tiny_pair: tuple[Path, Path], scifact_docs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Axes fitted on one corpus rank other text less well below full width (docs/benchmarks.md): the embed
+    job says so when such a prefix is asked for, and not at full width or for axes of the general mix."""
+    import dataclasses
+
+    from rayembed.config import EmbedConfig
+    from rayembed.embed.job import settings_of
+
+    documents = Path(shutil.copytree(tiny_pair[1], tmp_path / "teacher-in-frame"))
+    mark_frame_fit(documents, {"rows": 4715, "of": 25000, "source": "corpus"})
+    full = Embedder.load(documents, device="cpu").dim
+    cfg = EmbedConfig(
+        input=str(scifact_docs), output=str(tmp_path / "out"), model=str(documents), dim=full // 2
+    )
+    settings_of(cfg)
+    assert f"a {full // 2}-d prefix ranks that corpus best" in capsys.readouterr().out
+    settings_of(dataclasses.replace(cfg, dim=None))
+    mark_frame_fit(documents, {"rows": 22315})  # the general mix's rows
+    settings_of(cfg)
+    assert "prefix" not in capsys.readouterr().out

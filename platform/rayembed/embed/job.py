@@ -109,6 +109,8 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str], dict[
         settings["frame"] = model.frame
         if fit := frame_fit(path):  # what its axes were fitted on (a corpus's rows rank that corpus best)
             lineage["frame_fit"] = fit
+            if fit.get("source") == "corpus" and dim < model.dim:
+                print(prefix_note(cfg.model, fit, dim), flush=True)
     if cfg.chunking:  # the model decides what fits: refused here, before any work
         settings["chunking"] = chunk_settings(cfg, model)
     if cfg.incremental_from:
@@ -123,6 +125,14 @@ def settings_of(cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, str], dict[
         if k != "text"
     }
     return settings, meta, lineage
+
+
+def prefix_note(model: str, fit: dict[str, Any], dim: int) -> str:
+    """Said when a prefix of axes fitted on one corpus embeds: other text keeps more at full width
+    (measured twice: docs/benchmarks.md "Text of the corpus to embed")."""
+    return (f"embed: {model}'s axes were fitted on the corpus it was distilled for ({fit.get('rows')} rows): "
+            f"a {dim}-d prefix ranks that corpus best; other text keeps more of its quality at full width "
+            '(docs/benchmarks.md "Text of the corpus to embed")')  # fmt: skip
 
 
 def chunk_settings(cfg: EmbedConfig, model: Embedder) -> dict[str, Any]:
